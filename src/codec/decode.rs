@@ -1,0 +1,200 @@
+//! Stored bytes back to the original: strip and check the trailer, decompress, hash.
+
+use std::cell::Cell;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use super::encode::read_full;
+use super::hasher::BackgroundHasher;
+use super::holdback::HoldBack;
+use super::{Compression, Sha256, Trailer};
+
+/// What one decode did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSummary {
+    /// Stored bytes read, trailer included.
+    pub bytes_in: u64,
+    /// Original bytes written to the sink.
+    pub bytes_out: u64,
+    /// sha256 of the bytes written.
+    pub sha256: Sha256,
+    /// The trailer, already checked against `sha256` and `bytes_out`; `None` for objects
+    /// without one (uncompressed, or written by another tool).
+    pub trailer: Option<Trailer>,
+}
+
+/// Why a decode failed, split by whose fault it is: the caller retries `Source`, reports
+/// `Corrupt` as a damaged object, and `Sink` as a local write failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Reading the stored bytes failed (a dropped connection, a read error).
+    #[error("reading the stored object failed: {0}")]
+    Source(#[source] io::Error),
+    /// The stored bytes are not a valid stream, or do not match their trailer.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Writing the original bytes failed.
+    #[error("writing failed: {0}")]
+    Sink(#[source] io::Error),
+}
+
+/// Reads a stored object from `src` and writes the original bytes to `sink`, checking the
+/// trailer when there is one.
+pub fn decode<R: Read, W: Write>(
+    src: R,
+    compression: Compression,
+    mut sink: W,
+) -> Result<DecodeSummary, DecodeError> {
+    let source_failed = Rc::new(Cell::new(false));
+    let bytes_in = Rc::new(Cell::new(0u64));
+    let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
+    let mut decoder = Decoder::new(compression, tagged).map_err(|e| {
+        if source_failed.get() { DecodeError::Source(e) } else { DecodeError::Corrupt(e.to_string()) }
+    })?;
+
+    let mut hasher = BackgroundHasher::new();
+    let mut bytes_out = 0u64;
+    loop {
+        let mut buf = hasher.buffer();
+        let n = read_full(&mut decoder, &mut buf).map_err(|e| {
+            if source_failed.get() {
+                DecodeError::Source(e)
+            } else {
+                DecodeError::Corrupt(format!("not a valid {compression} stream: {e}"))
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        sink.write_all(&buf[..n]).map_err(DecodeError::Sink)?;
+        hasher.update(buf, n);
+        bytes_out += n as u64;
+    }
+    sink.flush().map_err(DecodeError::Sink)?;
+    let sha256 = hasher.finish();
+    let trailer = decoder.trailer();
+    if let Some(t) = trailer {
+        if t.original_len != bytes_out {
+            return Err(DecodeError::Corrupt(format!(
+                "decompressed to {bytes_out} bytes but the trailer records {}",
+                t.original_len
+            )));
+        }
+        if t.sha256 != sha256 {
+            return Err(DecodeError::Corrupt(format!(
+                "sha256 of the restored bytes is {sha256} but the trailer records {}",
+                t.sha256
+            )));
+        }
+    }
+    Ok(DecodeSummary { bytes_in: bytes_in.get(), bytes_out, sha256, trailer })
+}
+
+/// Marks errors that come from the source, so they are not mistaken for corruption.
+struct Tagged<R> {
+    inner: R,
+    failed: Rc<Cell<bool>>,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Tagged<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.count.set(self.count.get() + n as u64);
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.failed.set(true);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+enum Decoder<R: Read> {
+    Plain(R),
+    Lz4(lz4_flex::frame::FrameDecoder<HoldBack<R>>),
+    Zstd(zstd::stream::read::Decoder<'static, io::BufReader<HoldBack<R>>>),
+}
+
+impl<R: Read> Decoder<R> {
+    fn new(compression: Compression, src: R) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Decoder::Plain(src),
+            Compression::Lz4 => Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src))),
+            Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?),
+        })
+    }
+
+    fn trailer(&self) -> Option<Trailer> {
+        match self {
+            Decoder::Plain(_) => None,
+            Decoder::Lz4(d) => d.get_ref().trailer(),
+            Decoder::Zstd(d) => d.get_ref().get_ref().trailer(),
+        }
+    }
+}
+
+impl<R: Read> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Plain(r) => r.read(buf),
+            Decoder::Lz4(d) => d.read(buf),
+            Decoder::Zstd(d) => d.read(buf),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::encode;
+
+    fn sample() -> Vec<u8> {
+        (0..500_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn damaged_objects_are_reported_as_corrupt() {
+        for c in [Compression::Lz4, Compression::Zstd] {
+            let mut stored = Vec::new();
+            encode(&sample()[..], c, 1, &mut stored).unwrap();
+            // A flipped byte in the trailer's hash, and a cut in the middle.
+            let mut flipped = stored.clone();
+            let last = flipped.len() - 1;
+            flipped[last] ^= 0xff;
+            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            let cut = &stored[..stored.len() / 2];
+            assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+        }
+    }
+
+    #[test]
+    fn objects_without_a_trailer_still_decode() {
+        // What `lz4` and other tools write: a frame and nothing after it.
+        let original = sample();
+        let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        enc.write_all(&original).unwrap();
+        let foreign = enc.finish().unwrap();
+        let mut out = Vec::new();
+        let s = decode(&foreign[..], Compression::Lz4, &mut out).unwrap();
+        assert_eq!(out, original);
+        assert!(s.trailer.is_none());
+    }
+
+    #[test]
+    fn source_errors_are_not_corruption() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"))
+            }
+        }
+        for c in Compression::ALL {
+            assert!(matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))), "{c}");
+        }
+    }
+}

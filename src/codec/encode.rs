@@ -1,0 +1,156 @@
+//! Original bytes to stored bytes: compress, hash, and append the trailer, in one pass.
+
+use std::io::{self, Read, Write};
+
+use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
+
+use super::hasher::BackgroundHasher;
+use super::{Compression, Sha256, Trailer};
+
+/// What one encode did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeSummary {
+    /// Bytes read from the source.
+    pub bytes_in: u64,
+    /// Bytes written to the sink, trailer included.
+    pub bytes_out: u64,
+    /// sha256 of the source bytes.
+    pub sha256: Sha256,
+}
+
+/// Reads `src` to its end and writes it, compressed and followed by its trailer, to `sink`.
+///
+/// `level` applies to zstd only. The sha256 runs on a second thread, so on two cores the
+/// hash costs no time next to compression.
+pub fn encode<R: Read, W: Write>(
+    mut src: R,
+    compression: Compression,
+    level: i32,
+    sink: W,
+) -> Result<EncodeSummary, EncodeError> {
+    use EncodeError::{Sink, Source};
+    let mut out = Encoder::new(compression, level, Counting { inner: sink, count: 0 }).map_err(Sink)?;
+    let mut hasher = BackgroundHasher::new();
+    let mut bytes_in = 0u64;
+    loop {
+        let mut buf = hasher.buffer();
+        let n = read_full(&mut src, &mut buf).map_err(Source)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(Sink)?;
+        hasher.update(buf, n);
+        bytes_in += n as u64;
+    }
+    let sha256 = hasher.finish();
+    let mut sink = out.finish().map_err(Sink)?;
+    if compression.has_trailer() {
+        sink.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
+    }
+    sink.flush().map_err(Sink)?;
+    Ok(EncodeSummary { bytes_in, bytes_out: sink.count, sha256 })
+}
+
+/// Why an encode failed: reading the source, or writing the sink (whose errors may wrap a
+/// [`crate::store::StoreError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// Reading the original bytes failed.
+    #[error("reading failed: {0}")]
+    Source(#[source] io::Error),
+    /// Compressing or writing to the sink failed.
+    #[error("writing failed: {0}")]
+    Sink(#[source] io::Error),
+}
+
+/// The sha256 of everything `src` yields.
+pub fn sha256_of<R: Read>(mut src: R) -> io::Result<Sha256> {
+    let mut hasher = BackgroundHasher::new();
+    loop {
+        let mut buf = hasher.buffer();
+        let n = read_full(&mut src, &mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(buf, n);
+    }
+}
+
+/// Fills `buf` unless the source ends first; returns how much was read.
+pub(crate) fn read_full<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Counts what passes through, for the `bytes_stored` figure.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Encoder<W: Write> {
+    Plain(W),
+    Lz4(FrameEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(compression: Compression, level: i32, sink: W) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Encoder::Plain(sink),
+            Compression::Lz4 => {
+                // 4 MiB independent blocks, as WAL-G writes them: fewer block headers, and
+                // any lz4 reader handles them.
+                let info = FrameInfo::new()
+                    .block_size(BlockSize::Max4MB)
+                    .block_mode(BlockMode::Independent);
+                Encoder::Lz4(FrameEncoder::with_frame_info(info, sink))
+            }
+            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?),
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Plain(w) => Ok(w),
+            Encoder::Lz4(e) => e.finish().map_err(io::Error::other),
+            Encoder::Zstd(e) => e.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Plain(w) => w.write(buf),
+            Encoder::Lz4(e) => e.write(buf),
+            Encoder::Zstd(e) => e.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Plain(w) => w.flush(),
+            Encoder::Lz4(e) => e.flush(),
+            Encoder::Zstd(e) => e.flush(),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `wal-rs wal-fetch NAME DEST`: restore one WAL file, as restore_command.
+//!
+//! The object is streamed through decompression and sha256 into a temporary file beside
+//! DEST, checked, and renamed into place, so PostgreSQL never sees a short or wrong file.
+//! "Not found" is reported only when the store answered that no object of that name
+//! exists under any extension; transient errors are retried until the deadline.
+//!
+//! The restored file is not fsynced: PostgreSQL reads it at once and, when it keeps it
+//! (a standby's restored segments), moves it with its own `durable_rename`; after a crash
+//! recovery asks for it again.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::common::{open_store, SHA256_METADATA};
+use crate::codec::{self, decode::DecodeError, Compression, Sha256};
+use crate::config::{Config, FetchMode};
+use crate::error::Error;
+use crate::layout;
+use crate::log::{self, Level};
+use crate::store::{ObjectKey, ObjectReader, Store, StoreError};
+use crate::wal::page::LONG_HEADER_SIZE;
+use crate::wal::{SegmentHeader, WalFileName};
+
+/// What one fetch did, for the log line.
+pub(super) struct FetchReport {
+    pub(super) bytes_stored: u64,
+    pub(super) bytes_out: u64,
+    /// How the content was checked: `sha256`, or `none` for objects that carry no checksum
+    /// (written by other tools).
+    pub(super) verified: &'static str,
+}
+
+/// Whether failures should be reported as a standby expects (exit 1, ask again later).
+pub(super) fn is_standby(config: &Config) -> bool {
+    match config.fetch_mode {
+        FetchMode::Standby => true,
+        FetchMode::Recovery => false,
+        FetchMode::Auto => super::standby_signal_present(),
+    }
+}
+
+pub(super) async fn run(config: &Config, name: &str, dest: &Path) -> Result<FetchReport, Error> {
+    let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
+    let store = open_store(config).await?;
+    let deadline = Instant::now() + config.retry.deadline;
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match fetch_once(&store, &name, dest, config.compression).await {
+            Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
+                log::emit(Level::Warn, &[("op", &"wal-fetch"), ("file", &name), ("attempt", &attempt), ("retry_in_ms", &delay.as_millis()), ("error", &e)]);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn fetch_once(store: &Arc<Store>, name: &WalFileName, dest: &Path, preferred: Compression) -> Result<FetchReport, Error> {
+    let candidates = layout::wal_candidates(name, preferred);
+    // The configured compression first: one request in the usual case.
+    let (key, compression, reader) = match store.get(&candidates[0].0).await {
+        Ok(reader) => (candidates[0].0.clone(), preferred, reader),
+        Err(StoreError::NotFound { .. }) => {
+            let others: Vec<ObjectKey> = candidates[1..].iter().map(|(k, _)| k.clone()).collect();
+            let Some(found) = store.find_first(&others).await? else {
+                return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
+            };
+            let compression = candidates
+                .iter()
+                .find(|(k, _)| *k == found.key)
+                .and_then(|(_, c)| *c)
+                .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
+            match store.get(&found.key).await {
+                Ok(reader) => (found.key, compression, reader),
+                // Deleted between the listing and the read: it is gone now.
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(Error::WalNotFound { name: name.to_string(), store: store.url() })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let describe = format!("{}/{key}", store.url());
+    let dest = dest.to_path_buf();
+    let name = *name;
+    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe))
+        .await
+        .expect("the restore task panicked")
+}
+
+/// Decodes into a temporary file beside `dest`, checks it, and renames it into place.
+/// Blocking.
+fn restore(reader: ObjectReader, compression: Compression, name: &WalFileName, dest: &Path, describe: &str) -> Result<FetchReport, Error> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
+    let temp = TempFile(dir.join(format!(".{file_name}.walrs-partial.{}", std::process::id())));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temp.0)
+        .map_err(|e| Error::local("create", &temp.0, e))?;
+    let corrupt = |detail: String| Error::Corrupt { key: describe.to_string(), detail };
+    let expected_size = reader.size;
+    let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
+    let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
+        DecodeError::Source(e) => Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: e.to_string() }),
+        DecodeError::Corrupt(detail) => corrupt(detail),
+        DecodeError::Sink(e) => Error::local("write", dest, e),
+    })?;
+    if summary.bytes_in != expected_size {
+        // A body cut short without an error from the transport: try again.
+        return Err(Error::Store(StoreError::Unavailable {
+            op: "read",
+            key: describe.to_string(),
+            detail: format!("received {} of {expected_size} bytes", summary.bytes_in),
+        }));
+    }
+    let verified = match (summary.trailer, metadata_sha) {
+        (Some(_), _) => "sha256",
+        (None, Some(sha)) if sha == summary.sha256 => "sha256",
+        (None, Some(sha)) => return Err(corrupt(format!("sha256 of the restored bytes is {} but the object records {sha}", summary.sha256))),
+        (None, None) => "none",
+    };
+    if let Some(segment) = name.wal_segment() {
+        // A last check that costs one read: the bytes are the segment the name promises.
+        let mut first = [0u8; LONG_HEADER_SIZE];
+        let n = file.read_at(&mut first, 0).map_err(|e| Error::local("read", &temp.0, e))?;
+        let header = SegmentHeader::parse(&first[..n], name.timeline(), segment)
+            .map_err(|e| corrupt(format!("restored bytes are not segment {name}: {e}")))?;
+        if header.segment_size as u64 != summary.bytes_out {
+            return Err(corrupt(format!("restored {} bytes for a segment of {}", summary.bytes_out, header.segment_size)));
+        }
+    }
+    drop(file);
+    fs::rename(&temp.0, dest).map_err(|e| Error::local("rename into", dest, e))?;
+    std::mem::forget(temp);
+    Ok(FetchReport { bytes_stored: summary.bytes_in, bytes_out: summary.bytes_out, verified })
+}
+
+/// Removes the temporary file unless it was renamed into place.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,78 @@
+//! Which cluster a store prefix belongs to.
+//!
+//! Two clusters archiving into one prefix overwrite each other's history without a sound:
+//! their segment names collide. The first wal-push of a segment records the cluster's system
+//! identifier (from the segment's long page header) in the store; every later push compares
+//! against it. Promoted copies and forks of the same cluster share its identifier, so a new
+//! timeline in the same prefix is allowed, as PostgreSQL intends.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::layout;
+use crate::store::{Metadata, PutMode, PutOptions, PutOutcome, Store, StoreError};
+use crate::wal::{SegmentHeader, WalFileName};
+
+/// The identity record, `walrs/cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    /// The system identifier, as a decimal string (JSON numbers lose precision past 2^53).
+    pub system_identifier: String,
+    /// PostgreSQL major version of the first segment pushed.
+    pub pg_major: u32,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u32,
+    /// What wrote the record.
+    pub created_by: String,
+}
+
+/// Checks that `header`'s cluster owns the store, recording it if nobody does yet.
+pub async fn check_or_record(store: &Arc<Store>, name: &WalFileName, header: &SegmentHeader) -> Result<(), Error> {
+    let key = layout::cluster_identity_key();
+    let recorded = match read(store).await? {
+        Some(id) => id,
+        None => {
+            let mine = ClusterIdentity {
+                system_identifier: header.system_identifier.to_string(),
+                pg_major: header.pg_major,
+                wal_segment_size: header.segment_size,
+                created_by: format!("wal-rs {}", env!("CARGO_PKG_VERSION")),
+            };
+            let bytes = serde_json::to_vec_pretty(&mine).expect("identity serialises");
+            let opts = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+            match store.put_bytes(&key, bytes, opts).await? {
+                PutOutcome::Stored => return Ok(()),
+                // Another push recorded one first: compare with that.
+                PutOutcome::AlreadyExists => read(store).await?.ok_or_else(|| Error::Store(StoreError::NotFound { key: key.to_string() }))?,
+            }
+        }
+    };
+    let store_sysid: u64 = recorded.system_identifier.parse().map_err(|_| Error::Corrupt {
+        key: format!("{}/{key}", store.url()),
+        detail: format!("system_identifier {:?} is not a number", recorded.system_identifier),
+    })?;
+    if store_sysid != header.system_identifier {
+        return Err(Error::ClusterMismatch {
+            name: name.to_string(),
+            segment_sysid: header.system_identifier,
+            store_sysid,
+            store: store.url(),
+        });
+    }
+    Ok(())
+}
+
+/// The recorded identity, if any.
+pub async fn read(store: &Store) -> Result<Option<ClusterIdentity>, Error> {
+    let key = layout::cluster_identity_key();
+    match store.get_bytes(&key).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt {
+            key: format!("{}/{key}", store.url()),
+            detail: format!("not a cluster identity record: {e}"),
+        }),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,291 @@
+//! The local-directory store (`file:///absolute/dir`): one file per object, under the same
+//! key layout as a bucket, so a directory store can be synced to S3 as is.
+//!
+//! Durability follows PostgreSQL's own rules for files it must not lose: write a temporary
+//! file beside the target, fsync it, publish it with a hard link (create, fails if the
+//! target exists) or a rename (overwrite), then fsync the directory. Temporary files start
+//! with a dot so listings never show them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
+
+/// Prefix of the extended attributes that hold object metadata.
+const XATTR_PREFIX: &str = "user.walrs.";
+
+/// A store rooted at a local directory.
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// A store at `root`, which must be absolute. The directory need not exist yet for
+    /// reads to answer "store missing"; writes require it.
+    pub fn new(root: PathBuf) -> LocalStore {
+        LocalStore { root }
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn path_of(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
+        StoreError::Io { op, path: path.display().to_string(), source }
+    }
+
+    /// NotFound for a missing object, StoreMissing when the root itself is gone: "not in
+    /// the archive" must never be said about an archive that is not there.
+    fn not_found(&self, key: &ObjectKey) -> StoreError {
+        if self.root.is_dir() {
+            StoreError::NotFound { key: key.to_string() }
+        } else {
+            StoreError::StoreMissing { store: self.url() }
+        }
+    }
+
+    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        if !self.root.is_dir() {
+            return Err(StoreError::StoreMissing { store: self.url() });
+        }
+        let target = self.path_of(key);
+        let dir = target.parent().expect("keys have a parent under the root").to_path_buf();
+        create_dirs_durably(&self.root, &dir)?;
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let temp = dir.join(format!(
+            ".{}.tmp.{}.{}",
+            key.file_name(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Self::io_err("create", &temp, e))?;
+        Ok(Box::new(LocalWriter {
+            file: Some(BufWriter::with_capacity(super::super::codec::CHUNK_SIZE, file)),
+            temp,
+            target,
+            dir,
+            opts,
+        }))
+    }
+
+    pub(super) async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
+        let path = self.path_of(key);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
+            Err(e) => return Err(Self::io_err("open", &path, e)),
+        };
+        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
+        let metadata = read_metadata(&path);
+        Ok(ObjectReader { size, metadata, body: Box::new(file) })
+    }
+
+    pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(key);
+        match fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(self.not_found(key)),
+            Err(e) => Err(Self::io_err("read", &path, e)),
+        }
+    }
+
+    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(key);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
+            Err(e) => return Err(Self::io_err("open", &path, e)),
+        };
+        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
+        let mut out = Vec::with_capacity(len.min(size) as usize);
+        file.seek(SeekFrom::Start(size.saturating_sub(len)))
+            .and_then(|_| file.read_to_end(&mut out))
+            .map_err(|e| Self::io_err("read", &path, e))?;
+        Ok(out)
+    }
+
+    pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
+        let path = self.path_of(key);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key: key.clone(),
+                size: m.len(),
+                metadata: read_metadata(&path),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found(key) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+            Err(e) => Err(Self::io_err("stat", &path, e)),
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        if !self.root.is_dir() {
+            return Err(StoreError::StoreMissing { store: self.url() });
+        }
+        // Walk only the deepest directory the prefix names, not the whole store.
+        let start_rel = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let mut out = Vec::new();
+        let mut pending = vec![start_rel.to_string()];
+        while let Some(rel) = pending.pop() {
+            let dir = if rel.is_empty() { self.root.clone() } else { self.root.join(&rel) };
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Self::io_err("list", &dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| Self::io_err("list", &dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') {
+                    continue;
+                }
+                let key = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+                let ft = entry.file_type().map_err(|e| Self::io_err("stat", &entry.path(), e))?;
+                if ft.is_dir() {
+                    if prefix.starts_with(&format!("{key}/")) || key.starts_with(prefix) {
+                        pending.push(key);
+                    }
+                } else if ft.is_file() && key.starts_with(prefix) {
+                    let size = entry.metadata().map_err(|e| Self::io_err("stat", &entry.path(), e))?.len();
+                    let key = ObjectKey::new(&key).map_err(|e| StoreError::Other {
+                        op: "list",
+                        key: key.clone(),
+                        detail: e.to_string(),
+                    })?;
+                    out.push(ObjectMeta { key, size, metadata: Metadata::new() });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let path = self.path_of(key);
+        match fs::remove_file(&path) {
+            Ok(()) => fsync_dir(path.parent().unwrap()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Self::io_err("delete", &path, e)),
+        }
+    }
+}
+
+struct LocalWriter {
+    file: Option<BufWriter<File>>,
+    temp: PathBuf,
+    target: PathBuf,
+    dir: PathBuf,
+    opts: PutOptions,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.as_mut().expect("write after finish").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().expect("flush after finish").flush()
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn finish(mut self: Box<Self>) -> Result<PutOutcome, StoreError> {
+        let temp = self.temp.clone();
+        let io_err = |op, e| LocalStore::io_err(op, &temp, e);
+        let file = self
+            .file
+            .take()
+            .expect("finish called once")
+            .into_inner()
+            .map_err(|e| io_err("write", e.into_error()))?;
+        for (name, value) in &self.opts.metadata {
+            xattr::set(&temp, format!("{XATTR_PREFIX}{name}"), value.as_bytes())
+                .map_err(|e| io_err("set metadata on", e))?;
+        }
+        file.sync_all().map_err(|e| io_err("fsync", e))?;
+        drop(file);
+        let outcome = match self.opts.mode {
+            PutMode::Create => match fs::hard_link(&self.temp, &self.target) {
+                Ok(()) => PutOutcome::Stored,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                Err(e) => return Err(LocalStore::io_err("publish", &self.target, e)),
+            },
+            PutMode::Overwrite => {
+                fs::rename(&self.temp, &self.target)
+                    .map_err(|e| LocalStore::io_err("publish", &self.target, e))?;
+                PutOutcome::Stored
+            }
+        };
+        // The temporary name goes (a no-op after a rename) before the directory fsync, so
+        // the fsync also makes its removal durable.
+        let _ = fs::remove_file(&self.temp);
+        fsync_dir(&self.dir)?;
+        Ok(outcome)
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        // Not finished: an error or an early return. Leave nothing behind.
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+fn read_metadata(path: &Path) -> Metadata {
+    let mut out = Metadata::new();
+    // A filesystem without extended attributes simply has no metadata to give.
+    let Ok(names) = xattr::list(path) else { return out };
+    for name in names {
+        let Some(name) = name.to_str() else { continue };
+        if let Some(short) = name.strip_prefix(XATTR_PREFIX) {
+            if let Ok(Some(value)) = xattr::get(path, name) {
+                out.insert(short.to_string(), String::from_utf8_lossy(&value).into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// fsyncs a directory, so that entries created or removed in it survive a crash.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LocalStore::io_err("fsync", dir, e))
+}
+
+/// Creates `dir` and any missing parents below `root`, fsyncing each parent whose entries
+/// changed, so a published object's directory cannot vanish in a crash.
+fn create_dirs_durably(root: &Path, dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if parent != root {
+            create_dirs_durably(root, parent)?;
+        }
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(dir.parent().unwrap_or(root)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(LocalStore::io_err("create directory", dir, e)),
+    }
+}

@@ -1,0 +1,278 @@
+//! Where objects live: a small storage interface with a local-directory backend and an S3
+//! backend (plus an in-memory one for unit tests).
+//!
+//! Guarantees every backend gives, and callers rely on:
+//! - A put is atomic: no reader ever sees a partly written object, and a put that fails or
+//!   is interrupted leaves nothing visible under the key.
+//! - A put that returns is durable: fsynced file and directory locally, a confirmed PUT or
+//!   multipart completion on S3 (with a checksum the server verifies).
+//! - [`PutMode::Create`] never replaces an existing object; it reports
+//!   [`PutOutcome::AlreadyExists`] instead. Servers differ in how they honour conditional
+//!   writes, so callers still compare content after a conflict.
+//! - [`StoreError::NotFound`] means the object is definitely absent: a missing bucket,
+//!   refused credentials or an unreachable server are other errors, because
+//!   `restore_command` turns "not found" into "end of the archive".
+
+pub mod key;
+pub mod local;
+pub mod memory;
+pub mod s3;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+pub use key::ObjectKey;
+
+/// Free-form metadata stored with an object (S3 user metadata, extended attributes locally).
+pub type Metadata = BTreeMap<String, String>;
+
+/// How a put treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Store only if nothing is there yet.
+    Create,
+    /// Replace whatever is there.
+    Overwrite,
+}
+
+/// Options of one put.
+#[derive(Debug, Clone)]
+pub struct PutOptions {
+    /// Create or overwrite.
+    pub mode: PutMode,
+    /// Metadata to store with the object.
+    pub metadata: Metadata,
+}
+
+/// What a finished put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object is stored and durable.
+    Stored,
+    /// `PutMode::Create` found an object already there; nothing was written.
+    AlreadyExists,
+}
+
+/// One listed or inspected object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Its key, relative to the store's root.
+    pub key: ObjectKey,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Its metadata (empty from listings, which do not return it).
+    pub metadata: Metadata,
+}
+
+/// A stored object being read.
+pub struct ObjectReader {
+    /// Stored size in bytes.
+    pub size: u64,
+    /// The object's metadata.
+    pub metadata: Metadata,
+    /// The bytes. Blocking: read it from a blocking thread, never from async code.
+    pub body: Box<dyn Read + Send>,
+}
+
+/// A put in progress: write the bytes, then `finish` publishes them. Blocking: use it from a
+/// blocking thread. Dropping it without `finish` publishes nothing.
+pub trait ObjectWriter: Write + Send {
+    /// Publishes the object (atomically and durably) and reports what happened.
+    fn finish(self: Box<Self>) -> Result<PutOutcome, StoreError>;
+}
+
+/// What went wrong in the store. Messages name the object; none carries a secret or a
+/// signed URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist (and the bucket or directory does).
+    #[error("{key} does not exist in the store")]
+    NotFound {
+        /// The key asked for.
+        key: String,
+    },
+    /// The store itself (bucket or root directory) does not exist.
+    #[error("the store {store} does not exist: create it, or fix WALRS_STORE")]
+    StoreMissing {
+        /// The store's URL.
+        store: String,
+    },
+    /// Credentials were refused or lack permission.
+    #[error("{op} {key} was refused ({detail}): check the credentials and their permissions on the store")]
+    Denied {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// The server's error code or message.
+        detail: String,
+    },
+    /// The store could not be reached or kept failing until the retry deadline.
+    #[error("{op} {key} failed after retries: {detail}: check that the store is reachable, then retry")]
+    Unavailable {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the last attempt said.
+        detail: String,
+    },
+    /// A local filesystem operation of the store failed.
+    #[error("{op} {path} failed: {source}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else the server answered.
+    #[error("{op} {key} failed: {detail}")]
+    Other {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the server said.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (the server or network failed, not the request).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
+/// The configured store: one of the backends. An enum rather than a trait object so each
+/// call dispatches statically and backends need no boxing of their futures.
+pub enum Store {
+    /// A directory on a local or mounted filesystem.
+    Local(local::LocalStore),
+    /// An S3 bucket and prefix.
+    S3(s3::S3Store),
+    /// In memory, for unit tests.
+    Memory(memory::MemoryStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Local($s) => $e,
+            Store::S3($s) => $e,
+            Store::Memory($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// A writer for `key`. Call from a blocking thread.
+    pub fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        dispatch!(self, s => s.writer(key, opts))
+    }
+
+    /// Opens `key` for reading.
+    pub async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
+        dispatch!(self, s => s.get(key).await)
+    }
+
+    /// The whole of a small object (identity records, sentinels, manifests), read without
+    /// blocking.
+    pub async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
+        dispatch!(self, s => s.get_bytes(key).await)
+    }
+
+    /// Stores a small object from memory. Blocking writers run on a blocking thread.
+    pub async fn put_bytes(self: &std::sync::Arc<Self>, key: &ObjectKey, bytes: Vec<u8>, opts: PutOptions) -> Result<PutOutcome, StoreError> {
+        let store = self.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = store.writer(&key, opts)?;
+            w.write_all(&bytes).map_err(|e| into_store_error(e, "write", &key))?;
+            w.finish()
+        })
+        .await
+        .expect("the put task panicked")
+    }
+
+    /// The last `len` bytes of `key` (fewer if the object is shorter).
+    pub async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+        dispatch!(self, s => s.get_tail(key, len).await)
+    }
+
+    /// Size and metadata of `key`, or `None` when it does not exist.
+    pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
+        dispatch!(self, s => s.head(key).await)
+    }
+
+    /// Every object whose key starts with `prefix`, in key order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        dispatch!(self, s => s.list(prefix).await)
+    }
+
+    /// Deletes `key`; deleting a missing object succeeds.
+    pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete(key).await)
+    }
+
+    /// Whether objects named exactly `keys[i]` exist: the first found, in the given order.
+    /// Locally a few `stat`s; on S3 one listing of their common prefix, so that probing
+    /// every compression costs one request, not one per extension.
+    pub async fn find_first(&self, keys: &[ObjectKey]) -> Result<Option<ObjectMeta>, StoreError> {
+        match self {
+            Store::S3(_) => {
+                let prefix = common_prefix(keys);
+                let listed = self.list(&prefix).await?;
+                Ok(keys.iter().find_map(|k| listed.iter().find(|m| &m.key == k).cloned()))
+            }
+            _ => {
+                for k in keys {
+                    if let Some(meta) = self.head(k).await? {
+                        return Ok(Some(meta));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The store's URL, for messages and logs.
+    pub fn url(&self) -> String {
+        dispatch!(self, s => s.url())
+    }
+}
+
+/// Recovers the [`StoreError`] a writer wrapped into an `io::Error`, or describes the
+/// `io::Error` itself.
+pub fn into_store_error(err: std::io::Error, op: &'static str, key: &ObjectKey) -> StoreError {
+    if err.get_ref().is_some_and(|inner| inner.is::<StoreError>()) {
+        return *err.into_inner().unwrap().downcast::<StoreError>().unwrap();
+    }
+    StoreError::Io { op, path: key.to_string(), source: err }
+}
+
+fn common_prefix(keys: &[ObjectKey]) -> String {
+    let mut prefix = keys.first().map(|k| k.as_str()).unwrap_or("");
+    for k in keys {
+        let same = prefix.bytes().zip(k.as_str().bytes()).take_while(|(a, b)| a == b).count();
+        prefix = &prefix[..same];
+    }
+    prefix.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_of_keys() {
+        let keys: Vec<ObjectKey> = ["wal_005/A.lz4", "wal_005/A.zst", "wal_005/A"]
+            .iter()
+            .map(|k| ObjectKey::new(k).unwrap())
+            .collect();
+        assert_eq!(common_prefix(&keys), "wal_005/A");
+    }
+}

@@ -1,0 +1,543 @@
+//! The S3 store (`s3://bucket/prefix`), through aws-sdk-s3 and aws-config's standard
+//! credential chain. Works with AWS and with S3-compatible servers (endpoint URL, path-style
+//! addressing).
+//!
+//! Writes buffer one part at a time: an object that fits in one part goes up as a single
+//! PUT; a larger one as a multipart upload with a bounded number of parts in flight, so
+//! memory stays at about `part_size * (upload_concurrency + 1)` whatever the object's size.
+//! Every request carries a CRC32 the server verifies; create-only writes send
+//! `If-None-Match: *`. Transient failures (5xx, throttling, timeouts, dropped connections)
+//! are retried by the SDK's standard retry with backoff, bounded by attempts and by an
+//! overall deadline per operation.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
+
+/// Settings of an S3 store, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket, without leading or trailing '/'; may be empty.
+    pub prefix: String,
+    /// Region; aws-config's chain decides when `None`, and `us-east-1` after that.
+    pub region: Option<String>,
+    /// Endpoint URL for S3-compatible servers.
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub path_style: bool,
+    /// Storage class for new objects (`STANDARD`, `STANDARD_IA`, ...).
+    pub storage_class: Option<String>,
+    /// Server-side encryption (`AES256` or `aws:kms`).
+    pub sse: Option<String>,
+    /// KMS key id for `aws:kms`.
+    pub sse_kms_key_id: Option<String>,
+    /// Bytes per part; objects up to this size go up in one PUT.
+    pub part_size: usize,
+    /// Parts uploaded at once.
+    pub upload_concurrency: usize,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Time allowed for one attempt of one request.
+    pub request_timeout: Duration,
+    /// Time allowed for one request, retries included.
+    pub deadline: Duration,
+}
+
+/// An S3 bucket and prefix.
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    settings: S3Settings,
+}
+
+impl S3Store {
+    /// Builds the client. Loads the region and credential chain, without network I/O for
+    /// static credentials.
+    pub async fn connect(settings: S3Settings) -> S3Store {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(settings.path_style)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(settings.max_attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5).min(settings.request_timeout))
+                    .operation_attempt_timeout(settings.request_timeout)
+                    .operation_timeout(settings.deadline)
+                    .build(),
+            )
+            // A body that stops flowing for this long counts as a failed attempt, so a
+            // stalled connection cannot hang a transfer.
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled().grace_period(Duration::from_secs(10)).build(),
+            );
+        if sdk.region().is_none() {
+            builder = builder.region(Region::new("us-east-1"));
+        }
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        S3Store { inner: Arc::new(Inner { client: Client::from_conf(builder.build()), settings }) }
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> String {
+        self.inner.url()
+    }
+
+    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        let part_size = self.inner.settings.part_size.max(5 << 20);
+        Ok(Box::new(S3Writer {
+            inner: self.inner.clone(),
+            handle: Handle::current(),
+            key: key.clone(),
+            opts,
+            buf: Vec::new(),
+            part_size,
+            upload_id: None,
+            in_flight: VecDeque::new(),
+            done: Vec::new(),
+        }))
+    }
+
+    pub(super) async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
+        let full = self.inner.full_key(key);
+        let out = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.settings.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err("get", key, e))?;
+        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        let metadata: Metadata = out.metadata().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let body = tokio_util::io::SyncIoBridge::new(out.body.into_async_read());
+        Ok(ObjectReader { size, metadata, body: Box::new(body) })
+    }
+
+    pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
+        let full = self.inner.full_key(key);
+        let out = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.settings.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err("get", key, e))?;
+        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
+            op: "get",
+            key: self.inner.describe(key),
+            detail: e.to_string(),
+        })?;
+        Ok(bytes.to_vec())
+    }
+
+    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+        let full = self.inner.full_key(key);
+        let out = self
+            .inner
+            .client
+            .get_object()
+            .bucket(&self.inner.settings.bucket)
+            .key(&full)
+            .range(format!("bytes=-{len}"))
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err("get", key, e))?;
+        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
+            op: "get",
+            key: self.inner.describe(key),
+            detail: e.to_string(),
+        })?;
+        Ok(bytes.to_vec())
+    }
+
+    pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
+        let full = self.inner.full_key(key);
+        match self.inner.client.head_object().bucket(&self.inner.settings.bucket).key(&full).send().await {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.clone(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                metadata: out.metadata().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default(),
+            })),
+            Err(e) => match self.inner.map_err("head", key, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let full_prefix = self.inner.full_prefix(prefix);
+        let strip = self.inner.full_prefix("").len();
+        let mut out = Vec::new();
+        let mut pages = self
+            .inner
+            .client
+            .list_objects_v2()
+            .bucket(&self.inner.settings.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
+            for obj in page.contents() {
+                let Some(k) = obj.key() else { continue };
+                let Ok(key) = ObjectKey::new(&k[strip..]) else { continue };
+                out.push(ObjectMeta { key, size: obj.size().unwrap_or(0).max(0) as u64, metadata: Metadata::new() });
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let full = self.inner.full_key(key);
+        self.inner
+            .client
+            .delete_object()
+            .bucket(&self.inner.settings.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err("delete", key, e))?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn url(&self) -> String {
+        if self.settings.prefix.is_empty() {
+            format!("s3://{}", self.settings.bucket)
+        } else {
+            format!("s3://{}/{}", self.settings.bucket, self.settings.prefix)
+        }
+    }
+
+    fn full_prefix(&self, rel: &str) -> String {
+        if self.settings.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{}", self.settings.prefix, rel)
+        }
+    }
+
+    fn full_key(&self, key: &ObjectKey) -> String {
+        self.full_prefix(key.as_str())
+    }
+
+    fn describe(&self, key: &ObjectKey) -> String {
+        format!("{}/{}", self.url(), key)
+    }
+
+    fn map_err<E>(&self, op: &'static str, key: &ObjectKey, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.map_err_raw(op, &self.full_key(key), err)
+    }
+
+    /// Sorts an SDK error into the store's error kinds. Only the server's error code and
+    /// message are kept: never request details, which could hold signatures.
+    fn map_err_raw<E>(&self, op: &'static str, full_key: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let key = format!("s3://{}/{}", self.settings.bucket, full_key);
+        match &err {
+            SdkError::ServiceError(ctx) => {
+                let status = ctx.raw().status().as_u16();
+                let code = ctx.err().code().unwrap_or("").to_string();
+                let message = ctx.err().message().unwrap_or("").to_string();
+                let detail = match (code.is_empty(), message.is_empty()) {
+                    (true, _) => format!("HTTP {status}"),
+                    (false, true) => format!("{code} (HTTP {status})"),
+                    (false, false) => format!("{code}: {message} (HTTP {status})"),
+                };
+                match (status, code.as_str()) {
+                    (_, "NoSuchBucket") => StoreError::StoreMissing { store: self.url() },
+                    (_, "NoSuchKey") | (404, "NotFound") | (404, "") => StoreError::NotFound { key },
+                    (412, _) | (_, "PreconditionFailed") => StoreError::Other { op: "precondition", key, detail },
+                    (401 | 403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+                        StoreError::Denied { op, key, detail }
+                    }
+                    (408 | 429 | 500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
+                        StoreError::Unavailable { op, key, detail }
+                    }
+                    _ => StoreError::Other { op, key, detail },
+                }
+            }
+            SdkError::TimeoutError(_) => StoreError::Unavailable { op, key, detail: "timed out".into() },
+            SdkError::DispatchFailure(f) => {
+                let detail = error_chain(&err);
+                if f.is_user() || detail.contains("credential") {
+                    StoreError::Denied { op, key, detail }
+                } else {
+                    StoreError::Unavailable { op, key, detail }
+                }
+            }
+            SdkError::ResponseError(_) => StoreError::Unavailable { op, key, detail: error_chain(&err) },
+            _ => {
+                let detail = error_chain(&err);
+                if detail.contains("credential") {
+                    StoreError::Denied { op, key, detail }
+                } else {
+                    StoreError::Other { op, key, detail }
+                }
+            }
+        }
+    }
+}
+
+/// The error and its sources on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn is_precondition_failure(err: &StoreError) -> bool {
+    matches!(err, StoreError::Other { op: "precondition", .. })
+}
+
+struct S3Writer {
+    inner: Arc<Inner>,
+    handle: Handle,
+    key: ObjectKey,
+    opts: PutOptions,
+    buf: Vec<u8>,
+    part_size: usize,
+    upload_id: Option<String>,
+    in_flight: VecDeque<JoinHandle<Result<CompletedPart, StoreError>>>,
+    done: Vec<CompletedPart>,
+}
+
+impl S3Writer {
+    fn storage_class(&self) -> Option<StorageClass> {
+        self.inner.settings.storage_class.as_deref().map(StorageClass::from)
+    }
+
+    fn sse(&self) -> Option<ServerSideEncryption> {
+        self.inner.settings.sse.as_deref().map(ServerSideEncryption::from)
+    }
+
+    /// Starts uploading the buffered bytes as the next part, waiting first if too many
+    /// parts are already in flight.
+    fn send_part(&mut self) -> Result<(), StoreError> {
+        let full = self.inner.full_key(&self.key);
+        if self.upload_id.is_none() {
+            let create = self
+                .inner
+                .client
+                .create_multipart_upload()
+                .bucket(&self.inner.settings.bucket)
+                .key(&full)
+                .set_metadata(Some(self.opts.metadata.clone().into_iter().collect()))
+                .set_storage_class(self.storage_class())
+                .set_server_side_encryption(self.sse())
+                .set_ssekms_key_id(self.inner.settings.sse_kms_key_id.clone())
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .send();
+            let out = self.handle.block_on(create).map_err(|e| self.inner.map_err("start upload of", &self.key, e))?;
+            self.upload_id = out.upload_id().map(str::to_string);
+            if self.upload_id.is_none() {
+                return Err(StoreError::Other { op: "start upload of", key: self.inner.describe(&self.key), detail: "no upload id returned".into() });
+            }
+        }
+        while self.in_flight.len() >= self.inner.settings.upload_concurrency.max(1) {
+            let oldest = self.in_flight.pop_front().unwrap();
+            let part = self.handle.block_on(oldest).map_err(|e| StoreError::Other {
+                op: "upload part of",
+                key: self.inner.describe(&self.key),
+                detail: e.to_string(),
+            })??;
+            self.done.push(part);
+        }
+        let number = (self.done.len() + self.in_flight.len() + 1) as i32;
+        let body = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size)));
+        let inner = self.inner.clone();
+        let key = self.key.clone();
+        let upload_id = self.upload_id.clone().unwrap();
+        self.in_flight.push_back(self.handle.spawn(async move {
+            let out = inner
+                .client
+                .upload_part()
+                .bucket(&inner.settings.bucket)
+                .key(inner.full_key(&key))
+                .upload_id(upload_id)
+                .part_number(number)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| inner.map_err("upload part of", &key, e))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_string))
+                .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                .build())
+        }));
+        Ok(())
+    }
+
+    fn put_single(&mut self) -> Result<PutOutcome, StoreError> {
+        let body = Bytes::from(std::mem::take(&mut self.buf));
+        let mut req = self
+            .inner
+            .client
+            .put_object()
+            .bucket(&self.inner.settings.bucket)
+            .key(self.inner.full_key(&self.key))
+            .set_metadata(Some(self.opts.metadata.clone().into_iter().collect()))
+            .set_storage_class(self.storage_class())
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.inner.settings.sse_kms_key_id.clone())
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .body(ByteStream::from(body));
+        if self.opts.mode == PutMode::Create {
+            req = req.if_none_match("*");
+        }
+        match self.handle.block_on(req.send()) {
+            Ok(_) => Ok(PutOutcome::Stored),
+            Err(e) => {
+                let err = self.inner.map_err("put", &self.key, e);
+                if is_precondition_failure(&err) && self.opts.mode == PutMode::Create {
+                    Ok(PutOutcome::AlreadyExists)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    fn complete_multipart(&mut self) -> Result<PutOutcome, StoreError> {
+        if !self.buf.is_empty() {
+            self.send_part()?;
+        }
+        while let Some(next) = self.in_flight.pop_front() {
+            let part = self.handle.block_on(next).map_err(|e| StoreError::Other {
+                op: "upload part of",
+                key: self.inner.describe(&self.key),
+                detail: e.to_string(),
+            })??;
+            self.done.push(part);
+        }
+        self.done.sort_by_key(|p| p.part_number());
+        let mut req = self
+            .inner
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.inner.settings.bucket)
+            .key(self.inner.full_key(&self.key))
+            .upload_id(self.upload_id.clone().unwrap())
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(self.done.clone())).build());
+        if self.opts.mode == PutMode::Create {
+            req = req.if_none_match("*");
+        }
+        match self.handle.block_on(req.send()) {
+            // S3 can answer 200 with an error in the body; the SDK turns that into an
+            // error, and a missing ETag is treated as one too (it once lost WAL elsewhere).
+            Ok(out) if out.e_tag().is_some() => {
+                self.upload_id = None;
+                Ok(PutOutcome::Stored)
+            }
+            Ok(_) => Err(StoreError::Unavailable {
+                op: "complete upload of",
+                key: self.inner.describe(&self.key),
+                detail: "the server confirmed no ETag".into(),
+            }),
+            Err(e) => {
+                let err = self.inner.map_err("complete upload of", &self.key, e);
+                if is_precondition_failure(&err) && self.opts.mode == PutMode::Create {
+                    Ok(PutOutcome::AlreadyExists)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+}
+
+impl Write for S3Writer {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.part_size - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= self.part_size {
+            self.send_part().map_err(io::Error::other)?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn finish(mut self: Box<Self>) -> Result<PutOutcome, StoreError> {
+        if self.upload_id.is_none() {
+            self.put_single()
+        } else {
+            self.complete_multipart()
+        }
+    }
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        // An unfinished multipart upload holds billed parts: abort it (best effort; the
+        // bucket's lifecycle rule for incomplete uploads is the backstop).
+        if let Some(upload_id) = self.upload_id.take() {
+            for task in self.in_flight.drain(..) {
+                task.abort();
+            }
+            let abort = self
+                .inner
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.inner.settings.bucket)
+                .key(self.inner.full_key(&self.key))
+                .upload_id(upload_id)
+                .send();
+            let _ = self.handle.block_on(abort);
+        }
+    }
+}
