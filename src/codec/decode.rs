@@ -142,7 +142,18 @@ impl<R: Read> Read for Decoder<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Decoder::Plain(r) => r.read(buf),
-            Decoder::Lz4(d) => d.read(buf),
+            Decoder::Lz4(d) => {
+                // lz4_flex returns 0 at the end of each frame. More input may follow: another
+                // frame, or the trailer, which the next read judges. Keep reading until the
+                // input itself has ended.
+                for _ in 0..3 {
+                    let n = d.read(buf)?;
+                    if n > 0 || d.get_ref().at_end() {
+                        return Ok(n);
+                    }
+                }
+                Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the lz4 stream"))
+            }
             Decoder::Zstd(d) => d.read(buf),
         }
     }
@@ -195,6 +206,37 @@ mod tests {
         }
         for c in Compression::ALL {
             assert!(matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))), "{c}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod frame_end_tests {
+    use super::*;
+    use crate::codec::encode;
+
+    /// A reader that hands out exactly the sizes asked for, so the lz4 decoder ends its
+    /// frame without the trailer having been looked at: the case a real file showed.
+    #[test]
+    fn the_trailer_is_found_whatever_the_read_sizes() {
+        let original: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        for c in [Compression::Lz4, Compression::Zstd] {
+            let mut stored = Vec::new();
+            encode(&original[..], c, 1, &mut stored).unwrap();
+            for chunk in [1usize, 4096, 1 << 20, stored.len()] {
+                struct Chunked<'a>(&'a [u8], usize);
+                impl Read for Chunked<'_> {
+                    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                        let n = self.0.len().min(out.len()).min(self.1);
+                        out[..n].copy_from_slice(&self.0[..n]);
+                        self.0 = &self.0[n..];
+                        Ok(n)
+                    }
+                }
+                let s = decode(Chunked(&stored, chunk), c, io::sink()).unwrap();
+                assert!(s.trailer.is_some(), "{c} chunk {chunk}");
+                assert_eq!(s.bytes_in, stored.len() as u64);
+            }
         }
     }
 }

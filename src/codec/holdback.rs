@@ -31,7 +31,6 @@ impl<R: Read> HoldBack<R> {
     }
 
     /// Whether the whole input has been read and judged.
-    #[cfg(test)]
     pub(crate) fn at_end(&self) -> bool {
         self.trailer.is_some() && self.start == self.end
     }

@@ -106,6 +106,7 @@ fn restore(reader: ObjectReader, compression: Compression, name: &WalFileName, d
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
     let temp = TempFile(dir.join(format!(".{file_name}.walrs-partial.{}", std::process::id())));
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
