@@ -96,7 +96,11 @@ impl StoreUrl {
                 return Err(format!("store {url:?} is not an absolute path: {hint}"));
             }
             let path = path.trim_end_matches('/');
-            return Ok(StoreUrl::File(PathBuf::from(if path.is_empty() { "/" } else { path })));
+            return Ok(StoreUrl::File(PathBuf::from(if path.is_empty() {
+                "/"
+            } else {
+                path
+            })));
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -107,7 +111,10 @@ impl StoreUrl {
             if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
                 return Err(format!("store {url:?} has an invalid prefix: {hint}"));
             }
-            return Ok(StoreUrl::S3 { bucket: bucket.to_string(), prefix: prefix.to_string() });
+            return Ok(StoreUrl::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            });
         }
         Err(format!("store {url:?} is not a store URL: {hint}"))
     }
@@ -218,10 +225,15 @@ impl Config {
     pub fn resolve(overrides: &Overrides, env: &dyn Env) -> Result<Config, String> {
         for key in overrides.values.keys() {
             if !SETTINGS.iter().any(|s| s.key == key) {
-                return Err(format!("unknown setting {key:?} in --set: see `wal-rs config` for the list"));
+                return Err(format!(
+                    "unknown setting {key:?} in --set: see `wal-rs config` for the list"
+                ));
             }
         }
-        let file = overrides.config_file.clone().or_else(|| env.var("WALRS_CONFIG").map(PathBuf::from));
+        let file = overrides
+            .config_file
+            .clone()
+            .or_else(|| env.var("WALRS_CONFIG").map(PathBuf::from));
         let file_values = match &file {
             Some(path) => read_file(path)?,
             None => BTreeMap::new(),
@@ -230,7 +242,9 @@ impl Config {
         for setting in SETTINGS {
             let (value, source) = if let Some(v) = overrides.values.get(setting.key) {
                 (Some(v.clone()), Source::Flag)
-            } else if let Some((name, v)) = setting.env.iter().find_map(|n| env.var(n).map(|v| (*n, v))) {
+            } else if let Some((name, v)) =
+                setting.env.iter().find_map(|n| env.var(n).map(|v| (*n, v)))
+            {
                 (Some(v), Source::Env(name))
             } else if let Some(v) = file_values.get(setting.key) {
                 (Some(v.clone()), Source::File(file.clone().unwrap()))
@@ -240,7 +254,10 @@ impl Config {
             report.push((setting, value, source));
         }
         let get = |key: &str| -> Option<&str> {
-            report.iter().find(|(s, _, _)| s.key == key).and_then(|(_, v, _)| v.as_deref())
+            report
+                .iter()
+                .find(|(s, _, _)| s.key == key)
+                .and_then(|(_, v, _)| v.as_deref())
         };
         let named = |key: &str| -> String {
             let (s, _, source) = report.iter().find(|(s, _, _)| s.key == key).unwrap();
@@ -248,7 +265,11 @@ impl Config {
                 Source::Env(v) => v.to_string(),
                 Source::Flag => format!("--set {key}"),
                 Source::File(p) => format!("{key} in {}", p.display()),
-                Source::Default => s.env.first().map(|e| e.to_string()).unwrap_or_else(|| key.to_string()),
+                Source::Default => s
+                    .env
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| key.to_string()),
             }
         };
         let number = |key: &str, min: u64, max: u64| -> Result<u64, String> {
@@ -256,7 +277,12 @@ impl Config {
             raw.parse::<u64>()
                 .ok()
                 .filter(|n| (min..=max).contains(n))
-                .ok_or_else(|| format!("{} is {raw:?}: set a whole number from {min} to {max}", named(key)))
+                .ok_or_else(|| {
+                    format!(
+                        "{} is {raw:?}: set a whole number from {min} to {max}",
+                        named(key)
+                    )
+                })
         };
         let boolean = |key: &str| -> Result<bool, String> {
             match get(key).unwrap_or("").to_ascii_lowercase().as_str() {
@@ -265,7 +291,10 @@ impl Config {
                 other => Err(format!("{} is {other:?}: set true or false", named(key))),
             }
         };
-        let store = get("store").map(StoreUrl::parse).transpose().map_err(|e| format!("{}: {e}", named("store")))?;
+        let store = get("store")
+            .map(StoreUrl::parse)
+            .transpose()
+            .map_err(|e| format!("{}: {e}", named("store")))?;
         let compression = get("compression")
             .unwrap_or("lz4")
             .parse::<Compression>()
@@ -274,16 +303,28 @@ impl Config {
             .unwrap_or("info")
             .parse::<Level>()
             .map_err(|e| format!("{}: {e}", named("log_level")))?;
-        let fetch_mode = match get("fetch_mode").unwrap_or("auto").to_ascii_lowercase().as_str() {
+        let fetch_mode = match get("fetch_mode")
+            .unwrap_or("auto")
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "auto" => FetchMode::Auto,
             "standby" => FetchMode::Standby,
             "recovery" => FetchMode::Recovery,
-            other => return Err(format!("{} is {other:?}: set auto, standby or recovery", named("fetch_mode"))),
+            other => {
+                return Err(format!(
+                    "{} is {other:?}: set auto, standby or recovery",
+                    named("fetch_mode")
+                ))
+            }
         };
         let sse = get("s3_sse").map(str::to_string);
         if let Some(v) = &sse {
             if v != "AES256" && v != "aws:kms" {
-                return Err(format!("{} is {v:?}: set AES256 or aws:kms", named("s3_sse")));
+                return Err(format!(
+                    "{} is {v:?}: set AES256 or aws:kms",
+                    named("s3_sse")
+                ));
             }
         }
         Ok(Config {
@@ -340,21 +381,38 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}: fix the path given by --config or WALRS_CONFIG", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("config file {} is not valid TOML: {}", path.display(), e.message()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read config file {}: {e}: fix the path given by --config or WALRS_CONFIG",
+            path.display()
+        )
+    })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!(
+            "config file {} is not valid TOML: {}",
+            path.display(),
+            e.message()
+        )
+    })?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
         if !SETTINGS.iter().any(|s| s.key == key) {
-            return Err(format!("config file {} has unknown setting {key:?}: see `wal-rs config` for the list", path.display()));
+            return Err(format!(
+                "config file {} has unknown setting {key:?}: see `wal-rs config` for the list",
+                path.display()
+            ));
         }
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            other => return Err(format!("config file {}: {key} must be a string, number or boolean, not {}", path.display(), other.type_str())),
+            other => {
+                return Err(format!(
+                    "config file {}: {key} must be a string, number or boolean, not {}",
+                    path.display(),
+                    other.type_str()
+                ))
+            }
         };
         out.insert(key, text);
     }
@@ -386,7 +444,12 @@ mod tests {
     }
 
     fn source_of(c: &Config, key: &str) -> Source {
-        c.report.iter().find(|(s, _, _)| s.key == key).unwrap().2.clone()
+        c.report
+            .iter()
+            .find(|(s, _, _)| s.key == key)
+            .unwrap()
+            .2
+            .clone()
     }
 
     #[test]
@@ -394,14 +457,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("wal-rs.toml");
         std::fs::write(&file, "store = \"s3://from-file/p\"\ncompression = \"zstd\"\nzstd_level = 7\ns3_path_style = true\n").unwrap();
-        let env = FakeEnv(HashMap::from([("WALRS_COMPRESSION", "none"), ("WALRS_ZSTD_LEVEL", "5")]));
-        let mut o = Overrides { config_file: Some(file.clone()), ..Default::default() };
+        let env = FakeEnv(HashMap::from([
+            ("WALRS_COMPRESSION", "none"),
+            ("WALRS_ZSTD_LEVEL", "5"),
+        ]));
+        let mut o = Overrides {
+            config_file: Some(file.clone()),
+            ..Default::default()
+        };
         o.values.insert("zstd_level".into(), "9".into());
         let c = Config::resolve(&o, &env).unwrap();
-        assert_eq!(c.store, Some(StoreUrl::S3 { bucket: "from-file".into(), prefix: "p".into() }));
+        assert_eq!(
+            c.store,
+            Some(StoreUrl::S3 {
+                bucket: "from-file".into(),
+                prefix: "p".into()
+            })
+        );
         assert_eq!(source_of(&c, "store"), Source::File(file));
         assert_eq!(c.compression, Compression::None);
-        assert_eq!(source_of(&c, "compression"), Source::Env("WALRS_COMPRESSION"));
+        assert_eq!(
+            source_of(&c, "compression"),
+            Source::Env("WALRS_COMPRESSION")
+        );
         assert_eq!(c.zstd_level, 9);
         assert_eq!(source_of(&c, "zstd_level"), Source::Flag);
         assert!(c.s3.path_style);
@@ -415,33 +493,60 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "store = \"file:///srv/wal\"\n").unwrap();
         let path: &'static str = Box::leak(file.to_str().unwrap().to_string().into_boxed_str());
-        let c = Config::resolve(&Overrides::default(), &FakeEnv(HashMap::from([("WALRS_CONFIG", path)]))).unwrap();
+        let c = Config::resolve(
+            &Overrides::default(),
+            &FakeEnv(HashMap::from([("WALRS_CONFIG", path)])),
+        )
+        .unwrap();
         assert_eq!(c.store, Some(StoreUrl::File("/srv/wal".into())));
     }
 
     #[test]
     fn bad_values_name_what_to_fix() {
         let env = |k, v| FakeEnv(HashMap::from([(k, v)]));
-        let err = Config::resolve(&Overrides::default(), &env("WALRS_STORE", "/no/scheme")).unwrap_err();
-        assert!(err.contains("WALRS_STORE") && err.contains("file:///absolute/dir"), "{err}");
-        let err = Config::resolve(&Overrides::default(), &env("WALRS_COMPRESSION", "gzip")).unwrap_err();
+        let err =
+            Config::resolve(&Overrides::default(), &env("WALRS_STORE", "/no/scheme")).unwrap_err();
+        assert!(
+            err.contains("WALRS_STORE") && err.contains("file:///absolute/dir"),
+            "{err}"
+        );
+        let err =
+            Config::resolve(&Overrides::default(), &env("WALRS_COMPRESSION", "gzip")).unwrap_err();
         assert!(err.contains("WALRS_COMPRESSION"), "{err}");
-        let err = Config::resolve(&Overrides::default(), &env("WALRS_S3_PART_SIZE_MIB", "1")).unwrap_err();
+        let err = Config::resolve(&Overrides::default(), &env("WALRS_S3_PART_SIZE_MIB", "1"))
+            .unwrap_err();
         assert!(err.contains("from 5"), "{err}");
         let mut o = Overrides::default();
         o.values.insert("nonsense".into(), "1".into());
-        assert!(Config::resolve(&o, &env("X", "y")).unwrap_err().contains("unknown setting"));
+        assert!(Config::resolve(&o, &env("X", "y"))
+            .unwrap_err()
+            .contains("unknown setting"));
         let c = Config::resolve(&Overrides::default(), &env("X", "y")).unwrap();
-        assert!(c.require_store().unwrap_err().contains("WALRS_STORE is not set"));
+        assert!(c
+            .require_store()
+            .unwrap_err()
+            .contains("WALRS_STORE is not set"));
     }
 
     #[test]
     fn store_urls() {
-        assert_eq!(StoreUrl::parse("file:///a/b/").unwrap(), StoreUrl::File("/a/b".into()));
-        assert_eq!(StoreUrl::parse("s3://b").unwrap(), StoreUrl::S3 { bucket: "b".into(), prefix: "".into() });
+        assert_eq!(
+            StoreUrl::parse("file:///a/b/").unwrap(),
+            StoreUrl::File("/a/b".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://b").unwrap(),
+            StoreUrl::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
         assert_eq!(
             StoreUrl::parse("s3://b/x/y/").unwrap(),
-            StoreUrl::S3 { bucket: "b".into(), prefix: "x/y".into() }
+            StoreUrl::S3 {
+                bucket: "b".into(),
+                prefix: "x/y".into()
+            }
         );
         for bad in ["file://rel", "s3:///p", "http://x", "", "s3://b/../x"] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
@@ -451,7 +556,30 @@ mod tests {
 
     #[test]
     fn urls_lose_their_passwords() {
-        assert_eq!(redact_url("http://ak:sk@127.0.0.1:9000"), "http://<redacted>@127.0.0.1:9000");
+        assert_eq!(
+            redact_url("http://ak:sk@127.0.0.1:9000"),
+            "http://<redacted>@127.0.0.1:9000"
+        );
         assert_eq!(redact_url("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    use super::SETTINGS;
+
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../README.md");
+        for s in SETTINGS {
+            assert!(
+                readme.contains(&format!("`{}`", s.key)),
+                "README lacks setting {}",
+                s.key
+            );
+            for env in s.env {
+                assert!(readme.contains(&format!("`{env}`")), "README lacks {env}");
+            }
+        }
     }
 }

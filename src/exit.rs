@@ -74,9 +74,19 @@ mod tests {
 
     #[test]
     fn wal_fetch_never_reports_a_failure_as_end_of_archive() {
-        let missing = Error::WalNotFound { name: "x".into(), store: "s".into() };
-        let down = Error::Store(StoreError::Unavailable { op: "get", key: "k".into(), detail: "reset".into() });
-        let corrupt = Error::Corrupt { key: "k".into(), detail: "d".into() };
+        let missing = Error::WalNotFound {
+            name: "x".into(),
+            store: "s".into(),
+        };
+        let down = Error::Store(StoreError::Unavailable {
+            op: "get",
+            key: "k".into(),
+            detail: "reset".into(),
+        });
+        let corrupt = Error::Corrupt {
+            key: "k".into(),
+            detail: "d".into(),
+        };
         let config = Error::Config("WALRS_STORE is not set".into());
         assert_eq!(wal_fetch_code(&missing, false), 1);
         assert_eq!(wal_fetch_code(&missing, true), 1);
@@ -91,8 +101,51 @@ mod tests {
     #[test]
     fn other_codes_stay_below_126() {
         // archive_command exits above 125 make PostgreSQL's archiver process exit.
-        for code in [USAGE, CONFIG, INVALID_INPUT, CONFLICT, CLUSTER_MISMATCH, STORAGE, DENIED, STORE_MISSING, CORRUPT, LOCAL_IO, NOT_FOUND] {
+        for code in [
+            USAGE,
+            CONFIG,
+            INVALID_INPUT,
+            CONFLICT,
+            CLUSTER_MISMATCH,
+            STORAGE,
+            DENIED,
+            STORE_MISSING,
+            CORRUPT,
+            LOCAL_IO,
+            NOT_FOUND,
+        ] {
             assert!(code > 1 && code < 126);
         }
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    #[test]
+    fn every_exit_code_is_documented() {
+        let doc = include_str!("../docs/exit-codes.md");
+        for code in [
+            OK,
+            NOT_IN_ARCHIVE,
+            USAGE,
+            CONFIG,
+            INVALID_INPUT,
+            CONFLICT,
+            CLUSTER_MISMATCH,
+            STORAGE,
+            DENIED,
+            STORE_MISSING,
+            CORRUPT,
+            LOCAL_IO,
+            NOT_FOUND,
+        ] {
+            assert!(
+                doc.contains(&format!("| {code} |")),
+                "docs/exit-codes.md lacks code {code}"
+            );
+        }
+        assert!(doc.contains("200 + code"));
     }
 }

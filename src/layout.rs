@@ -29,7 +29,10 @@ pub fn wal_key(name: &WalFileName, compression: Compression) -> ObjectKey {
 
 /// Every key `name` may be stored under, `preferred` first, then the other compressions
 /// wal-rs reads, then those it cannot read (`None`).
-pub fn wal_candidates(name: &WalFileName, preferred: Compression) -> Vec<(ObjectKey, Option<Compression>)> {
+pub fn wal_candidates(
+    name: &WalFileName,
+    preferred: Compression,
+) -> Vec<(ObjectKey, Option<Compression>)> {
     let mut out = vec![(wal_key(name, preferred), Some(preferred))];
     for c in Compression::ALL {
         if c != preferred {
@@ -37,7 +40,10 @@ pub fn wal_candidates(name: &WalFileName, preferred: Compression) -> Vec<(Object
         }
     }
     for ext in FOREIGN_EXTENSIONS {
-        out.push((ObjectKey::new(&format!("{WAL_DIR}/{name}.{ext}")).unwrap(), None));
+        out.push((
+            ObjectKey::new(&format!("{WAL_DIR}/{name}.{ext}")).unwrap(),
+            None,
+        ));
     }
     out
 }
@@ -54,14 +60,28 @@ mod tests {
     #[test]
     fn wal_keys_follow_the_walg_layout() {
         let name = WalFileName::parse("000000010000000000000003").unwrap();
-        assert_eq!(wal_key(&name, Compression::Lz4).as_str(), "wal_005/000000010000000000000003.lz4");
-        assert_eq!(wal_key(&name, Compression::Zstd).as_str(), "wal_005/000000010000000000000003.zst");
-        assert_eq!(wal_key(&name, Compression::None).as_str(), "wal_005/000000010000000000000003");
+        assert_eq!(
+            wal_key(&name, Compression::Lz4).as_str(),
+            "wal_005/000000010000000000000003.lz4"
+        );
+        assert_eq!(
+            wal_key(&name, Compression::Zstd).as_str(),
+            "wal_005/000000010000000000000003.zst"
+        );
+        assert_eq!(
+            wal_key(&name, Compression::None).as_str(),
+            "wal_005/000000010000000000000003"
+        );
         let h = WalFileName::parse("00000002.history").unwrap();
-        assert_eq!(wal_key(&h, Compression::Lz4).as_str(), "wal_005/00000002.history.lz4");
+        assert_eq!(
+            wal_key(&h, Compression::Lz4).as_str(),
+            "wal_005/00000002.history.lz4"
+        );
         let c = wal_candidates(&name, Compression::Zstd);
         assert_eq!(c[0].1, Some(Compression::Zstd));
         assert_eq!(c.len(), 3 + FOREIGN_EXTENSIONS.len());
-        assert!(c.iter().any(|(k, comp)| k.as_str().ends_with(".br") && comp.is_none()));
+        assert!(c
+            .iter()
+            .any(|(k, comp)| k.as_str().ends_with(".br") && comp.is_none()));
     }
 }

@@ -31,7 +31,9 @@ impl FromStr for Level {
             "warn" | "warning" => Ok(Level::Warn),
             "info" => Ok(Level::Info),
             "debug" => Ok(Level::Debug),
-            _ => Err(format!("unknown log level {s:?}: use error, warn, info or debug")),
+            _ => Err(format!(
+                "unknown log level {s:?}: use error, warn, info or debug"
+            )),
         }
     }
 }
@@ -88,7 +90,10 @@ fn format_line(level: Level, fields: &[(&str, &dyn fmt::Display)]) -> String {
 
 /// Quotes a value when logfmt needs it, escaping quotes, backslashes and newlines.
 fn push_value(line: &mut String, value: &str) {
-    let needs_quotes = value.is_empty() || value.chars().any(|c| c <= ' ' || c == '"' || c == '=' || c == '\\');
+    let needs_quotes = value.is_empty()
+        || value
+            .chars()
+            .any(|c| c <= ' ' || c == '"' || c == '=' || c == '\\');
     if !needs_quotes {
         line.push_str(value);
         return;
@@ -116,9 +121,22 @@ mod tests {
 
     #[test]
     fn values_are_quoted_only_when_needed() {
-        let line = format_line(Level::Info, &[("op", &"wal-push"), ("error", &"bad \"x\"=1\nnext"), ("n", &42), ("e", &"")]);
+        let line = format_line(
+            Level::Info,
+            &[
+                ("op", &"wal-push"),
+                ("error", &"bad \"x\"=1\nnext"),
+                ("n", &42),
+                ("e", &""),
+            ],
+        );
         assert!(line.starts_with("ts="));
-        assert!(line.ends_with(" level=info op=wal-push error=\"bad \\\"x\\\"=1\\nnext\" n=42 e=\"\"\n"), "{line}");
+        assert!(
+            line.ends_with(
+                " level=info op=wal-push error=\"bad \\\"x\\\"=1\\nnext\" n=42 e=\"\"\n"
+            ),
+            "{line}"
+        );
         assert_eq!(line.matches('\n').count(), 1);
     }
 

@@ -47,9 +47,17 @@ pub fn decode<R: Read, W: Write>(
 ) -> Result<DecodeSummary, DecodeError> {
     let source_failed = Rc::new(Cell::new(false));
     let bytes_in = Rc::new(Cell::new(0u64));
-    let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
+    let tagged = Tagged {
+        inner: src,
+        failed: source_failed.clone(),
+        count: bytes_in.clone(),
+    };
     let mut decoder = Decoder::new(compression, tagged).map_err(|e| {
-        if source_failed.get() { DecodeError::Source(e) } else { DecodeError::Corrupt(e.to_string()) }
+        if source_failed.get() {
+            DecodeError::Source(e)
+        } else {
+            DecodeError::Corrupt(e.to_string())
+        }
     })?;
 
     let mut hasher = BackgroundHasher::new();
@@ -87,7 +95,12 @@ pub fn decode<R: Read, W: Write>(
             )));
         }
     }
-    Ok(DecodeSummary { bytes_in: bytes_in.get(), bytes_out, sha256, trailer })
+    Ok(DecodeSummary {
+        bytes_in: bytes_in.get(),
+        bytes_out,
+        sha256,
+        trailer,
+    })
 }
 
 /// Marks errors that come from the source, so they are not mistaken for corruption.
@@ -124,8 +137,12 @@ impl<R: Read> Decoder<R> {
     fn new(compression: Compression, src: R) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Decoder::Plain(src),
-            Compression::Lz4 => Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src))),
-            Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?),
+            Compression::Lz4 => {
+                Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src)))
+            }
+            Compression::Zstd => {
+                Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?)
+            }
         })
     }
 
@@ -152,7 +169,10 @@ impl<R: Read> Read for Decoder<R> {
                         return Ok(n);
                     }
                 }
-                Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the lz4 stream"))
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "data after the end of the lz4 stream",
+                ))
             }
             Decoder::Zstd(d) => d.read(buf),
         }
@@ -165,7 +185,9 @@ mod tests {
     use crate::codec::encode;
 
     fn sample() -> Vec<u8> {
-        (0..500_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect()
+        (0..500_000u32)
+            .flat_map(|i| (i % 1000).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -177,9 +199,18 @@ mod tests {
             let mut flipped = stored.clone();
             let last = flipped.len() - 1;
             flipped[last] ^= 0xff;
-            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(
+                matches!(
+                    decode(&flipped[..], c, io::sink()),
+                    Err(DecodeError::Corrupt(_))
+                ),
+                "{c}"
+            );
             let cut = &stored[..stored.len() / 2];
-            assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(
+                matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))),
+                "{c}"
+            );
         }
     }
 
@@ -205,7 +236,10 @@ mod tests {
             }
         }
         for c in Compression::ALL {
-            assert!(matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))), "{c}");
+            assert!(
+                matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))),
+                "{c}"
+            );
         }
     }
 }

@@ -29,7 +29,15 @@ pub fn encode<R: Read, W: Write>(
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
     use EncodeError::{Sink, Source};
-    let mut out = Encoder::new(compression, level, Counting { inner: sink, count: 0 }).map_err(Sink)?;
+    let mut out = Encoder::new(
+        compression,
+        level,
+        Counting {
+            inner: sink,
+            count: 0,
+        },
+    )
+    .map_err(Sink)?;
     let mut hasher = BackgroundHasher::new();
     let mut bytes_in = 0u64;
     loop {
@@ -45,10 +53,21 @@ pub fn encode<R: Read, W: Write>(
     let sha256 = hasher.finish();
     let mut sink = out.finish().map_err(Sink)?;
     if compression.has_trailer() {
-        sink.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
+        sink.write_all(
+            &Trailer {
+                original_len: bytes_in,
+                sha256,
+            }
+            .encode(),
+        )
+        .map_err(Sink)?;
     }
     sink.flush().map_err(Sink)?;
-    Ok(EncodeSummary { bytes_in, bytes_out: sink.count, sha256 })
+    Ok(EncodeSummary {
+        bytes_in,
+        bytes_out: sink.count,
+        sha256,
+    })
 }
 
 /// Why an encode failed: reading the source, or writing the sink (whose errors may wrap a

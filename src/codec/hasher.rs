@@ -35,12 +35,18 @@ impl BackgroundHasher {
                 Sha256(hasher.finalize().into())
             })
             .expect("spawning the sha256 thread");
-        BackgroundHasher { to_hash: Some(to_hash), returned, worker: Some(worker) }
+        BackgroundHasher {
+            to_hash: Some(to_hash),
+            returned,
+            worker: Some(worker),
+        }
     }
 
     /// A buffer of `CHUNK_SIZE` bytes to fill: a returned one when there is one.
     pub(crate) fn buffer(&mut self) -> Vec<u8> {
-        self.returned.try_recv().unwrap_or_else(|_| vec![0; CHUNK_SIZE])
+        self.returned
+            .try_recv()
+            .unwrap_or_else(|_| vec![0; CHUNK_SIZE])
     }
 
     /// Hashes `buf[..len]` in the background; the buffer comes back through [`Self::buffer`].
@@ -53,7 +59,11 @@ impl BackgroundHasher {
     /// The sha256 of everything handed over.
     pub(crate) fn finish(mut self) -> Sha256 {
         self.to_hash.take();
-        self.worker.take().unwrap().join().expect("the sha256 thread panicked")
+        self.worker
+            .take()
+            .unwrap()
+            .join()
+            .expect("the sha256 thread panicked")
     }
 }
 

@@ -17,21 +17,31 @@ pub(crate) const SHA256_METADATA: &str = "sha256";
 pub async fn open_store(config: &Config) -> Result<Arc<Store>, Error> {
     let store = match config.require_store().map_err(Error::Config)? {
         StoreUrl::File(root) => Store::Local(LocalStore::new(root.clone())),
-        StoreUrl::S3 { bucket, prefix } => Store::S3(S3Store::connect(config.s3_settings(bucket, prefix)).await),
+        StoreUrl::S3 { bucket, prefix } => {
+            Store::S3(S3Store::connect(config.s3_settings(bucket, prefix)).await)
+        }
     };
     Ok(Arc::new(store))
 }
 
 /// The sha256 of the original bytes of a stored object: from its trailer, else from its
 /// metadata, else (objects written by other tools) by reading it whole.
-pub(crate) async fn stored_sha256(store: &Arc<Store>, key: &ObjectKey, compression: Compression) -> Result<Sha256, Error> {
+pub(crate) async fn stored_sha256(
+    store: &Arc<Store>,
+    key: &ObjectKey,
+    compression: Compression,
+) -> Result<Sha256, Error> {
     if compression.has_trailer() {
         let tail = store.get_tail(key, trailer::LEN as u64).await?;
         if let Some(t) = codec::Trailer::decode(&tail) {
             return Ok(t.sha256);
         }
     } else if let Some(meta) = store.head(key).await? {
-        if let Some(sha) = meta.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok()) {
+        if let Some(sha) = meta
+            .metadata
+            .get(SHA256_METADATA)
+            .and_then(|s| s.parse().ok())
+        {
             return Ok(sha);
         }
     }
@@ -42,7 +52,14 @@ pub(crate) async fn stored_sha256(store: &Arc<Store>, key: &ObjectKey, compressi
         .expect("the decode task panicked")
         .map(|s| s.sha256)
         .map_err(|e| match e {
-            codec::decode::DecodeError::Corrupt(detail) => Error::Corrupt { key: describe, detail },
-            other => Error::Store(crate::store::StoreError::Unavailable { op: "read", key: describe, detail: other.to_string() }),
+            codec::decode::DecodeError::Corrupt(detail) => Error::Corrupt {
+                key: describe,
+                detail,
+            },
+            other => Error::Store(crate::store::StoreError::Unavailable {
+                op: "read",
+                key: describe,
+                detail: other.to_string(),
+            }),
         })
 }

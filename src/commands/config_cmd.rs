@@ -37,7 +37,12 @@ pub(super) fn run(config: &Config, as_json: bool) {
         return;
     }
     let width = rows.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
-    let vwidth = rows.iter().map(|(_, v, _)| v.len()).max().unwrap_or(0).min(48);
+    let vwidth = rows
+        .iter()
+        .map(|(_, v, _)| v.len())
+        .max()
+        .unwrap_or(0)
+        .min(48);
     if let Some(f) = &config.file {
         println!("config file: {}", f.display());
     }
@@ -52,7 +57,12 @@ pub(super) fn run(config: &Config, as_json: bool) {
 fn credential_source() -> String {
     let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
     if let Some(id) = var("AWS_ACCESS_KEY_ID") {
-        let tail: String = id.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+        // Key ids are not secret, but show only enough to tell keys apart.
+        let tail: String = if id.len() >= 16 {
+            id[id.len() - 4..].to_string()
+        } else {
+            String::new()
+        };
         let secrets: Vec<String> = SECRET_ENV
             .iter()
             .map(|n| format!("{n} {}", if var(n).is_some() { "set" } else { "not set" }))

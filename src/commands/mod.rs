@@ -23,11 +23,18 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalFetch { .. } => "wal-fetch",
         Command::Config { .. } => "config",
     };
-    let config = match cli.overrides().map_err(Error::Usage).and_then(|o| Config::resolve(&o, &ProcessEnv).map_err(Error::Config)) {
+    let config = match cli
+        .overrides()
+        .map_err(Error::Usage)
+        .and_then(|o| Config::resolve(&o, &ProcessEnv).map_err(Error::Config))
+    {
         Ok(c) => c,
         Err(e) => {
             // The log level may be what failed to parse: errors are always shown.
-            log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("error", &e)]);
+            log::emit(
+                Level::Error,
+                &[("op", &op), ("outcome", &"error"), ("error", &e)],
+            );
             return match &cli.command {
                 Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby_signal_present()),
                 _ => exit::code_of(&e),
@@ -43,7 +50,10 @@ pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::WalPush { path } => {
             let result = runtime.block_on(wal_push::run(&config, &path));
-            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             match result {
                 Ok(r) => {
                     log::emit(
@@ -85,7 +95,12 @@ pub fn run(cli: Cli) -> u8 {
                     // next timeline. Not an error.
                     log::emit(
                         Level::Info,
-                        &[("op", &op), ("file", &name), ("ms", &started.elapsed().as_millis()), ("outcome", &"not-found")],
+                        &[
+                            ("op", &op),
+                            ("file", &name),
+                            ("ms", &started.elapsed().as_millis()),
+                            ("outcome", &"not-found"),
+                        ],
                     );
                     exit::wal_fetch_code(&e, standby)
                 }

@@ -45,6 +45,7 @@ pub(super) fn is_standby(config: &Config) -> bool {
 
 pub(super) async fn run(config: &Config, name: &str, dest: &Path) -> Result<FetchReport, Error> {
     let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
+    refuse_special_destination(dest)?;
     let store = open_store(config).await?;
     let deadline = Instant::now() + config.retry.deadline;
     let mut delay = Duration::from_millis(100);
@@ -52,7 +53,16 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path) -> Result<Fetc
     loop {
         match fetch_once(&store, &name, dest, config.compression).await {
             Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
-                log::emit(Level::Warn, &[("op", &"wal-fetch"), ("file", &name), ("attempt", &attempt), ("retry_in_ms", &delay.as_millis()), ("error", &e)]);
+                log::emit(
+                    Level::Warn,
+                    &[
+                        ("op", &"wal-fetch"),
+                        ("file", &name),
+                        ("attempt", &attempt),
+                        ("retry_in_ms", &delay.as_millis()),
+                        ("error", &e),
+                    ],
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
                 attempt += 1;
@@ -62,7 +72,12 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path) -> Result<Fetc
     }
 }
 
-async fn fetch_once(store: &Arc<Store>, name: &WalFileName, dest: &Path, preferred: Compression) -> Result<FetchReport, Error> {
+async fn fetch_once(
+    store: &Arc<Store>,
+    name: &WalFileName,
+    dest: &Path,
+    preferred: Compression,
+) -> Result<FetchReport, Error> {
     let candidates = layout::wal_candidates(name, preferred);
     // The configured compression first: one request in the usual case.
     let (key, compression, reader) = match store.get(&candidates[0].0).await {
@@ -70,18 +85,26 @@ async fn fetch_once(store: &Arc<Store>, name: &WalFileName, dest: &Path, preferr
         Err(StoreError::NotFound { .. }) => {
             let others: Vec<ObjectKey> = candidates[1..].iter().map(|(k, _)| k.clone()).collect();
             let Some(found) = store.find_first(&others).await? else {
-                return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
+                return Err(Error::WalNotFound {
+                    name: name.to_string(),
+                    store: store.url(),
+                });
             };
             let compression = candidates
                 .iter()
                 .find(|(k, _)| *k == found.key)
                 .and_then(|(_, c)| *c)
-                .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
+                .ok_or_else(|| Error::Unsupported {
+                    key: format!("{}/{}", store.url(), found.key),
+                })?;
             match store.get(&found.key).await {
                 Ok(reader) => (found.key, compression, reader),
                 // Deleted between the listing and the read: it is gone now.
                 Err(StoreError::NotFound { .. }) => {
-                    return Err(Error::WalNotFound { name: name.to_string(), store: store.url() })
+                    return Err(Error::WalNotFound {
+                        name: name.to_string(),
+                        store: store.url(),
+                    })
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -98,12 +121,21 @@ async fn fetch_once(store: &Arc<Store>, name: &WalFileName, dest: &Path, preferr
 
 /// Decodes into a temporary file beside `dest`, checks it, and renames it into place.
 /// Blocking.
-fn restore(reader: ObjectReader, compression: Compression, name: &WalFileName, dest: &Path, describe: &str) -> Result<FetchReport, Error> {
+fn restore(
+    reader: ObjectReader,
+    compression: Compression,
+    name: &WalFileName,
+    dest: &Path,
+    describe: &str,
+) -> Result<FetchReport, Error> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "wal".into());
     let temp = TempFile(dir.join(format!(".{file_name}.walrs-partial.{}", std::process::id())));
     let file = OpenOptions::new()
         .read(true)
@@ -112,11 +144,21 @@ fn restore(reader: ObjectReader, compression: Compression, name: &WalFileName, d
         .truncate(true)
         .open(&temp.0)
         .map_err(|e| Error::local("create", &temp.0, e))?;
-    let corrupt = |detail: String| Error::Corrupt { key: describe.to_string(), detail };
+    let corrupt = |detail: String| Error::Corrupt {
+        key: describe.to_string(),
+        detail,
+    };
     let expected_size = reader.size;
-    let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
+    let metadata_sha: Option<Sha256> = reader
+        .metadata
+        .get(SHA256_METADATA)
+        .and_then(|s| s.parse().ok());
     let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
-        DecodeError::Source(e) => Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: e.to_string() }),
+        DecodeError::Source(e) => Error::Store(StoreError::Unavailable {
+            op: "read",
+            key: describe.to_string(),
+            detail: e.to_string(),
+        }),
         DecodeError::Corrupt(detail) => corrupt(detail),
         DecodeError::Sink(e) => Error::local("write", dest, e),
     })?;
@@ -131,23 +173,50 @@ fn restore(reader: ObjectReader, compression: Compression, name: &WalFileName, d
     let verified = match (summary.trailer, metadata_sha) {
         (Some(_), _) => "sha256",
         (None, Some(sha)) if sha == summary.sha256 => "sha256",
-        (None, Some(sha)) => return Err(corrupt(format!("sha256 of the restored bytes is {} but the object records {sha}", summary.sha256))),
+        (None, Some(sha)) => {
+            return Err(corrupt(format!(
+                "sha256 of the restored bytes is {} but the object records {sha}",
+                summary.sha256
+            )))
+        }
         (None, None) => "none",
     };
     if let Some(segment) = name.wal_segment() {
         // A last check that costs one read: the bytes are the segment the name promises.
         let mut first = [0u8; LONG_HEADER_SIZE];
-        let n = file.read_at(&mut first, 0).map_err(|e| Error::local("read", &temp.0, e))?;
+        let n = file
+            .read_at(&mut first, 0)
+            .map_err(|e| Error::local("read", &temp.0, e))?;
         let header = SegmentHeader::parse(&first[..n], name.timeline(), segment)
             .map_err(|e| corrupt(format!("restored bytes are not segment {name}: {e}")))?;
         if header.segment_size as u64 != summary.bytes_out {
-            return Err(corrupt(format!("restored {} bytes for a segment of {}", summary.bytes_out, header.segment_size)));
+            return Err(corrupt(format!(
+                "restored {} bytes for a segment of {}",
+                summary.bytes_out, header.segment_size
+            )));
         }
     }
     drop(file);
     fs::rename(&temp.0, dest).map_err(|e| Error::local("rename into", dest, e))?;
     std::mem::forget(temp);
-    Ok(FetchReport { bytes_stored: summary.bytes_in, bytes_out: summary.bytes_out, verified })
+    Ok(FetchReport {
+        bytes_stored: summary.bytes_in,
+        bytes_out: summary.bytes_out,
+        verified,
+    })
+}
+
+/// DEST is replaced by a rename: that must never swap out a device, a directory or a
+/// symbolic link someone pointed elsewhere (`wal-fetch X /dev/null` run as root would
+/// replace the device node). PostgreSQL's own destinations are regular files or absent.
+fn refuse_special_destination(dest: &Path) -> Result<(), Error> {
+    match fs::symlink_metadata(dest) {
+        Ok(m) if !m.file_type().is_file() => Err(Error::InvalidInput {
+            path: dest.display().to_string(),
+            reason: "the destination exists and is not a regular file: give a path in pg_wal, as PostgreSQL's %p".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Removes the temporary file unless it was renamed into place.

@@ -11,7 +11,10 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
+use super::{
+    Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome,
+    StoreError,
+};
 
 /// Prefix of the extended attributes that hold object metadata.
 const XATTR_PREFIX: &str = "user.walrs.";
@@ -38,25 +41,38 @@ impl LocalStore {
     }
 
     fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
-        StoreError::Io { op, path: path.display().to_string(), source }
+        StoreError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     /// NotFound for a missing object, StoreMissing when the root itself is gone: "not in
     /// the archive" must never be said about an archive that is not there.
     fn not_found(&self, key: &ObjectKey) -> StoreError {
         if self.root.is_dir() {
-            StoreError::NotFound { key: key.to_string() }
+            StoreError::NotFound {
+                key: key.to_string(),
+            }
         } else {
             StoreError::StoreMissing { store: self.url() }
         }
     }
 
-    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+    pub(super) fn writer(
+        &self,
+        key: &ObjectKey,
+        opts: PutOptions,
+    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
         if !self.root.is_dir() {
             return Err(StoreError::StoreMissing { store: self.url() });
         }
         let target = self.path_of(key);
-        let dir = target.parent().expect("keys have a parent under the root").to_path_buf();
+        let dir = target
+            .parent()
+            .expect("keys have a parent under the root")
+            .to_path_buf();
         create_dirs_durably(&self.root, &dir)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let temp = dir.join(format!(
@@ -71,7 +87,10 @@ impl LocalStore {
             .open(&temp)
             .map_err(|e| Self::io_err("create", &temp, e))?;
         Ok(Box::new(LocalWriter {
-            file: Some(BufWriter::with_capacity(super::super::codec::CHUNK_SIZE, file)),
+            file: Some(BufWriter::with_capacity(
+                super::super::codec::CHUNK_SIZE,
+                file,
+            )),
             temp,
             target,
             dir,
@@ -86,9 +105,16 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
             Err(e) => return Err(Self::io_err("open", &path, e)),
         };
-        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
+        let size = file
+            .metadata()
+            .map_err(|e| Self::io_err("stat", &path, e))?
+            .len();
         let metadata = read_metadata(&path);
-        Ok(ObjectReader { size, metadata, body: Box::new(file) })
+        Ok(ObjectReader {
+            size,
+            metadata,
+            body: Box::new(file),
+        })
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
@@ -107,7 +133,10 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
             Err(e) => return Err(Self::io_err("open", &path, e)),
         };
-        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
+        let size = file
+            .metadata()
+            .map_err(|e| Self::io_err("stat", &path, e))?
+            .len();
         let mut out = Vec::with_capacity(len.min(size) as usize);
         file.seek(SeekFrom::Start(size.saturating_sub(len)))
             .and_then(|_| file.read_to_end(&mut out))
@@ -144,7 +173,11 @@ impl LocalStore {
         let mut out = Vec::new();
         let mut pending = vec![start_rel.to_string()];
         while let Some(rel) = pending.pop() {
-            let dir = if rel.is_empty() { self.root.clone() } else { self.root.join(&rel) };
+            let dir = if rel.is_empty() {
+                self.root.clone()
+            } else {
+                self.root.join(&rel)
+            };
             let entries = match fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -157,20 +190,33 @@ impl LocalStore {
                 if name.starts_with('.') {
                     continue;
                 }
-                let key = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
-                let ft = entry.file_type().map_err(|e| Self::io_err("stat", &entry.path(), e))?;
+                let key = if rel.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| Self::io_err("stat", &entry.path(), e))?;
                 if ft.is_dir() {
                     if prefix.starts_with(&format!("{key}/")) || key.starts_with(prefix) {
                         pending.push(key);
                     }
                 } else if ft.is_file() && key.starts_with(prefix) {
-                    let size = entry.metadata().map_err(|e| Self::io_err("stat", &entry.path(), e))?.len();
+                    let size = entry
+                        .metadata()
+                        .map_err(|e| Self::io_err("stat", &entry.path(), e))?
+                        .len();
                     let key = ObjectKey::new(&key).map_err(|e| StoreError::Other {
                         op: "list",
                         key: key.clone(),
                         detail: e.to_string(),
                     })?;
-                    out.push(ObjectMeta { key, size, metadata: Metadata::new() });
+                    out.push(ObjectMeta {
+                        key,
+                        size,
+                        metadata: Metadata::new(),
+                    });
                 }
             }
         }
@@ -253,12 +299,17 @@ impl Drop for LocalWriter {
 fn read_metadata(path: &Path) -> Metadata {
     let mut out = Metadata::new();
     // A filesystem without extended attributes simply has no metadata to give.
-    let Ok(names) = xattr::list(path) else { return out };
+    let Ok(names) = xattr::list(path) else {
+        return out;
+    };
     for name in names {
         let Some(name) = name.to_str() else { continue };
         if let Some(short) = name.strip_prefix(XATTR_PREFIX) {
             if let Ok(Some(value)) = xattr::get(path, name) {
-                out.insert(short.to_string(), String::from_utf8_lossy(&value).into_owned());
+                out.insert(
+                    short.to_string(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                );
             }
         }
     }

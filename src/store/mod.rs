@@ -108,7 +108,9 @@ pub enum StoreError {
         detail: String,
     },
     /// The store could not be reached or kept failing until the retry deadline.
-    #[error("{op} {key} failed after retries: {detail}: check that the store is reachable, then retry")]
+    #[error(
+        "{op} {key} failed after retries: {detail}: check that the store is reachable, then retry"
+    )]
     Unavailable {
         /// The operation.
         op: &'static str,
@@ -170,7 +172,11 @@ macro_rules! dispatch {
 
 impl Store {
     /// A writer for `key`. Call from a blocking thread.
-    pub fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+    pub fn writer(
+        &self,
+        key: &ObjectKey,
+        opts: PutOptions,
+    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
         dispatch!(self, s => s.writer(key, opts))
     }
 
@@ -186,12 +192,18 @@ impl Store {
     }
 
     /// Stores a small object from memory. Blocking writers run on a blocking thread.
-    pub async fn put_bytes(self: &std::sync::Arc<Self>, key: &ObjectKey, bytes: Vec<u8>, opts: PutOptions) -> Result<PutOutcome, StoreError> {
+    pub async fn put_bytes(
+        self: &std::sync::Arc<Self>,
+        key: &ObjectKey,
+        bytes: Vec<u8>,
+        opts: PutOptions,
+    ) -> Result<PutOutcome, StoreError> {
         let store = self.clone();
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
             let mut w = store.writer(&key, opts)?;
-            w.write_all(&bytes).map_err(|e| into_store_error(e, "write", &key))?;
+            w.write_all(&bytes)
+                .map_err(|e| into_store_error(e, "write", &key))?;
             w.finish()
         })
         .await
@@ -226,7 +238,9 @@ impl Store {
             Store::S3(_) => {
                 let prefix = common_prefix(keys);
                 let listed = self.list(&prefix).await?;
-                Ok(keys.iter().find_map(|k| listed.iter().find(|m| &m.key == k).cloned()))
+                Ok(keys
+                    .iter()
+                    .find_map(|k| listed.iter().find(|m| &m.key == k).cloned()))
             }
             _ => {
                 for k in keys {
@@ -251,13 +265,21 @@ pub fn into_store_error(err: std::io::Error, op: &'static str, key: &ObjectKey) 
     if err.get_ref().is_some_and(|inner| inner.is::<StoreError>()) {
         return *err.into_inner().unwrap().downcast::<StoreError>().unwrap();
     }
-    StoreError::Io { op, path: key.to_string(), source: err }
+    StoreError::Io {
+        op,
+        path: key.to_string(),
+        source: err,
+    }
 }
 
 fn common_prefix(keys: &[ObjectKey]) -> String {
     let mut prefix = keys.first().map(|k| k.as_str()).unwrap_or("");
     for k in keys {
-        let same = prefix.bytes().zip(k.as_str().bytes()).take_while(|(a, b)| a == b).count();
+        let same = prefix
+            .bytes()
+            .zip(k.as_str().bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
         prefix = &prefix[..same];
     }
     prefix.to_string()
