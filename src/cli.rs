@@ -61,6 +61,76 @@ pub enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Take a base backup of a running server: backup-push PGDATA.
+    ///
+    /// Connects with libpq's environment (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD) or
+    /// --pg-url. The backup is complete (and listed) only once every WAL segment it needs is
+    /// in the store.
+    BackupPush {
+        /// The server's data directory.
+        pgdata: PathBuf,
+        /// Ask for an immediate checkpoint instead of a spread one.
+        #[arg(long)]
+        fast: bool,
+        /// Connection string, instead of the PG* environment.
+        #[arg(long, value_name = "URL")]
+        pg_url: Option<String>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a base backup into DEST and set up its recovery.
+    ///
+    /// NAME is a backup name or LATEST; with --target-time or --target-lsn and no name, the
+    /// newest backup that finished before the target is chosen.
+    BackupFetch {
+        /// Where to restore: absent or empty.
+        dest: PathBuf,
+        /// Backup name or LATEST.
+        name: Option<String>,
+        /// recovery_target_time, e.g. '2026-11-26 10:00:00+00'.
+        #[arg(long, value_name = "TIME")]
+        target_time: Option<String>,
+        /// recovery_target_lsn, e.g. 0/16B3748.
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// recovery_target_xid.
+        #[arg(long, value_name = "XID")]
+        target_xid: Option<String>,
+        /// recovery_target_name (a restore point).
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// recovery_target = 'immediate': stop as soon as consistent.
+        #[arg(long)]
+        target_immediate: bool,
+        /// recovery_target_action.
+        #[arg(long, value_name = "ACTION", value_parser = ["promote", "pause", "shutdown"])]
+        target_action: Option<String>,
+        /// recovery_target_timeline (a number, 'current' or 'latest').
+        #[arg(long, value_name = "TLI")]
+        target_timeline: Option<String>,
+        /// Restore as a standby (standby.signal): keeps replaying the archive.
+        #[arg(long)]
+        standby: bool,
+        /// Restore tablespace OID into PATH instead of its original location; repeatable.
+        #[arg(long = "tablespace-map", value_name = "OID=PATH")]
+        tablespace_map: Vec<String>,
+        /// restore_command to write instead of wal-rs wal-fetch with this run's settings.
+        #[arg(long, value_name = "COMMAND")]
+        restore_command: Option<String>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the complete backups, oldest first.
+    BackupList {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Add host, data directory, tablespaces.
+        #[arg(long)]
+        detail: bool,
+    },
     /// Show the effective configuration and where each value came from (secrets redacted).
     Config {
         /// Print JSON instead of a table.

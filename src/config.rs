@@ -39,6 +39,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "retry_deadline_secs", env: &["WALRS_RETRY_DEADLINE_SECS"], default: Some("120"), help: "time one operation may spend retrying transient storage errors" },
     Setting { key: "retry_attempts", env: &["WALRS_RETRY_ATTEMPTS"], default: Some("8"), help: "attempts per storage request, the first included" },
     Setting { key: "request_timeout_secs", env: &["WALRS_REQUEST_TIMEOUT_SECS"], default: Some("30"), help: "time one attempt of one storage request may take" },
+    Setting { key: "backup_partition_size_mib", env: &["WALRS_BACKUP_PARTITION_SIZE_MIB"], default: Some("256"), help: "tar bytes per backup partition before compression" },
+    Setting { key: "backup_concurrency", env: &["WALRS_BACKUP_CONCURRENCY"], default: Some("2"), help: "partitions written (backup-push) or restored (backup-fetch) at once" },
+    Setting { key: "backup_wal_timeout_secs", env: &["WALRS_BACKUP_WAL_TIMEOUT_SECS"], default: Some("600"), help: "time backup-push waits for the backup's WAL to reach the store" },
     Setting { key: "s3_region", env: &["AWS_REGION", "AWS_DEFAULT_REGION"], default: None, help: "S3 region (else the AWS profile's, else us-east-1)" },
     Setting { key: "s3_endpoint", env: &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], default: None, help: "endpoint URL of an S3-compatible server" },
     Setting { key: "s3_path_style", env: &["WALRS_S3_PATH_STYLE"], default: Some("false"), help: "path-style addressing (true for most S3-compatible servers)" },
@@ -169,10 +172,23 @@ pub struct Config {
     pub retry: RetrySettings,
     /// S3 settings other than the bucket and prefix.
     pub s3: S3Options,
+    /// Base backup settings.
+    pub backup: BackupSettings,
     /// Every setting's raw value and source, for `wal-rs config`.
     pub report: Vec<(&'static Setting, Option<String>, Source)>,
     /// The config file read, if any.
     pub file: Option<PathBuf>,
+}
+
+/// Base backup settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupSettings {
+    /// Tar bytes per partition.
+    pub partition_size: u64,
+    /// Partitions in progress at once.
+    pub concurrency: usize,
+    /// How long backup-push waits for its WAL.
+    pub wal_timeout: Duration,
 }
 
 /// S3 settings from the configuration.
@@ -347,6 +363,11 @@ impl Config {
                 sse_kms_key_id: get("s3_sse_kms_key_id").map(str::to_string),
                 part_size: (number("s3_part_size_mib", 5, 5120)? as usize) << 20,
                 upload_concurrency: number("s3_upload_concurrency", 1, 64)? as usize,
+            },
+            backup: BackupSettings {
+                partition_size: number("backup_partition_size_mib", 1, 1 << 20)? << 20,
+                concurrency: number("backup_concurrency", 1, 64)? as usize,
+                wal_timeout: Duration::from_secs(number("backup_wal_timeout_secs", 1, 86400)?),
             },
             report,
             file,

@@ -76,6 +76,12 @@ pub enum Error {
         /// The object.
         key: String,
     },
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Something did not happen within its deadline.
+    #[error("{0}")]
+    Timeout(String),
     /// A local file could not be read or written.
     #[error("cannot {op} {path}: {source}")]
     LocalIo {

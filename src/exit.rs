@@ -34,6 +34,8 @@ pub const CORRUPT: u8 = 10;
 pub const LOCAL_IO: u8 = 11;
 /// Something asked for does not exist (other than a WAL file in wal-fetch).
 pub const NOT_FOUND: u8 = 12;
+/// Something did not happen in time (a backup's WAL never reached the store).
+pub const TIMEOUT: u8 = 13;
 /// Added to a wal-fetch failure's code outside a standby, to make PostgreSQL abort recovery.
 pub const RECOVERY_ABORT_BASE: u8 = 200;
 
@@ -43,7 +45,7 @@ pub fn code_of(err: &Error) -> u8 {
         Error::Usage(_) => USAGE,
         Error::Config(_) => CONFIG,
         Error::InvalidInput { .. } => INVALID_INPUT,
-        Error::Conflict { .. } => CONFLICT,
+        Error::Conflict { .. } | Error::AlreadyExists(_) => CONFLICT,
         Error::ClusterMismatch { .. } => CLUSTER_MISMATCH,
         Error::WalNotFound { .. } => NOT_IN_ARCHIVE,
         Error::NotFound(_) => NOT_FOUND,
@@ -56,6 +58,7 @@ pub fn code_of(err: &Error) -> u8 {
         },
         Error::Corrupt { .. } | Error::Unsupported { .. } => CORRUPT,
         Error::LocalIo { .. } => LOCAL_IO,
+        Error::Timeout(_) => TIMEOUT,
     }
 }
 

@@ -34,14 +34,33 @@ pub async fn check_or_record(
     name: &WalFileName,
     header: &SegmentHeader,
 ) -> Result<(), Error> {
+    check_or_record_cluster(
+        store,
+        &name.to_string(),
+        header.system_identifier,
+        header.pg_major,
+        header.segment_size,
+    )
+    .await
+}
+
+/// Checks that the cluster `system_identifier` owns the store, recording it if nobody does
+/// yet; `what` names the file or backup in the error.
+pub async fn check_or_record_cluster(
+    store: &Arc<Store>,
+    what: &str,
+    system_identifier: u64,
+    pg_major: u32,
+    wal_segment_size: u32,
+) -> Result<(), Error> {
     let key = layout::cluster_identity_key();
     let recorded = match read(store).await? {
         Some(id) => id,
         None => {
             let mine = ClusterIdentity {
-                system_identifier: header.system_identifier.to_string(),
-                pg_major: header.pg_major,
-                wal_segment_size: header.segment_size,
+                system_identifier: system_identifier.to_string(),
+                pg_major,
+                wal_segment_size,
                 created_by: format!("wal-rs {}", env!("CARGO_PKG_VERSION")),
             };
             let bytes = serde_json::to_vec_pretty(&mine).expect("identity serialises");
@@ -70,10 +89,10 @@ pub async fn check_or_record(
                 recorded.system_identifier
             ),
         })?;
-    if store_sysid != header.system_identifier {
+    if store_sysid != system_identifier {
         return Err(Error::ClusterMismatch {
-            name: name.to_string(),
-            segment_sysid: header.system_identifier,
+            name: what.to_string(),
+            segment_sysid: system_identifier,
             store_sysid,
             store: store.url(),
         });

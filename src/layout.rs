@@ -48,6 +48,59 @@ pub fn wal_candidates(
     out
 }
 
+/// The folder of base backups.
+pub const BACKUP_DIR: &str = "basebackups_005";
+const SENTINEL_SUFFIX: &str = "_backup_stop_sentinel.json";
+
+/// `basebackups_005/<name>_backup_stop_sentinel.json`: written last.
+pub fn sentinel_key(name: &str) -> ObjectKey {
+    ObjectKey::new(&format!("{BACKUP_DIR}/{name}{SENTINEL_SUFFIX}"))
+        .expect("backup names make valid keys")
+}
+
+/// The backup name a sentinel key belongs to, if `key` is one.
+pub fn backup_name_of_sentinel(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(BACKUP_DIR)?.strip_prefix('/')?;
+    let name = rest.strip_suffix(SENTINEL_SUFFIX)?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// `basebackups_005/<name>/<file>`: metadata.json, walrs_manifest.json.
+pub fn backup_file_key(name: &str, file: &str) -> ObjectKey {
+    ObjectKey::new(&format!("{BACKUP_DIR}/{name}/{file}")).expect("backup names make valid keys")
+}
+
+/// `basebackups_005/<name>/tar_partitions/<partition>`.
+pub fn partition_key(name: &str, partition: &str) -> ObjectKey {
+    ObjectKey::new(&format!("{BACKUP_DIR}/{name}/tar_partitions/{partition}"))
+        .expect("backup names make valid keys")
+}
+
+/// The file name of data partition `n` (from 1), as WAL-G numbers them.
+pub fn partition_name(n: usize, compression: Compression) -> String {
+    match compression.extension() {
+        Some(ext) => format!("part_{n:03}.tar.{ext}"),
+        None => format!("part_{n:03}.tar"),
+    }
+}
+
+/// The file name of the partition holding `global/pg_control`, restored last.
+pub fn pg_control_partition_name(compression: Compression) -> String {
+    match compression.extension() {
+        Some(ext) => format!("pg_control.tar.{ext}"),
+        None => "pg_control.tar".to_string(),
+    }
+}
+
+/// The compression a partition's name says it uses.
+pub fn partition_compression(name: &str) -> Option<Compression> {
+    if name.ends_with(".tar") {
+        return Some(Compression::None);
+    }
+    let ext = name.rsplit('.').next()?;
+    Compression::from_extension(ext)
+}
+
 /// The record of which cluster archives into this prefix.
 pub fn cluster_identity_key() -> ObjectKey {
     ObjectKey::new("walrs/cluster.json").unwrap()
@@ -56,6 +109,36 @@ pub fn cluster_identity_key() -> ObjectKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_keys_follow_the_walg_layout() {
+        let name = "base_000000010000000000000002";
+        assert_eq!(
+            sentinel_key(name).as_str(),
+            "basebackups_005/base_000000010000000000000002_backup_stop_sentinel.json"
+        );
+        assert_eq!(
+            backup_name_of_sentinel(sentinel_key(name).as_str()),
+            Some(name)
+        );
+        assert_eq!(
+            backup_name_of_sentinel("basebackups_005/base_1/metadata.json"),
+            None
+        );
+        assert_eq!(
+            partition_key(name, &partition_name(7, Compression::Lz4)).as_str(),
+            "basebackups_005/base_000000010000000000000002/tar_partitions/part_007.tar.lz4"
+        );
+        assert_eq!(
+            partition_compression("pg_control.tar.lz4"),
+            Some(Compression::Lz4)
+        );
+        assert_eq!(
+            partition_compression("part_001.tar"),
+            Some(Compression::None)
+        );
+        assert_eq!(partition_compression("part_001.tar.br"), None);
+    }
 
     #[test]
     fn wal_keys_follow_the_walg_layout() {

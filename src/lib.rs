@@ -12,6 +12,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod commands;
@@ -21,5 +22,7 @@ pub mod exit;
 pub mod identity;
 pub mod layout;
 pub mod log;
+pub mod pg;
+pub mod progress;
 pub mod store;
 pub mod wal;

@@ -103,6 +103,15 @@ pub fn decode<R: Read, W: Write>(
     })
 }
 
+/// A streaming decompressor over `src`, for readers that need the original bytes as a
+/// stream (tar partitions). A trailer, when present, is stepped over.
+pub fn decompressor<R: Read + Send + 'static>(
+    compression: Compression,
+    src: R,
+) -> io::Result<Box<dyn Read + Send>> {
+    Ok(Box::new(Decoder::new(compression, src)?))
+}
+
 /// Marks errors that come from the source, so they are not mistaken for corruption.
 struct Tagged<R> {
     inner: R,

@@ -126,6 +126,31 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// A streaming compressor: write original bytes, `finish` to end the frame. Used for tar
+/// partitions, which carry no trailer (their checksums are in the backup manifest).
+pub struct Compressor<W: Write>(Encoder<W>);
+
+impl<W: Write> Compressor<W> {
+    /// A compressor writing to `sink`.
+    pub fn new(compression: Compression, level: i32, sink: W) -> io::Result<Self> {
+        Encoder::new(compression, level, sink).map(Compressor)
+    }
+
+    /// Ends the stream and returns the sink.
+    pub fn finish(self) -> io::Result<W> {
+        self.0.finish()
+    }
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 enum Encoder<W: Write> {
     Plain(W),
     Lz4(FrameEncoder<W>),

@@ -17,8 +17,8 @@ pub mod trailer;
 use std::fmt;
 use std::str::FromStr;
 
-pub use decode::{decode, DecodeSummary};
-pub use encode::{encode, sha256_of, EncodeError, EncodeSummary};
+pub use decode::{decode, decompressor, DecodeSummary};
+pub use encode::{encode, sha256_of, Compressor, EncodeError, EncodeSummary};
 pub use trailer::Trailer;
 
 /// How an object's bytes are compressed. The store key's extension says which, as in

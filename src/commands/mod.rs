@@ -1,6 +1,9 @@
 //! The commands. [`run`] is the single place that turns a parsed command line into an exit
 //! code: it resolves the configuration, runs one command, and logs its outcome.
 
+mod backup_fetch;
+mod backup_list;
+mod backup_push;
 mod common;
 mod config_cmd;
 mod wal_fetch;
@@ -22,6 +25,9 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalPush { .. } => "wal-push",
         Command::WalFetch { .. } => "wal-fetch",
         Command::Config { .. } => "config",
+        Command::BackupPush { .. } => "backup-push",
+        Command::BackupFetch { .. } => "backup-fetch",
+        Command::BackupList { .. } => "backup-list",
     };
     let config = match cli
         .overrides()
@@ -110,6 +116,110 @@ pub fn run(cli: Cli) -> u8 {
         Command::Config { json } => {
             config_cmd::run(&config, json);
             exit::OK
+        }
+        Command::BackupPush {
+            pgdata,
+            fast,
+            pg_url,
+            json,
+        } => match runtime.block_on(backup_push::run(&config, &pgdata, fast, pg_url.as_deref())) {
+            Ok(r) => {
+                log::emit(
+                    Level::Info,
+                    &[
+                        ("op", &op),
+                        ("backup", &r.name),
+                        ("start_lsn", &r.start_lsn),
+                        ("finish_lsn", &r.finish_lsn),
+                        ("partitions", &r.partitions),
+                        ("files", &r.files),
+                        ("bytes_in", &r.uncompressed_bytes),
+                        ("bytes_stored", &r.stored_bytes),
+                        ("wal_wait_ms", &r.wal_wait_ms),
+                        ("ms", &started.elapsed().as_millis()),
+                        ("outcome", &"stored"),
+                    ],
+                );
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                }
+                exit::OK
+            }
+            Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+        },
+        Command::BackupFetch {
+            dest,
+            name,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target_immediate,
+            target_action,
+            target_timeline,
+            standby,
+            tablespace_map,
+            restore_command,
+            json,
+        } => {
+            let mut map = Vec::new();
+            for pair in &tablespace_map {
+                match pair.split_once('=') {
+                    Some((oid, path)) if !oid.is_empty() && path.starts_with('/') => {
+                        map.push((oid.to_string(), std::path::PathBuf::from(path)))
+                    }
+                    _ => {
+                        let e = Error::Usage(format!(
+                            "--tablespace-map {pair:?}: expected OID=/absolute/path"
+                        ));
+                        return fail(op, "", started, &e, exit::code_of(&e));
+                    }
+                }
+            }
+            let args = backup_fetch::FetchArgs {
+                dest,
+                backup: name,
+                targets: crate::pg::recovery_conf::RecoveryTargets {
+                    time: target_time,
+                    lsn: target_lsn,
+                    xid: target_xid,
+                    name: target_name,
+                    immediate: target_immediate,
+                    action: target_action,
+                    timeline: target_timeline,
+                },
+                standby,
+                tablespace_map: map,
+                restore_command,
+            };
+            match runtime.block_on(backup_fetch::run(&config, &args)) {
+                Ok(r) => {
+                    log::emit(
+                        Level::Info,
+                        &[
+                            ("op", &op),
+                            ("backup", &r.name),
+                            ("partitions", &r.partitions),
+                            ("files", &r.files),
+                            ("bytes_out", &r.bytes),
+                            ("verified", &r.verified),
+                            ("ms", &started.elapsed().as_millis()),
+                            ("outcome", &"restored"),
+                        ],
+                    );
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                    }
+                    exit::OK
+                }
+                Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+            }
+        }
+        Command::BackupList { json, detail } => {
+            match runtime.block_on(backup_list::run(&config, json, detail)) {
+                Ok(_) => exit::OK,
+                Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+            }
         }
     }
 }

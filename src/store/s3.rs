@@ -72,6 +72,9 @@ pub struct S3Store {
 struct Inner {
     client: Client,
     settings: S3Settings,
+    /// The runtime the store was opened on: blocking writers drive their uploads on it
+    /// from any thread.
+    handle: Handle,
 }
 
 impl S3Store {
@@ -115,6 +118,7 @@ impl S3Store {
             inner: Arc::new(Inner {
                 client: Client::from_conf(builder.build()),
                 settings,
+                handle: Handle::current(),
             }),
         }
     }
@@ -132,7 +136,7 @@ impl S3Store {
         let part_size = self.inner.settings.part_size.max(5 << 20);
         Ok(Box::new(S3Writer {
             inner: self.inner.clone(),
-            handle: Handle::current(),
+            handle: self.inner.handle.clone(),
             key: key.clone(),
             opts,
             buf: Vec::new(),
@@ -159,7 +163,10 @@ impl S3Store {
             .metadata()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        let body = tokio_util::io::SyncIoBridge::new(out.body.into_async_read());
+        let body = tokio_util::io::SyncIoBridge::new_with_handle(
+            out.body.into_async_read(),
+            self.inner.handle.clone(),
+        );
         Ok(ObjectReader {
             size,
             metadata,

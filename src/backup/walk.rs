@@ -1,0 +1,299 @@
+//! Walking a data directory and its tablespaces, the way `pg_basebackup` does: what goes
+//! into the backup, in what order, and under which path.
+//!
+//! Entries stream to the caller one at a time, so memory does not grow with the number of
+//! files. Files that vanish while the walk runs are skipped, as PostgreSQL's own base
+//! backups skip them (a dropped table, a removed temporary file).
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::exclude;
+use super::sentinel::Tablespace;
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file, with its size when listed.
+    File {
+        /// Size at listing time.
+        size: u64,
+    },
+    /// A symbolic link (other than a tablespace link), kept as a link.
+    Symlink {
+        /// Where it points.
+        target: PathBuf,
+    },
+}
+
+/// One thing to back up.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path inside the backup (relative, '/'-separated; `pg_tblspc/<oid>/...` for tablespaces).
+    pub rel: String,
+    /// Where it is on disk.
+    pub abs: PathBuf,
+    /// Its kind.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time (seconds).
+    pub mtime: u64,
+}
+
+/// The tablespaces linked from `pg_tblspc`.
+pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
+    let dir = pgdata.join("pg_tblspc");
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let target = fs::read_link(entry.path()).unwrap_or_else(|_| entry.path());
+        let mut location = target.to_string_lossy().into_owned();
+        if !location.ends_with('/') {
+            location.push('/');
+        }
+        out.push(Tablespace {
+            oid: name,
+            location,
+        });
+    }
+    out.sort_by(|a, b| a.oid.cmp(&b.oid));
+    Ok(out)
+}
+
+/// Walks `pgdata` and the tablespaces, calling `emit` for every entry to back up, except
+/// `global/pg_control`, which the caller adds last. Stops early when `emit` returns false.
+pub fn walk(
+    pgdata: &Path,
+    tablespaces: &[Tablespace],
+    emit: &mut dyn FnMut(Entry) -> bool,
+) -> io::Result<()> {
+    if !walk_dir(pgdata, "", true, emit)? {
+        return Ok(());
+    }
+    for ts in tablespaces {
+        let root = PathBuf::from(&ts.location);
+        let rel = format!("pg_tblspc/{}", ts.oid);
+        let Some(meta) = stat(&root)? else { continue };
+        if !emit(Entry {
+            rel: rel.clone(),
+            abs: root.clone(),
+            kind: EntryKind::Dir,
+            mode: meta.mode(),
+            mtime: meta.mtime() as u64,
+        }) {
+            return Ok(());
+        }
+        if !walk_dir(&root, &rel, false, emit)? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn stat(path: &Path) -> io::Result<Option<fs::Metadata>> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn walk_dir(
+    dir: &Path,
+    rel: &str,
+    is_top: bool,
+    emit: &mut dyn FnMut(Entry) -> bool,
+) -> io::Result<bool> {
+    let mut names: Vec<String> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    names.sort();
+    // Unlogged relations: only their `_init` fork is backed up (recovery rebuilds the rest).
+    let unlogged: HashSet<String> = names
+        .iter()
+        .filter_map(|n| exclude::relation_file(n))
+        .filter(|(_, init)| *init)
+        .map(|(node, _)| node.to_string())
+        .collect();
+    for name in &names {
+        let child_rel = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        if exclude::is_excluded(&child_rel, name, is_top)
+            || (is_top && child_rel == "global/pg_control")
+        {
+            continue;
+        }
+        if let Some((node, init)) = exclude::relation_file(name) {
+            if !init && unlogged.contains(node) {
+                continue;
+            }
+        }
+        let abs = dir.join(name);
+        let meta = match fs::symlink_metadata(&abs) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let (mode, mtime) = (meta.mode(), meta.mtime().max(0) as u64);
+        let ft = meta.file_type();
+        if is_top && name == "pg_tblspc" {
+            // The links become tablespace entries of their own (see `walk`).
+            if !emit(Entry {
+                rel: child_rel,
+                abs,
+                kind: EntryKind::Dir,
+                mode,
+                mtime,
+            }) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let is_dir = ft.is_dir() || (ft.is_symlink() && abs.is_dir() && is_top);
+        if is_dir {
+            if !emit(Entry {
+                rel: child_rel.clone(),
+                abs: abs.clone(),
+                kind: EntryKind::Dir,
+                mode,
+                mtime,
+            }) {
+                return Ok(false);
+            }
+            if is_top && exclude::is_emptied_dir(&child_rel) {
+                if child_rel == "pg_wal" {
+                    let status = format!("{child_rel}/archive_status");
+                    if !emit(Entry {
+                        rel: status,
+                        abs: abs.join("archive_status"),
+                        kind: EntryKind::Dir,
+                        mode,
+                        mtime,
+                    }) {
+                        return Ok(false);
+                    }
+                }
+                continue;
+            }
+            if !walk_dir(&abs, &child_rel, false, emit)? {
+                return Ok(false);
+            }
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&abs)?;
+            if !emit(Entry {
+                rel: child_rel,
+                abs,
+                kind: EntryKind::Symlink { target },
+                mode,
+                mtime,
+            }) {
+                return Ok(false);
+            }
+        } else if ft.is_file() {
+            if !emit(Entry {
+                rel: child_rel,
+                abs,
+                kind: EntryKind::File { size: meta.len() },
+                mode,
+                mtime,
+            }) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_like_pg_basebackup() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for dir in [
+            "base/5",
+            "global",
+            "pg_wal/archive_status",
+            "pg_stat_tmp",
+            "pg_tblspc",
+        ] {
+            fs::create_dir_all(p.join(dir)).unwrap();
+        }
+        for file in [
+            "PG_VERSION",
+            "postmaster.pid",
+            "global/pg_control",
+            "global/1262",
+            "base/5/16384",
+            "base/5/16390",
+            "base/5/16390_init",
+            "base/5/16390_fsm",
+            "base/5/t3_16400",
+            "pg_wal/000000010000000000000001",
+            "pg_stat_tmp/global.stat",
+        ] {
+            fs::write(p.join(file), b"x").unwrap();
+        }
+        let ts = tempfile::tempdir().unwrap();
+        fs::create_dir_all(ts.path().join("PG_15_202209061/5")).unwrap();
+        fs::write(ts.path().join("PG_15_202209061/5/16500"), b"y").unwrap();
+        std::os::unix::fs::symlink(ts.path(), p.join("pg_tblspc/16499")).unwrap();
+
+        let spaces = tablespaces(p).unwrap();
+        assert_eq!(spaces.len(), 1);
+        let mut seen = Vec::new();
+        walk(p, &spaces, &mut |e| {
+            seen.push(e.rel);
+            true
+        })
+        .unwrap();
+        for want in [
+            "PG_VERSION",
+            "global/1262",
+            "base/5/16384",
+            "base/5/16390_init",
+            "pg_wal",
+            "pg_wal/archive_status",
+            "pg_stat_tmp",
+            "pg_tblspc/16499/PG_15_202209061/5/16500",
+        ] {
+            assert!(seen.contains(&want.to_string()), "missing {want}: {seen:?}");
+        }
+        for never in [
+            "postmaster.pid",
+            "global/pg_control",
+            "base/5/16390",
+            "base/5/16390_fsm",
+            "base/5/t3_16400",
+            "pg_wal/000000010000000000000001",
+            "pg_stat_tmp/global.stat",
+        ] {
+            assert!(!seen.contains(&never.to_string()), "{never} was included");
+        }
+    }
+}

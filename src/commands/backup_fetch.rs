@@ -1,0 +1,563 @@
+//! `wal-rs backup-fetch DEST NAME|LATEST`: restore a base backup and set up its recovery.
+//!
+//! DEST must be absent or empty (and so must every tablespace location): nothing already
+//! there is ever touched. Partitions are downloaded, decompressed and unpacked in parallel,
+//! each file checked against the manifest's sha256; then the recovery settings are written,
+//! everything is flushed to disk (`syncfs`), and `global/pg_control` is put in place last,
+//! so an interrupted restore can never be started.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256 as Sha256Hasher};
+
+use super::backup_push::MANIFEST_FILE;
+use super::common::open_store;
+use crate::backup::catalog::{self, BackupInfo, Selector};
+use crate::backup::extract::{self, ExtractError, ExtractPlan};
+use crate::backup::manifest::{FileEntry, Manifest, PartitionEntry};
+use crate::codec::{self, Sha256};
+use crate::config::{Config, Source};
+use crate::error::Error;
+use crate::layout;
+use crate::log::{self, Level};
+use crate::pg::recovery_conf::{self, RecoveryTargets};
+use crate::progress::Progress;
+use crate::store::{Store, StoreError};
+use crate::wal::Lsn;
+
+/// Attempts per partition: a dropped connection mid-partition restarts that partition.
+const PARTITION_ATTEMPTS: usize = 3;
+
+/// What backup-fetch was asked.
+#[derive(Debug, Clone)]
+pub(super) struct FetchArgs {
+    pub(super) dest: PathBuf,
+    pub(super) backup: Option<String>,
+    pub(super) targets: RecoveryTargets,
+    pub(super) standby: bool,
+    pub(super) tablespace_map: Vec<(String, PathBuf)>,
+    pub(super) restore_command: Option<String>,
+}
+
+/// What one backup-fetch did.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct FetchedBackup {
+    pub(super) name: String,
+    pub(super) partitions: usize,
+    pub(super) files: u64,
+    pub(super) bytes: u64,
+    pub(super) verified: bool,
+}
+
+pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBackup, Error> {
+    refuse_non_empty(&args.dest)?;
+    let store = open_store(config).await?;
+    let backups = catalog::list(&store).await?;
+    let selector = selector(args)?;
+    let backup = catalog::select(&backups, &selector).cloned().ok_or_else(|| {
+        Error::NotFound(match &selector {
+            Selector::Named(n) => format!("no complete backup named {n} in {}: see wal-rs backup-list", store.url()),
+            Selector::Latest => format!("no complete backup in {}: run backup-push first", store.url()),
+            _ => format!("no backup in {} finished before the recovery target: choose a later target or an older archive", store.url()),
+        })
+    })?;
+    let (manifest, partitions) = partitions_of(&store, &backup).await?;
+
+    // Tablespace locations: as backed up, or remapped; all must be absent or empty.
+    let remap: HashMap<&str, &PathBuf> = args
+        .tablespace_map
+        .iter()
+        .map(|(o, p)| (o.as_str(), p))
+        .collect();
+    let mut tablespaces = HashMap::new();
+    for ts in backup.sentinel.tablespaces() {
+        let dir = remap
+            .get(ts.oid.as_str())
+            .map(|p| (*p).clone())
+            .unwrap_or_else(|| PathBuf::from(&ts.location));
+        refuse_non_empty(&dir)?;
+        tablespaces.insert(ts.oid.clone(), dir);
+    }
+    for oid in remap.keys() {
+        if !tablespaces.contains_key(*oid) {
+            return Err(Error::Usage(format!(
+                "--tablespace-map {oid}=...: backup {} has no tablespace {oid}",
+                backup.name
+            )));
+        }
+    }
+    create_dir(&args.dest)?;
+    let tblspc = args.dest.join("pg_tblspc");
+    create_dir(&tblspc)?;
+    for (oid, dir) in &tablespaces {
+        create_dir(dir)?;
+        std::os::unix::fs::symlink(dir, tblspc.join(oid))
+            .map_err(|e| Error::local("link", &tblspc.join(oid), e))?;
+    }
+    let plan = ExtractPlan {
+        dest: args.dest.clone(),
+        tablespaces: tablespaces.clone(),
+    };
+
+    let control_name = partitions
+        .iter()
+        .position(|p| p.name.starts_with("pg_control.tar"));
+    let (control, data): (Vec<_>, Vec<_>) = partitions
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(i, _)| Some(*i) == control_name);
+    let data: Vec<PartitionEntry> = data.into_iter().map(|(_, p)| p).collect();
+    let total: u64 = data.iter().map(|p| p.tar_size).sum();
+    let progress = Arc::new(Progress::new("backup-fetch", total));
+    let job = RestoreJob {
+        store: store.clone(),
+        backup: backup.name.clone(),
+        plan: plan.clone(),
+        verify: manifest.is_some(),
+        progress: progress.clone(),
+        handle: tokio::runtime::Handle::current(),
+    };
+    let concurrency = config.backup.concurrency;
+    let (job, summary) = tokio::task::spawn_blocking(move || {
+        let r = job.restore_all(&data, concurrency);
+        (job, r)
+    })
+    .await
+    .expect("the restore task panicked");
+    let (files, bytes) = summary?;
+    progress.finish();
+
+    rewrite_tablespace_map(&args.dest, &tablespaces)?;
+    write_recovery_settings(config, args)?;
+    for dir in std::iter::once(&args.dest).chain(tablespaces.values()) {
+        extract::sync_filesystem(dir).map_err(|e| Error::local("sync", dir, e))?;
+    }
+    // pg_control last: until it is there, PostgreSQL refuses to start this directory.
+    if let Some((_, control)) = control.into_iter().next() {
+        tokio::task::spawn_blocking(move || job.place_pg_control(&control))
+            .await
+            .expect("the pg_control task panicked")?;
+    } else {
+        return Err(Error::Corrupt {
+            key: format!(
+                "{}/{}",
+                store.url(),
+                layout::backup_file_key(&backup.name, "tar_partitions")
+            ),
+            detail: "the backup has no pg_control partition".into(),
+        });
+    }
+    Ok(FetchedBackup {
+        name: backup.name,
+        partitions: partitions.len(),
+        files,
+        bytes,
+        verified: manifest.is_some(),
+    })
+}
+
+fn selector(args: &FetchArgs) -> Result<Selector, Error> {
+    match args.backup.as_deref() {
+        Some(name) if name != "LATEST" => return Ok(Selector::Named(name.to_string())),
+        _ => {}
+    }
+    if let Some(t) = &args.targets.time {
+        return parse_target_time(t).map(Selector::BeforeTime);
+    }
+    if let Some(l) = &args.targets.lsn {
+        return l
+            .parse::<Lsn>()
+            .map(Selector::BeforeLsn)
+            .map_err(|e| Error::Usage(format!("--target-lsn: {e}")));
+    }
+    Ok(Selector::Latest)
+}
+
+/// Parses a recovery target time: RFC 3339, or PostgreSQL's `YYYY-MM-DD HH:MM:SS[.f][+TZ]`
+/// (UTC when no zone is given).
+pub(super) fn parse_target_time(text: &str) -> Result<time::OffsetDateTime, Error> {
+    let mut s = text.trim().replacen(' ', "T", 1);
+    let tail = s
+        .rfind(['+', '-'])
+        .filter(|i| *i > 10)
+        .map(|i| s[i..].to_string());
+    match tail {
+        Some(zone) if zone.len() == 3 => s.push_str(":00"),
+        Some(_) => {}
+        None if s.ends_with('Z') => {}
+        None => s.push('Z'),
+    }
+    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+        Error::Usage(format!(
+            "--target-time {text:?}: use 'YYYY-MM-DD HH:MM:SS+00' or RFC 3339"
+        ))
+    })
+}
+
+/// The manifest (wal-rs backups) and the partitions to restore, `pg_control` last.
+async fn partitions_of(
+    store: &Arc<Store>,
+    backup: &BackupInfo,
+) -> Result<(Option<Manifest>, Vec<PartitionEntry>), Error> {
+    if backup.sentinel.manifest.is_some() {
+        let key = layout::backup_file_key(&backup.name, MANIFEST_FILE);
+        let bytes = store.get_bytes(&key).await?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            key: format!("{}/{key}", store.url()),
+            detail: format!("not a wal-rs manifest: {e}"),
+        })?;
+        let parts = manifest.partitions.clone();
+        return Ok((Some(manifest), parts));
+    }
+    // Written by another tool: restore what is there, unverified.
+    let prefix = format!("{}/{}/tar_partitions/", layout::BACKUP_DIR, backup.name);
+    let mut parts: Vec<PartitionEntry> = store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|o| PartitionEntry {
+            name: o.key.file_name().to_string(),
+            stored_size: o.size,
+            ..Default::default()
+        })
+        .collect();
+    parts.sort_by_key(|p| (p.name.starts_with("pg_control"), p.name.clone()));
+    Ok((None, parts))
+}
+
+fn refuse_non_empty(dir: &Path) -> Result<(), Error> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                Err(Error::InvalidInput {
+                    path: dir.display().to_string(),
+                    reason: "the directory is not empty; nothing in it was touched: restore into an empty or new directory".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => Err(Error::InvalidInput {
+            path: dir.display().to_string(),
+            reason: "exists and is not a directory".into(),
+        }),
+        Err(e) => Err(Error::local("read", dir, e)),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::local("chmod", dir, e))
+}
+
+struct RestoreJob {
+    store: Arc<Store>,
+    backup: String,
+    plan: ExtractPlan,
+    verify: bool,
+    progress: Arc<Progress>,
+    handle: tokio::runtime::Handle,
+}
+
+impl RestoreJob {
+    /// Restores the data partitions with `concurrency` threads. Blocking.
+    fn restore_all(
+        &self,
+        parts: &[PartitionEntry],
+        concurrency: usize,
+    ) -> Result<(u64, u64), Error> {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let totals = Mutex::new((0u64, 0u64));
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..concurrency.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= parts.len() || failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match self.restore_partition(&parts[i], &self.plan) {
+                        Ok(s) => {
+                            let mut t = totals.lock().unwrap();
+                            t.0 += s.files;
+                            t.1 += s.bytes;
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().unwrap() {
+            Some(e) => Err(e),
+            None => Ok(totals.into_inner().unwrap()),
+        }
+    }
+
+    /// Downloads and unpacks one partition, retrying when the download breaks off.
+    fn restore_partition(
+        &self,
+        part: &PartitionEntry,
+        plan: &ExtractPlan,
+    ) -> Result<extract::ExtractSummary, Error> {
+        let key = layout::partition_key(&self.backup, &part.name);
+        let describe = format!("{}/{key}", self.store.url());
+        let compression =
+            layout::partition_compression(&part.name).ok_or_else(|| Error::Unsupported {
+                key: describe.clone(),
+            })?;
+        let expected: Option<HashMap<String, FileEntry>> = self.verify.then(|| {
+            part.files
+                .iter()
+                .map(|f| (f.path.clone(), f.clone()))
+                .collect()
+        });
+        let mut last = String::new();
+        for attempt in 1..=PARTITION_ATTEMPTS {
+            let reader = match self.handle.block_on(self.store.get(&key)) {
+                Ok(r) => r,
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    last = e.to_string();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let hashed = HashingReader {
+                inner: reader.body,
+                hasher: Sha256Hasher::new(),
+                count: 0,
+            };
+            let shared = Arc::new(Mutex::new(hashed));
+            let source = SharedReader(shared.clone());
+            let result = codec::decompressor(compression, source)
+                .map_err(|e| ExtractError::Bad(e.to_string()))
+                .and_then(|mut stream| {
+                    let summary = extract::extract(&mut stream, plan, expected.as_ref())?;
+                    // Read to the end so the stored bytes are hashed whole.
+                    io::copy(&mut stream, &mut io::sink())
+                        .map_err(|e| ExtractError::Bad(e.to_string()))?;
+                    Ok(summary)
+                });
+            match result {
+                Ok(summary) => {
+                    let h = shared.lock().unwrap();
+                    let sha = Sha256(h.hasher.clone().finalize().into()).to_string();
+                    if self.verify && (sha != part.stored_sha256 || h.count != part.stored_size) {
+                        return Err(Error::Corrupt {
+                            key: describe,
+                            detail: format!(
+                                "stored sha256 {sha} ({} bytes) but the manifest records {} ({} bytes)",
+                                h.count, part.stored_sha256, part.stored_size
+                            ),
+                        });
+                    }
+                    self.progress.add(part.tar_size);
+                    return Ok(summary);
+                }
+                Err(ExtractError::Local { path, source }) => {
+                    return Err(Error::LocalIo {
+                        op: "write",
+                        path,
+                        source,
+                    })
+                }
+                Err(ExtractError::Bad(detail)) => {
+                    log::emit(
+                        Level::Warn,
+                        &[
+                            ("op", &"backup-fetch"),
+                            ("partition", &part.name),
+                            ("attempt", &attempt),
+                            ("error", &detail),
+                        ],
+                    );
+                    last = detail;
+                }
+            }
+        }
+        Err(Error::Corrupt {
+            key: describe,
+            detail: last,
+        })
+    }
+
+    /// Unpacks the pg_control partition beside DEST, then moves `global/pg_control` into
+    /// place durably. Blocking.
+    fn place_pg_control(&self, part: &PartitionEntry) -> Result<(), Error> {
+        let staging = self.plan.dest.join(".walrs-pg_control");
+        let _ = fs::remove_dir_all(&staging);
+        let staged_plan = ExtractPlan {
+            dest: staging.clone(),
+            tablespaces: HashMap::new(),
+        };
+        self.restore_partition(part, &staged_plan)?;
+        let from = staging.join("global/pg_control");
+        let to = self.plan.dest.join("global/pg_control");
+        let file = fs::File::open(&from).map_err(|e| Error::local("open", &from, e))?;
+        file.sync_all()
+            .map_err(|e| Error::local("fsync", &from, e))?;
+        fs::create_dir_all(self.plan.dest.join("global"))
+            .map_err(|e| Error::local("create", &to, e))?;
+        fs::rename(&from, &to).map_err(|e| Error::local("rename into", &to, e))?;
+        for dir in [self.plan.dest.join("global"), self.plan.dest.clone()] {
+            fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::local("fsync", &dir, e))?;
+        }
+        fs::remove_dir_all(&staging).map_err(|e| Error::local("remove", &staging, e))?;
+        Ok(())
+    }
+}
+
+/// Hashes and counts the stored bytes as the decompressor reads them.
+struct HashingReader {
+    inner: Box<dyn Read + Send>,
+    hasher: Sha256Hasher,
+    count: u64,
+}
+
+struct SharedReader(Arc<Mutex<HashingReader>>);
+
+impl Read for SharedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut h = self.0.lock().unwrap();
+        let n = h.inner.read(buf)?;
+        h.hasher.update(&buf[..n]);
+        h.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Points `tablespace_map` at the restored locations: PostgreSQL recreates the links from
+/// it when it starts from a backup label.
+fn rewrite_tablespace_map(
+    dest: &Path,
+    tablespaces: &HashMap<String, PathBuf>,
+) -> Result<(), Error> {
+    let path = dest.join("tablespace_map");
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut out = String::new();
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some((oid, _)) if tablespaces.contains_key(oid) => {
+                out.push_str(&format!("{oid} {}\n", tablespaces[oid].display()));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    fs::write(&path, out).map_err(|e| Error::local("write", &path, e))
+}
+
+/// `restore_command` and the targets in postgresql.auto.conf, and the signal file.
+fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Error> {
+    let command = args
+        .restore_command
+        .clone()
+        .unwrap_or_else(|| restore_command(config));
+    let mut targets = args.targets.clone();
+    if args.standby {
+        // A standby follows the archive; targets end recovery, which a standby never does.
+        targets = RecoveryTargets {
+            timeline: targets.timeline,
+            ..Default::default()
+        };
+    }
+    let auto = args.dest.join("postgresql.auto.conf");
+    let mut text = fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&recovery_conf::settings(&command, &targets));
+    fs::write(&auto, text).map_err(|e| Error::local("write", &auto, e))?;
+    let signal = args.dest.join(if args.standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    });
+    fs::write(&signal, b"").map_err(|e| Error::local("write", &signal, e))
+}
+
+/// `wal-rs wal-fetch %f %p` with the same store settings as this run. Credentials are never
+/// written: the server finds them the way wal-rs did (environment, profile, instance role).
+fn restore_command(config: &Config) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "wal-rs".into());
+    let mut parts = vec![shell_quote(&exe)];
+    if let Some(file) = &config.file {
+        parts.push("--config".into());
+        parts.push(shell_quote(&file.display().to_string()));
+    }
+    const CARRIED: &[&str] = &[
+        "store",
+        "s3_region",
+        "s3_endpoint",
+        "s3_path_style",
+        "retry_deadline_secs",
+        "retry_attempts",
+        "request_timeout_secs",
+        "log_level",
+    ];
+    for (setting, value, source) in &config.report {
+        if !CARRIED.contains(&setting.key) || matches!(source, Source::Default | Source::File(_)) {
+            continue;
+        }
+        if let Some(v) = value {
+            parts.push(format!(
+                "--set {}",
+                shell_quote(&format!("{}={v}", setting.key))
+            ));
+        }
+    }
+    parts.push("wal-fetch %f %p".into());
+    parts.join(" ")
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-=:".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times_in_postgres_and_rfc3339_forms() {
+        let a = parse_target_time("2026-11-26 10:00:00+00").unwrap();
+        let b = parse_target_time("2026-11-26T10:00:00Z").unwrap();
+        let c = parse_target_time("2026-11-26 10:00:00").unwrap();
+        let d = parse_target_time("2026-11-26 12:00:00.5+02:00").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert!(d > a);
+        assert!(parse_target_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("/usr/bin/wal-rs"), "/usr/bin/wal-rs");
+        assert_eq!(shell_quote("store=s3://b/p"), "store=s3://b/p");
+        assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
+    }
+}

@@ -1,0 +1,107 @@
+//! `wal-rs backup-list [--json] [--detail]`: the complete backups, oldest first (by finish
+//! time and LSN), including those written by WAL-G-compatible tools.
+
+use serde_json::json;
+
+use super::common::open_store;
+use crate::backup::catalog::{self, BackupInfo};
+use crate::config::Config;
+use crate::error::Error;
+use crate::wal::{Lsn, WalFileName};
+
+pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<usize, Error> {
+    let store = open_store(config).await?;
+    let backups = catalog::list(&store).await?;
+    if as_json {
+        let rows: Vec<_> = backups.iter().map(|b| row(b, detail)).collect();
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(backups.len());
+    }
+    println!(
+        "{:<40} {:<25} {:<25} {:>12} {:>12} {:>4} {:>12} {:>12} {:>8} {:>20}",
+        "name",
+        "start_time",
+        "finish_time",
+        "start_lsn",
+        "finish_lsn",
+        "tli",
+        "size",
+        "stored",
+        "pg",
+        "system_identifier"
+    );
+    for b in &backups {
+        let s = &b.sentinel;
+        println!(
+            "{:<40} {:<25} {:<25} {:>12} {:>12} {:>4} {:>12} {:>12} {:>8} {:>20}",
+            b.name,
+            short_time(&s.start_time),
+            short_time(&s.finish_time),
+            Lsn(s.start_lsn).to_string(),
+            Lsn(s.finish_lsn).to_string(),
+            timeline(b)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "?".into()),
+            s.uncompressed_size,
+            s.compressed_size,
+            s.pg_version,
+            s.system_identifier
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+        );
+        if detail {
+            println!(
+                "    host={} data_dir={} permanent={} tablespaces={}",
+                s.hostname,
+                s.data_dir,
+                s.is_permanent,
+                s.tablespaces()
+                    .iter()
+                    .map(|t| format!("{}:{}", t.oid, t.location))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+    }
+    Ok(backups.len())
+}
+
+fn short_time(t: &str) -> String {
+    t.chars().take(19).collect::<String>().replace('T', " ")
+}
+
+/// The backup's timeline: recorded by wal-rs, else read from the name (`base_<WAL file>`).
+fn timeline(b: &BackupInfo) -> Option<u32> {
+    b.sentinel.timeline.or_else(|| {
+        let file = b.name.strip_prefix("base_")?.get(..24)?;
+        WalFileName::parse(file).ok().map(|n| n.timeline().0)
+    })
+}
+
+fn row(b: &BackupInfo, detail: bool) -> serde_json::Value {
+    let s = &b.sentinel;
+    let mut v = json!({
+        "name": b.name,
+        "start_time": s.start_time,
+        "finish_time": s.finish_time,
+        "start_lsn": Lsn(s.start_lsn).to_string(),
+        "finish_lsn": Lsn(s.finish_lsn).to_string(),
+        "timeline": timeline(b),
+        "uncompressed_size": s.uncompressed_size,
+        "stored_size": s.compressed_size,
+        "pg_version": s.pg_version,
+        "system_identifier": s.system_identifier.map(|v| v.to_string()),
+        "is_permanent": s.is_permanent,
+    });
+    if detail {
+        v["hostname"] = json!(s.hostname);
+        v["data_dir"] = json!(s.data_dir);
+        v["tablespaces"] = json!(s
+            .tablespaces()
+            .iter()
+            .map(|t| json!({"oid": t.oid, "location": t.location}))
+            .collect::<Vec<_>>());
+        v["verified_by_manifest"] = json!(s.manifest.is_some());
+    }
+    v
+}

@@ -1,0 +1,475 @@
+//! `wal-rs backup-push PGDATA`: a base backup through the non-exclusive backup API, streamed
+//! into tar partitions that are compressed and uploaded concurrently.
+//!
+//! Phases: start the backup; walk the data directory and tablespaces into partitions
+//! (several at once, each read -> tar -> compress -> upload); stop the backup; write the
+//! backup_label partition and then `pg_control` last; wait until every WAL segment from the
+//! start to the stop LSN is in the store (checked in the store itself); write metadata and
+//! manifest; write the sentinel last. A backup interrupted anywhere before the sentinel is
+//! not listed and leaves only garbage for `delete garbage`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::common::open_store;
+use crate::backup::manifest::{Manifest, PartitionEntry};
+use crate::backup::partition::{PartitionError, PartitionWriter};
+use crate::backup::sentinel::{format_time, BackupMetadata, Sentinel, Tablespace};
+use crate::backup::walk::{self, EntryKind};
+use crate::codec::Compression;
+use crate::config::Config;
+use crate::error::Error;
+use crate::identity;
+use crate::layout;
+use crate::log::{self, Level};
+use crate::pg::{backup_api, conn};
+use crate::progress::Progress;
+use crate::store::{into_store_error, Metadata, PutMode, PutOptions, PutOutcome, Store};
+use crate::wal::{Lsn, SegmentId, WalFileName};
+
+/// What one backup-push did.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct PushedBackup {
+    pub(super) name: String,
+    pub(super) start_lsn: String,
+    pub(super) finish_lsn: String,
+    pub(super) partitions: usize,
+    pub(super) files: usize,
+    pub(super) uncompressed_bytes: u64,
+    pub(super) stored_bytes: u64,
+    pub(super) wal_wait_ms: u128,
+}
+
+pub(super) async fn run(
+    config: &Config,
+    pgdata: &Path,
+    fast: bool,
+    pg_url: Option<&str>,
+) -> Result<PushedBackup, Error> {
+    let store = open_store(config).await?;
+    let client = conn::connect(pg_url).await?;
+    let info = backup_api::server_info(&client).await?;
+    let pgdata = std::fs::canonicalize(pgdata).map_err(|e| Error::local("open", pgdata, e))?;
+    let server_dir = std::fs::canonicalize(&info.data_directory)
+        .unwrap_or_else(|_| PathBuf::from(&info.data_directory));
+    if server_dir != pgdata {
+        return Err(Error::Config(format!(
+            "{} is not the data directory of the server connected to ({}): run backup-push on the database host with its PGDATA",
+            pgdata.display(),
+            info.data_directory
+        )));
+    }
+    identity::check_or_record_cluster(
+        &store,
+        "this backup",
+        info.system_identifier,
+        info.version_num / 10000,
+        info.wal_segment_size,
+    )
+    .await?;
+
+    let started = time::OffsetDateTime::now_utc();
+    let label = format!("wal-rs {}", format_time(started));
+    let (start_lsn, start_file) =
+        backup_api::start(&client, info.version_num, &label, fast).await?;
+    let name = backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
+    let tablespaces = walk::tablespaces(&pgdata)
+        .map_err(|e| Error::local("read", &pgdata.join("pg_tblspc"), e))?;
+    log::emit(
+        Level::Info,
+        &[
+            ("op", &"backup-push"),
+            ("backup", &name),
+            ("start_lsn", &start_lsn),
+            ("outcome", &"started"),
+        ],
+    );
+
+    let total = total_size(&pgdata, &tablespaces);
+    let progress = Arc::new(Progress::new("backup-push", total));
+    let job = DataJob {
+        store: store.clone(),
+        name: name.clone(),
+        pgdata: pgdata.clone(),
+        tablespaces: tablespaces.clone(),
+        compression: config.compression,
+        level: config.zstd_level,
+        partition_size: config.backup.partition_size,
+        concurrency: config.backup.concurrency,
+        progress: progress.clone(),
+    };
+    let mut partitions = tokio::task::spawn_blocking(move || job.run())
+        .await
+        .expect("the backup task panicked")?;
+    progress.finish();
+
+    let stop = backup_api::stop(&client, info.version_num).await?;
+    let next = partitions.len() + 1;
+    let label_part = layout::partition_name(next, config.compression);
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("backup_label", stop.label.clone().into_bytes())];
+    if !stop.tablespace_map.is_empty() {
+        files.push(("tablespace_map", stop.tablespace_map.clone().into_bytes()));
+    }
+    partitions.push(write_small_partition(&store, &name, label_part, files, config).await?);
+    // pg_control after everything else, as PostgreSQL's own base backup sends it.
+    let control_path = pgdata.join("global/pg_control");
+    let control =
+        std::fs::read(&control_path).map_err(|e| Error::local("read", &control_path, e))?;
+    let control_part = layout::pg_control_partition_name(config.compression);
+    partitions.push(
+        write_small_partition(
+            &store,
+            &name,
+            control_part,
+            vec![("global/pg_control", control)],
+            config,
+        )
+        .await?,
+    );
+
+    let wal_started = Instant::now();
+    let timeline = start_file.timeline();
+    let first = start_file
+        .wal_segment()
+        .expect("the start file is a segment");
+    let last = SegmentId::containing(
+        Lsn(stop.stop_lsn.0.saturating_sub(1).max(start_lsn.0)),
+        info.wal_segment_size,
+    );
+    wait_for_wal(&store, timeline, first, last, info.wal_segment_size, config).await?;
+    let wal_wait_ms = wal_started.elapsed().as_millis();
+
+    let finished = time::OffsetDateTime::now_utc();
+    let uncompressed: u64 = partitions.iter().map(|p| p.tar_size).sum();
+    let stored: u64 = partitions.iter().map(|p| p.stored_size).sum();
+    let file_count: usize = partitions.iter().map(|p| p.files.len()).sum();
+    let hostname = hostname();
+    let data_dir = pgdata.display().to_string();
+    let manifest = Manifest {
+        version: 1,
+        backup: name.clone(),
+        compression: config.compression.to_string(),
+        partitions: partitions.clone(),
+    };
+    let metadata = BackupMetadata {
+        start_time: format_time(started),
+        finish_time: format_time(finished),
+        date_fmt: "%Y-%m-%dT%H:%M:%S.%fZ".into(),
+        hostname: hostname.clone(),
+        data_dir: data_dir.clone(),
+        pg_version: info.version_num,
+        start_lsn: start_lsn.0,
+        finish_lsn: stop.stop_lsn.0,
+        is_permanent: false,
+        system_identifier: Some(info.system_identifier),
+        uncompressed_size: uncompressed,
+        compressed_size: stored,
+        user_data: None,
+    };
+    let sentinel = Sentinel {
+        start_lsn: start_lsn.0,
+        finish_lsn: stop.stop_lsn.0,
+        pg_version: info.version_num,
+        system_identifier: Some(info.system_identifier),
+        uncompressed_size: uncompressed,
+        compressed_size: stored,
+        data_catalog_size: Some(progress.done()),
+        spec: (!tablespaces.is_empty()).then(|| Sentinel::make_spec(&data_dir, &tablespaces)),
+        user_data: None,
+        version: 2,
+        start_time: format_time(started),
+        finish_time: format_time(finished),
+        date_fmt: "%Y-%m-%dT%H:%M:%S.%fZ".into(),
+        hostname,
+        data_dir,
+        is_permanent: false,
+        timeline: Some(timeline.0),
+        wal_segment_size: Some(info.wal_segment_size),
+        manifest: Some(MANIFEST_FILE.into()),
+    };
+    let overwrite = PutOptions {
+        mode: PutMode::Overwrite,
+        metadata: Metadata::new(),
+    };
+    store
+        .put_bytes(
+            &layout::backup_file_key(&name, "metadata.json"),
+            to_json(&metadata),
+            overwrite.clone(),
+        )
+        .await?;
+    store
+        .put_bytes(
+            &layout::backup_file_key(&name, MANIFEST_FILE),
+            to_json(&manifest),
+            overwrite,
+        )
+        .await?;
+    let create = PutOptions {
+        mode: PutMode::Create,
+        metadata: Metadata::new(),
+    };
+    if store
+        .put_bytes(&layout::sentinel_key(&name), to_json(&sentinel), create)
+        .await?
+        == PutOutcome::AlreadyExists
+    {
+        return Err(Error::AlreadyExists(format!(
+            "backup {name} already exists in {}: run backup-push again",
+            store.url()
+        )));
+    }
+    Ok(PushedBackup {
+        name,
+        start_lsn: start_lsn.to_string(),
+        finish_lsn: stop.stop_lsn.to_string(),
+        partitions: partitions.len(),
+        files: file_count,
+        uncompressed_bytes: uncompressed,
+        stored_bytes: stored,
+        wal_wait_ms,
+    })
+}
+
+/// The manifest's file name in the backup's folder.
+pub(crate) const MANIFEST_FILE: &str = "walrs_manifest.json";
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("backup documents serialise")
+}
+
+/// `base_<start WAL file>`, as WAL-G names backups; when a complete backup already has that
+/// name (two backups with no WAL between them), the start offset is added, as WAL-E did.
+async fn backup_name(
+    store: &Arc<Store>,
+    start_file: &WalFileName,
+    start_lsn: Lsn,
+    seg_size: u32,
+) -> Result<String, Error> {
+    let plain = format!("base_{start_file}");
+    if store.head(&layout::sentinel_key(&plain)).await?.is_none() {
+        return Ok(plain);
+    }
+    Ok(format!("{plain}_{:08X}", start_lsn.0 % seg_size as u64))
+}
+
+/// Sum of the file sizes to back up, for the progress bar (a stat-only walk).
+fn total_size(pgdata: &Path, tablespaces: &[Tablespace]) -> u64 {
+    let mut total = 0;
+    let _ = walk::walk(pgdata, tablespaces, &mut |e| {
+        if let EntryKind::File { size } = e.kind {
+            total += size;
+        }
+        true
+    });
+    total
+}
+
+/// The data partitions: a walker thread feeds entries to `concurrency` workers, each filling
+/// its own partition and starting a new one past the size limit.
+struct DataJob {
+    store: Arc<Store>,
+    name: String,
+    pgdata: PathBuf,
+    tablespaces: Vec<Tablespace>,
+    compression: Compression,
+    level: i32,
+    partition_size: u64,
+    concurrency: usize,
+    progress: Arc<Progress>,
+}
+
+impl DataJob {
+    fn run(self) -> Result<Vec<PartitionEntry>, Error> {
+        let (tx, rx) = sync_channel(256);
+        let rx = Mutex::new(rx);
+        let next_number = AtomicUsize::new(1);
+        let failed = AtomicBool::new(false);
+        let done = Mutex::new(Vec::new());
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error| {
+            failed.store(true, Ordering::Relaxed);
+            first_error.lock().unwrap().get_or_insert(e);
+        };
+        std::thread::scope(|s| {
+            let walker = s.spawn(|| {
+                let result = walk::walk(&self.pgdata, &self.tablespaces, &mut |e| {
+                    !failed.load(Ordering::Relaxed) && tx.send(e).is_ok()
+                });
+                drop(tx);
+                if let Err(e) = result {
+                    fail(Error::local("read", &self.pgdata, e));
+                }
+            });
+            let workers: Vec<_> = (0..self.concurrency.max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        if let Err(e) = self.worker(&rx, &next_number, &failed, &done) {
+                            fail(e);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.join();
+            }
+            // Workers stopped early: unblock the walker.
+            drop(rx.lock().unwrap());
+            let _ = walker.join();
+        });
+        if let Some(e) = first_error.into_inner().unwrap() {
+            return Err(e);
+        }
+        let mut parts = done.into_inner().unwrap();
+        parts.sort_by(|a: &PartitionEntry, b| a.name.cmp(&b.name));
+        Ok(parts)
+    }
+
+    fn worker(
+        &self,
+        rx: &Mutex<std::sync::mpsc::Receiver<walk::Entry>>,
+        next_number: &AtomicUsize,
+        failed: &AtomicBool,
+        done: &Mutex<Vec<PartitionEntry>>,
+    ) -> Result<(), Error> {
+        let mut current: Option<PartitionWriter> = None;
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let entry = match rx.lock().unwrap().recv() {
+                Ok(e) => e,
+                Err(_) => break,
+            };
+            if current.is_none() {
+                let number = next_number.fetch_add(1, Ordering::Relaxed);
+                let part = layout::partition_name(number, self.compression);
+                let key = layout::partition_key(&self.name, &part);
+                let object = self.store.writer(
+                    &key,
+                    PutOptions {
+                        mode: PutMode::Overwrite,
+                        metadata: Metadata::new(),
+                    },
+                )?;
+                current = Some(
+                    PartitionWriter::new(part, object, self.compression, self.level)
+                        .map_err(|e| into_store_error(e, "write", &key))?,
+                );
+            }
+            let p = current.as_mut().unwrap();
+            let before = p.bytes_read;
+            p.append(&entry)
+                .map_err(|e| partition_error(e, &self.name))?;
+            self.progress.add(p.bytes_read - before);
+            if p.tar_size() >= self.partition_size {
+                done.lock()
+                    .unwrap()
+                    .push(publish(current.take().unwrap(), &self.name)?);
+            }
+        }
+        if let Some(p) = current.take() {
+            done.lock().unwrap().push(publish(p, &self.name)?);
+        }
+        Ok(())
+    }
+}
+
+fn partition_error(e: PartitionError, backup: &str) -> Error {
+    match e {
+        PartitionError::Read { path, source } => Error::LocalIo {
+            op: "read",
+            path,
+            source,
+        },
+        PartitionError::Write(e) => {
+            let key =
+                crate::store::ObjectKey::new(&format!("{}/{backup}", layout::BACKUP_DIR)).unwrap();
+            Error::Store(into_store_error(e, "write partition of", &key))
+        }
+    }
+}
+
+/// Ends a partition and publishes its object. Blocking.
+fn publish(p: PartitionWriter, backup: &str) -> Result<PartitionEntry, Error> {
+    let (object, entry) = p.finish().map_err(|e| partition_error(e, backup))?;
+    object.finish()?;
+    Ok(entry)
+}
+
+/// A partition of a few files from memory (backup_label, pg_control).
+async fn write_small_partition(
+    store: &Arc<Store>,
+    backup: &str,
+    part: String,
+    files: Vec<(&'static str, Vec<u8>)>,
+    config: &Config,
+) -> Result<PartitionEntry, Error> {
+    let store = store.clone();
+    let backup = backup.to_string();
+    let (compression, level) = (config.compression, config.zstd_level);
+    tokio::task::spawn_blocking(move || {
+        let key = layout::partition_key(&backup, &part);
+        let object = store.writer(
+            &key,
+            PutOptions {
+                mode: PutMode::Overwrite,
+                metadata: Metadata::new(),
+            },
+        )?;
+        let mut p = PartitionWriter::new(part, object, compression, level)
+            .map_err(|e| into_store_error(e, "write", &key))?;
+        for (rel, bytes) in &files {
+            p.append_bytes(rel, bytes, 0o600)
+                .map_err(|e| partition_error(e, &backup))?;
+        }
+        publish(p, &backup)
+    })
+    .await
+    .expect("the partition task panicked")
+}
+
+/// Waits until every segment from `first` to `last` on `timeline` is in the store.
+async fn wait_for_wal(
+    store: &Arc<Store>,
+    timeline: crate::wal::TimelineId,
+    first: SegmentId,
+    last: SegmentId,
+    seg_size: u32,
+    config: &Config,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + config.backup.wal_timeout;
+    let mut segment = first;
+    loop {
+        let name = WalFileName::Segment(timeline, segment);
+        let keys: Vec<_> = layout::wal_candidates(&name, config.compression)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut delay = Duration::from_millis(100);
+        while store.find_first(&keys).await?.is_none() {
+            if Instant::now() + delay > deadline {
+                return Err(Error::Timeout(format!(
+                    "WAL segment {name} of the backup did not reach {} within {} s: check archive_command (wal-rs wal-push %p) and pg_stat_archiver, then run backup-push again",
+                    store.url(),
+                    config.backup.wal_timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        if segment == last {
+            return Ok(());
+        }
+        segment = segment.next(seg_size);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

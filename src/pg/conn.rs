@@ -1,0 +1,63 @@
+//! Connecting with the settings operators already use: `--pg-url`, or libpq's environment
+//! (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`).
+
+use tokio_postgres::{Client, Config as PgConfig, NoTls};
+
+use crate::error::Error;
+
+/// Connects and spawns the connection task on the current runtime.
+pub async fn connect(url: Option<&str>) -> Result<Client, Error> {
+    let config = match url {
+        Some(u) => u.parse::<PgConfig>().map_err(|e| {
+            Error::Config(format!("--pg-url is not a valid connection string: {e}"))
+        })?,
+        None => from_env(),
+    };
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        Error::Config(format!(
+            "cannot connect to PostgreSQL ({}): set PGHOST, PGPORT, PGUSER (and PGPASSWORD) or --pg-url",
+            one_line(&e)
+        ))
+    })?;
+    tokio::spawn(async move {
+        // Errors surface on the next query; nothing to do here.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// libpq's defaults: a Unix socket in /var/run/postgresql, port 5432, the OS user.
+fn from_env() -> PgConfig {
+    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    let mut c = PgConfig::new();
+    let host = var("PGHOST").unwrap_or_else(|| "/var/run/postgresql".into());
+    for h in host.split(',') {
+        c.host(h);
+    }
+    c.port(var("PGPORT").and_then(|p| p.parse().ok()).unwrap_or(5432));
+    let user = var("PGUSER")
+        .or_else(|| var("USER"))
+        .unwrap_or_else(|| "postgres".into());
+    c.dbname(&var("PGDATABASE").unwrap_or_else(|| user.clone()));
+    c.user(&user);
+    if let Some(p) = var("PGPASSWORD") {
+        c.password(p);
+    }
+    c.application_name("wal-rs");
+    c
+}
+
+/// A tokio-postgres error with its cause, on one line (the bare Display hides the cause).
+pub fn one_line(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
