@@ -142,21 +142,13 @@ pub enum Command {
 impl Cli {
     /// The flag values, keyed by setting name.
     pub fn overrides(&self) -> Result<Overrides, String> {
-        let mut o = Overrides {
-            config_file: self.config.clone(),
-            ..Default::default()
-        };
+        let mut o = Overrides { config_file: self.config.clone(), ..Default::default() };
         for pair in &self.set {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("--set {pair:?} is not KEY=VALUE"))?;
+            let (k, v) = pair.split_once('=').ok_or_else(|| format!("--set {pair:?} is not KEY=VALUE"))?;
             o.values.insert(k.trim().to_string(), v.to_string());
         }
-        for (key, value) in [
-            ("store", &self.store),
-            ("compression", &self.compression),
-            ("log_level", &self.log_level),
-        ] {
+        for (key, value) in [("store", &self.store), ("compression", &self.compression), ("log_level", &self.log_level)]
+        {
             if let Some(v) = value {
                 o.values.insert(key.to_string(), v.clone());
             }

@@ -31,25 +31,100 @@ pub struct Setting {
 
 /// Every setting wal-rs reads. The README's configuration reference mirrors this table.
 pub const SETTINGS: &[Setting] = &[
-    Setting { key: "store", env: &["WALRS_STORE"], default: None, help: "where objects go: file:///absolute/dir or s3://bucket/prefix" },
+    Setting {
+        key: "store",
+        env: &["WALRS_STORE"],
+        default: None,
+        help: "where objects go: file:///absolute/dir or s3://bucket/prefix",
+    },
     Setting { key: "compression", env: &["WALRS_COMPRESSION"], default: Some("lz4"), help: "lz4, zstd or none" },
     Setting { key: "zstd_level", env: &["WALRS_ZSTD_LEVEL"], default: Some("3"), help: "zstd level, 1 to 19" },
     Setting { key: "log_level", env: &["WALRS_LOG_LEVEL"], default: Some("info"), help: "error, warn, info or debug" },
-    Setting { key: "fetch_mode", env: &["WALRS_FETCH_MODE"], default: Some("auto"), help: "how wal-fetch reports failures: auto (standby if ./standby.signal exists), standby, or recovery" },
-    Setting { key: "retry_deadline_secs", env: &["WALRS_RETRY_DEADLINE_SECS"], default: Some("120"), help: "time one operation may spend retrying transient storage errors" },
-    Setting { key: "retry_attempts", env: &["WALRS_RETRY_ATTEMPTS"], default: Some("8"), help: "attempts per storage request, the first included" },
-    Setting { key: "request_timeout_secs", env: &["WALRS_REQUEST_TIMEOUT_SECS"], default: Some("30"), help: "time one attempt of one storage request may take" },
-    Setting { key: "backup_partition_size_mib", env: &["WALRS_BACKUP_PARTITION_SIZE_MIB"], default: Some("256"), help: "tar bytes per backup partition before compression" },
-    Setting { key: "backup_concurrency", env: &["WALRS_BACKUP_CONCURRENCY"], default: Some("2"), help: "partitions written (backup-push) or restored (backup-fetch) at once" },
-    Setting { key: "backup_wal_timeout_secs", env: &["WALRS_BACKUP_WAL_TIMEOUT_SECS"], default: Some("600"), help: "time backup-push waits for the backup's WAL to reach the store" },
-    Setting { key: "s3_region", env: &["AWS_REGION", "AWS_DEFAULT_REGION"], default: None, help: "S3 region (else the AWS profile's, else us-east-1)" },
-    Setting { key: "s3_endpoint", env: &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], default: None, help: "endpoint URL of an S3-compatible server" },
-    Setting { key: "s3_path_style", env: &["WALRS_S3_PATH_STYLE"], default: Some("false"), help: "path-style addressing (true for most S3-compatible servers)" },
-    Setting { key: "s3_storage_class", env: &["WALRS_S3_STORAGE_CLASS"], default: None, help: "storage class of new objects, such as STANDARD_IA" },
+    Setting {
+        key: "fetch_mode",
+        env: &["WALRS_FETCH_MODE"],
+        default: Some("auto"),
+        help: "how wal-fetch reports failures: auto (standby if ./standby.signal exists), standby, or recovery",
+    },
+    Setting {
+        key: "retry_deadline_secs",
+        env: &["WALRS_RETRY_DEADLINE_SECS"],
+        default: Some("120"),
+        help: "time one operation may spend retrying transient storage errors",
+    },
+    Setting {
+        key: "retry_attempts",
+        env: &["WALRS_RETRY_ATTEMPTS"],
+        default: Some("8"),
+        help: "attempts per storage request, the first included",
+    },
+    Setting {
+        key: "request_timeout_secs",
+        env: &["WALRS_REQUEST_TIMEOUT_SECS"],
+        default: Some("30"),
+        help: "time one attempt of one storage request may take",
+    },
+    Setting {
+        key: "backup_partition_size_mib",
+        env: &["WALRS_BACKUP_PARTITION_SIZE_MIB"],
+        default: Some("256"),
+        help: "tar bytes per backup partition before compression",
+    },
+    Setting {
+        key: "backup_concurrency",
+        env: &["WALRS_BACKUP_CONCURRENCY"],
+        default: Some("2"),
+        help: "partitions written (backup-push) or restored (backup-fetch) at once",
+    },
+    Setting {
+        key: "backup_wal_timeout_secs",
+        env: &["WALRS_BACKUP_WAL_TIMEOUT_SECS"],
+        default: Some("600"),
+        help: "time backup-push waits for the backup's WAL to reach the store",
+    },
+    Setting {
+        key: "s3_region",
+        env: &["AWS_REGION", "AWS_DEFAULT_REGION"],
+        default: None,
+        help: "S3 region (else the AWS profile's, else us-east-1)",
+    },
+    Setting {
+        key: "s3_endpoint",
+        env: &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"],
+        default: None,
+        help: "endpoint URL of an S3-compatible server",
+    },
+    Setting {
+        key: "s3_path_style",
+        env: &["WALRS_S3_PATH_STYLE"],
+        default: Some("false"),
+        help: "path-style addressing (true for most S3-compatible servers)",
+    },
+    Setting {
+        key: "s3_storage_class",
+        env: &["WALRS_S3_STORAGE_CLASS"],
+        default: None,
+        help: "storage class of new objects, such as STANDARD_IA",
+    },
     Setting { key: "s3_sse", env: &["WALRS_S3_SSE"], default: None, help: "server-side encryption: AES256 or aws:kms" },
-    Setting { key: "s3_sse_kms_key_id", env: &["WALRS_S3_SSE_KMS_KEY_ID"], default: None, help: "KMS key id for aws:kms" },
-    Setting { key: "s3_part_size_mib", env: &["WALRS_S3_PART_SIZE_MIB"], default: Some("8"), help: "multipart part size in MiB (5 or more); smaller objects go up in one PUT" },
-    Setting { key: "s3_upload_concurrency", env: &["WALRS_S3_UPLOAD_CONCURRENCY"], default: Some("2"), help: "parts of one object uploaded at once" },
+    Setting {
+        key: "s3_sse_kms_key_id",
+        env: &["WALRS_S3_SSE_KMS_KEY_ID"],
+        default: None,
+        help: "KMS key id for aws:kms",
+    },
+    Setting {
+        key: "s3_part_size_mib",
+        env: &["WALRS_S3_PART_SIZE_MIB"],
+        default: Some("8"),
+        help: "multipart part size in MiB (5 or more); smaller objects go up in one PUT",
+    },
+    Setting {
+        key: "s3_upload_concurrency",
+        env: &["WALRS_S3_UPLOAD_CONCURRENCY"],
+        default: Some("2"),
+        help: "parts of one object uploaded at once",
+    },
 ];
 
 /// Where a value came from.
@@ -99,11 +174,7 @@ impl StoreUrl {
                 return Err(format!("store {url:?} is not an absolute path: {hint}"));
             }
             let path = path.trim_end_matches('/');
-            return Ok(StoreUrl::File(PathBuf::from(if path.is_empty() {
-                "/"
-            } else {
-                path
-            })));
+            return Ok(StoreUrl::File(PathBuf::from(if path.is_empty() { "/" } else { path })));
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -114,10 +185,7 @@ impl StoreUrl {
             if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
                 return Err(format!("store {url:?} has an invalid prefix: {hint}"));
             }
-            return Ok(StoreUrl::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.to_string(),
-            });
+            return Ok(StoreUrl::S3 { bucket: bucket.to_string(), prefix: prefix.to_string() });
         }
         Err(format!("store {url:?} is not a store URL: {hint}"))
     }
@@ -241,15 +309,10 @@ impl Config {
     pub fn resolve(overrides: &Overrides, env: &dyn Env) -> Result<Config, String> {
         for key in overrides.values.keys() {
             if !SETTINGS.iter().any(|s| s.key == key) {
-                return Err(format!(
-                    "unknown setting {key:?} in --set: see `wal-rs config` for the list"
-                ));
+                return Err(format!("unknown setting {key:?} in --set: see `wal-rs config` for the list"));
             }
         }
-        let file = overrides
-            .config_file
-            .clone()
-            .or_else(|| env.var("WALRS_CONFIG").map(PathBuf::from));
+        let file = overrides.config_file.clone().or_else(|| env.var("WALRS_CONFIG").map(PathBuf::from));
         let file_values = match &file {
             Some(path) => read_file(path)?,
             None => BTreeMap::new(),
@@ -258,9 +321,7 @@ impl Config {
         for setting in SETTINGS {
             let (value, source) = if let Some(v) = overrides.values.get(setting.key) {
                 (Some(v.clone()), Source::Flag)
-            } else if let Some((name, v)) =
-                setting.env.iter().find_map(|n| env.var(n).map(|v| (*n, v)))
-            {
+            } else if let Some((name, v)) = setting.env.iter().find_map(|n| env.var(n).map(|v| (*n, v))) {
                 (Some(v), Source::Env(name))
             } else if let Some(v) = file_values.get(setting.key) {
                 (Some(v.clone()), Source::File(file.clone().unwrap()))
@@ -270,10 +331,7 @@ impl Config {
             report.push((setting, value, source));
         }
         let get = |key: &str| -> Option<&str> {
-            report
-                .iter()
-                .find(|(s, _, _)| s.key == key)
-                .and_then(|(_, v, _)| v.as_deref())
+            report.iter().find(|(s, _, _)| s.key == key).and_then(|(_, v, _)| v.as_deref())
         };
         let named = |key: &str| -> String {
             let (s, _, source) = report.iter().find(|(s, _, _)| s.key == key).unwrap();
@@ -281,11 +339,7 @@ impl Config {
                 Source::Env(v) => v.to_string(),
                 Source::Flag => format!("--set {key}"),
                 Source::File(p) => format!("{key} in {}", p.display()),
-                Source::Default => s
-                    .env
-                    .first()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| key.to_string()),
+                Source::Default => s.env.first().map(|e| e.to_string()).unwrap_or_else(|| key.to_string()),
             }
         };
         let number = |key: &str, min: u64, max: u64| -> Result<u64, String> {
@@ -293,12 +347,7 @@ impl Config {
             raw.parse::<u64>()
                 .ok()
                 .filter(|n| (min..=max).contains(n))
-                .ok_or_else(|| {
-                    format!(
-                        "{} is {raw:?}: set a whole number from {min} to {max}",
-                        named(key)
-                    )
-                })
+                .ok_or_else(|| format!("{} is {raw:?}: set a whole number from {min} to {max}", named(key)))
         };
         let boolean = |key: &str| -> Result<bool, String> {
             match get(key).unwrap_or("").to_ascii_lowercase().as_str() {
@@ -307,40 +356,23 @@ impl Config {
                 other => Err(format!("{} is {other:?}: set true or false", named(key))),
             }
         };
-        let store = get("store")
-            .map(StoreUrl::parse)
-            .transpose()
-            .map_err(|e| format!("{}: {e}", named("store")))?;
+        let store = get("store").map(StoreUrl::parse).transpose().map_err(|e| format!("{}: {e}", named("store")))?;
         let compression = get("compression")
             .unwrap_or("lz4")
             .parse::<Compression>()
             .map_err(|e| format!("{}: {e}", named("compression")))?;
-        let log_level = get("log_level")
-            .unwrap_or("info")
-            .parse::<Level>()
-            .map_err(|e| format!("{}: {e}", named("log_level")))?;
-        let fetch_mode = match get("fetch_mode")
-            .unwrap_or("auto")
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        let log_level =
+            get("log_level").unwrap_or("info").parse::<Level>().map_err(|e| format!("{}: {e}", named("log_level")))?;
+        let fetch_mode = match get("fetch_mode").unwrap_or("auto").to_ascii_lowercase().as_str() {
             "auto" => FetchMode::Auto,
             "standby" => FetchMode::Standby,
             "recovery" => FetchMode::Recovery,
-            other => {
-                return Err(format!(
-                    "{} is {other:?}: set auto, standby or recovery",
-                    named("fetch_mode")
-                ))
-            }
+            other => return Err(format!("{} is {other:?}: set auto, standby or recovery", named("fetch_mode"))),
         };
         let sse = get("s3_sse").map(str::to_string);
         if let Some(v) = &sse {
             if v != "AES256" && v != "aws:kms" {
-                return Err(format!(
-                    "{} is {v:?}: set AES256 or aws:kms",
-                    named("s3_sse")
-                ));
+                return Err(format!("{} is {v:?}: set AES256 or aws:kms", named("s3_sse")));
             }
         }
         Ok(Config {
@@ -403,18 +435,11 @@ impl Config {
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read config file {}: {e}: fix the path given by --config or WALRS_CONFIG",
-            path.display()
-        )
+        format!("cannot read config file {}: {e}: fix the path given by --config or WALRS_CONFIG", path.display())
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        format!(
-            "config file {} is not valid TOML: {}",
-            path.display(),
-            e.message()
-        )
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("config file {} is not valid TOML: {}", path.display(), e.message()))?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
         if !SETTINGS.iter().any(|s| s.key == key) {
@@ -465,42 +490,26 @@ mod tests {
     }
 
     fn source_of(c: &Config, key: &str) -> Source {
-        c.report
-            .iter()
-            .find(|(s, _, _)| s.key == key)
-            .unwrap()
-            .2
-            .clone()
+        c.report.iter().find(|(s, _, _)| s.key == key).unwrap().2.clone()
     }
 
     #[test]
     fn flags_beat_env_beat_file_beat_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("wal-rs.toml");
-        std::fs::write(&file, "store = \"s3://from-file/p\"\ncompression = \"zstd\"\nzstd_level = 7\ns3_path_style = true\n").unwrap();
-        let env = FakeEnv(HashMap::from([
-            ("WALRS_COMPRESSION", "none"),
-            ("WALRS_ZSTD_LEVEL", "5"),
-        ]));
-        let mut o = Overrides {
-            config_file: Some(file.clone()),
-            ..Default::default()
-        };
+        std::fs::write(
+            &file,
+            "store = \"s3://from-file/p\"\ncompression = \"zstd\"\nzstd_level = 7\ns3_path_style = true\n",
+        )
+        .unwrap();
+        let env = FakeEnv(HashMap::from([("WALRS_COMPRESSION", "none"), ("WALRS_ZSTD_LEVEL", "5")]));
+        let mut o = Overrides { config_file: Some(file.clone()), ..Default::default() };
         o.values.insert("zstd_level".into(), "9".into());
         let c = Config::resolve(&o, &env).unwrap();
-        assert_eq!(
-            c.store,
-            Some(StoreUrl::S3 {
-                bucket: "from-file".into(),
-                prefix: "p".into()
-            })
-        );
+        assert_eq!(c.store, Some(StoreUrl::S3 { bucket: "from-file".into(), prefix: "p".into() }));
         assert_eq!(source_of(&c, "store"), Source::File(file));
         assert_eq!(c.compression, Compression::None);
-        assert_eq!(
-            source_of(&c, "compression"),
-            Source::Env("WALRS_COMPRESSION")
-        );
+        assert_eq!(source_of(&c, "compression"), Source::Env("WALRS_COMPRESSION"));
         assert_eq!(c.zstd_level, 9);
         assert_eq!(source_of(&c, "zstd_level"), Source::Flag);
         assert!(c.s3.path_style);
@@ -514,61 +523,31 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "store = \"file:///srv/wal\"\n").unwrap();
         let path: &'static str = Box::leak(file.to_str().unwrap().to_string().into_boxed_str());
-        let c = Config::resolve(
-            &Overrides::default(),
-            &FakeEnv(HashMap::from([("WALRS_CONFIG", path)])),
-        )
-        .unwrap();
+        let c = Config::resolve(&Overrides::default(), &FakeEnv(HashMap::from([("WALRS_CONFIG", path)]))).unwrap();
         assert_eq!(c.store, Some(StoreUrl::File("/srv/wal".into())));
     }
 
     #[test]
     fn bad_values_name_what_to_fix() {
         let env = |k, v| FakeEnv(HashMap::from([(k, v)]));
-        let err =
-            Config::resolve(&Overrides::default(), &env("WALRS_STORE", "/no/scheme")).unwrap_err();
-        assert!(
-            err.contains("WALRS_STORE") && err.contains("file:///absolute/dir"),
-            "{err}"
-        );
-        let err =
-            Config::resolve(&Overrides::default(), &env("WALRS_COMPRESSION", "gzip")).unwrap_err();
+        let err = Config::resolve(&Overrides::default(), &env("WALRS_STORE", "/no/scheme")).unwrap_err();
+        assert!(err.contains("WALRS_STORE") && err.contains("file:///absolute/dir"), "{err}");
+        let err = Config::resolve(&Overrides::default(), &env("WALRS_COMPRESSION", "gzip")).unwrap_err();
         assert!(err.contains("WALRS_COMPRESSION"), "{err}");
-        let err = Config::resolve(&Overrides::default(), &env("WALRS_S3_PART_SIZE_MIB", "1"))
-            .unwrap_err();
+        let err = Config::resolve(&Overrides::default(), &env("WALRS_S3_PART_SIZE_MIB", "1")).unwrap_err();
         assert!(err.contains("from 5"), "{err}");
         let mut o = Overrides::default();
         o.values.insert("nonsense".into(), "1".into());
-        assert!(Config::resolve(&o, &env("X", "y"))
-            .unwrap_err()
-            .contains("unknown setting"));
+        assert!(Config::resolve(&o, &env("X", "y")).unwrap_err().contains("unknown setting"));
         let c = Config::resolve(&Overrides::default(), &env("X", "y")).unwrap();
-        assert!(c
-            .require_store()
-            .unwrap_err()
-            .contains("WALRS_STORE is not set"));
+        assert!(c.require_store().unwrap_err().contains("WALRS_STORE is not set"));
     }
 
     #[test]
     fn store_urls() {
-        assert_eq!(
-            StoreUrl::parse("file:///a/b/").unwrap(),
-            StoreUrl::File("/a/b".into())
-        );
-        assert_eq!(
-            StoreUrl::parse("s3://b").unwrap(),
-            StoreUrl::S3 {
-                bucket: "b".into(),
-                prefix: "".into()
-            }
-        );
-        assert_eq!(
-            StoreUrl::parse("s3://b/x/y/").unwrap(),
-            StoreUrl::S3 {
-                bucket: "b".into(),
-                prefix: "x/y".into()
-            }
-        );
+        assert_eq!(StoreUrl::parse("file:///a/b/").unwrap(), StoreUrl::File("/a/b".into()));
+        assert_eq!(StoreUrl::parse("s3://b").unwrap(), StoreUrl::S3 { bucket: "b".into(), prefix: "".into() });
+        assert_eq!(StoreUrl::parse("s3://b/x/y/").unwrap(), StoreUrl::S3 { bucket: "b".into(), prefix: "x/y".into() });
         for bad in ["file://rel", "s3:///p", "http://x", "", "s3://b/../x"] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }
@@ -577,10 +556,7 @@ mod tests {
 
     #[test]
     fn urls_lose_their_passwords() {
-        assert_eq!(
-            redact_url("http://ak:sk@127.0.0.1:9000"),
-            "http://<redacted>@127.0.0.1:9000"
-        );
+        assert_eq!(redact_url("http://ak:sk@127.0.0.1:9000"), "http://<redacted>@127.0.0.1:9000");
         assert_eq!(redact_url("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
     }
 }
@@ -593,11 +569,7 @@ mod docs_tests {
     fn the_readme_documents_every_setting() {
         let readme = include_str!("../README.md");
         for s in SETTINGS {
-            assert!(
-                readme.contains(&format!("`{}`", s.key)),
-                "README lacks setting {}",
-                s.key
-            );
+            assert!(readme.contains(&format!("`{}`", s.key)), "README lacks setting {}", s.key);
             for env in s.env {
                 assert!(readme.contains(&format!("`{env}`")), "README lacks {env}");
             }

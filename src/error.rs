@@ -103,10 +103,6 @@ impl Error {
 
     /// A local I/O error on `path`.
     pub fn local(op: &'static str, path: &std::path::Path, source: io::Error) -> Error {
-        Error::LocalIo {
-            op,
-            path: path.display().to_string(),
-            source,
-        }
+        Error::LocalIo { op, path: path.display().to_string(), source }
     }
 }

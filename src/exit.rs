@@ -77,19 +77,9 @@ mod tests {
 
     #[test]
     fn wal_fetch_never_reports_a_failure_as_end_of_archive() {
-        let missing = Error::WalNotFound {
-            name: "x".into(),
-            store: "s".into(),
-        };
-        let down = Error::Store(StoreError::Unavailable {
-            op: "get",
-            key: "k".into(),
-            detail: "reset".into(),
-        });
-        let corrupt = Error::Corrupt {
-            key: "k".into(),
-            detail: "d".into(),
-        };
+        let missing = Error::WalNotFound { name: "x".into(), store: "s".into() };
+        let down = Error::Store(StoreError::Unavailable { op: "get", key: "k".into(), detail: "reset".into() });
+        let corrupt = Error::Corrupt { key: "k".into(), detail: "d".into() };
         let config = Error::Config("WALRS_STORE is not set".into());
         assert_eq!(wal_fetch_code(&missing, false), 1);
         assert_eq!(wal_fetch_code(&missing, true), 1);
@@ -144,10 +134,7 @@ mod docs_tests {
             LOCAL_IO,
             NOT_FOUND,
         ] {
-            assert!(
-                doc.contains(&format!("| {code} |")),
-                "docs/exit-codes.md lacks code {code}"
-            );
+            assert!(doc.contains(&format!("| {code} |")), "docs/exit-codes.md lacks code {code}");
         }
         assert!(doc.contains("200 + code"));
     }

@@ -29,19 +29,9 @@ pub struct ClusterIdentity {
 }
 
 /// Checks that `header`'s cluster owns the store, recording it if nobody does yet.
-pub async fn check_or_record(
-    store: &Arc<Store>,
-    name: &WalFileName,
-    header: &SegmentHeader,
-) -> Result<(), Error> {
-    check_or_record_cluster(
-        store,
-        &name.to_string(),
-        header.system_identifier,
-        header.pg_major,
-        header.segment_size,
-    )
-    .await
+pub async fn check_or_record(store: &Arc<Store>, name: &WalFileName, header: &SegmentHeader) -> Result<(), Error> {
+    check_or_record_cluster(store, &name.to_string(), header.system_identifier, header.pg_major, header.segment_size)
+        .await
 }
 
 /// Checks that the cluster `system_identifier` owns the store, recording it if nobody does
@@ -64,31 +54,20 @@ pub async fn check_or_record_cluster(
                 created_by: format!("wal-rs {}", env!("CARGO_PKG_VERSION")),
             };
             let bytes = serde_json::to_vec_pretty(&mine).expect("identity serialises");
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                metadata: Metadata::new(),
-            };
+            let opts = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
             match store.put_bytes(&key, bytes, opts).await? {
                 PutOutcome::Stored => return Ok(()),
                 // Another push recorded one first: compare with that.
-                PutOutcome::AlreadyExists => read(store).await?.ok_or_else(|| {
-                    Error::Store(StoreError::NotFound {
-                        key: key.to_string(),
-                    })
-                })?,
+                PutOutcome::AlreadyExists => {
+                    read(store).await?.ok_or_else(|| Error::Store(StoreError::NotFound { key: key.to_string() }))?
+                }
             }
         }
     };
-    let store_sysid: u64 = recorded
-        .system_identifier
-        .parse()
-        .map_err(|_| Error::Corrupt {
-            key: format!("{}/{key}", store.url()),
-            detail: format!(
-                "system_identifier {:?} is not a number",
-                recorded.system_identifier
-            ),
-        })?;
+    let store_sysid: u64 = recorded.system_identifier.parse().map_err(|_| Error::Corrupt {
+        key: format!("{}/{key}", store.url()),
+        detail: format!("system_identifier {:?} is not a number", recorded.system_identifier),
+    })?;
     if store_sysid != system_identifier {
         return Err(Error::ClusterMismatch {
             name: what.to_string(),
@@ -104,12 +83,10 @@ pub async fn check_or_record_cluster(
 pub async fn read(store: &Store) -> Result<Option<ClusterIdentity>, Error> {
     let key = layout::cluster_identity_key();
     match store.get_bytes(&key).await {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Corrupt {
-                key: format!("{}/{key}", store.url()),
-                detail: format!("not a cluster identity record: {e}"),
-            }),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt {
+            key: format!("{}/{key}", store.url()),
+            detail: format!("not a cluster identity record: {e}"),
+        }),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }

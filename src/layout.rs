@@ -29,10 +29,7 @@ pub fn wal_key(name: &WalFileName, compression: Compression) -> ObjectKey {
 
 /// Every key `name` may be stored under, `preferred` first, then the other compressions
 /// wal-rs reads, then those it cannot read (`None`).
-pub fn wal_candidates(
-    name: &WalFileName,
-    preferred: Compression,
-) -> Vec<(ObjectKey, Option<Compression>)> {
+pub fn wal_candidates(name: &WalFileName, preferred: Compression) -> Vec<(ObjectKey, Option<Compression>)> {
     let mut out = vec![(wal_key(name, preferred), Some(preferred))];
     for c in Compression::ALL {
         if c != preferred {
@@ -40,10 +37,7 @@ pub fn wal_candidates(
         }
     }
     for ext in FOREIGN_EXTENSIONS {
-        out.push((
-            ObjectKey::new(&format!("{WAL_DIR}/{name}.{ext}")).unwrap(),
-            None,
-        ));
+        out.push((ObjectKey::new(&format!("{WAL_DIR}/{name}.{ext}")).unwrap(), None));
     }
     out
 }
@@ -54,8 +48,7 @@ const SENTINEL_SUFFIX: &str = "_backup_stop_sentinel.json";
 
 /// `basebackups_005/<name>_backup_stop_sentinel.json`: written last.
 pub fn sentinel_key(name: &str) -> ObjectKey {
-    ObjectKey::new(&format!("{BACKUP_DIR}/{name}{SENTINEL_SUFFIX}"))
-        .expect("backup names make valid keys")
+    ObjectKey::new(&format!("{BACKUP_DIR}/{name}{SENTINEL_SUFFIX}")).expect("backup names make valid keys")
 }
 
 /// The backup name a sentinel key belongs to, if `key` is one.
@@ -72,8 +65,7 @@ pub fn backup_file_key(name: &str, file: &str) -> ObjectKey {
 
 /// `basebackups_005/<name>/tar_partitions/<partition>`.
 pub fn partition_key(name: &str, partition: &str) -> ObjectKey {
-    ObjectKey::new(&format!("{BACKUP_DIR}/{name}/tar_partitions/{partition}"))
-        .expect("backup names make valid keys")
+    ObjectKey::new(&format!("{BACKUP_DIR}/{name}/tar_partitions/{partition}")).expect("backup names make valid keys")
 }
 
 /// The file name of data partition `n` (from 1), as WAL-G numbers them.
@@ -117,54 +109,28 @@ mod tests {
             sentinel_key(name).as_str(),
             "basebackups_005/base_000000010000000000000002_backup_stop_sentinel.json"
         );
-        assert_eq!(
-            backup_name_of_sentinel(sentinel_key(name).as_str()),
-            Some(name)
-        );
-        assert_eq!(
-            backup_name_of_sentinel("basebackups_005/base_1/metadata.json"),
-            None
-        );
+        assert_eq!(backup_name_of_sentinel(sentinel_key(name).as_str()), Some(name));
+        assert_eq!(backup_name_of_sentinel("basebackups_005/base_1/metadata.json"), None);
         assert_eq!(
             partition_key(name, &partition_name(7, Compression::Lz4)).as_str(),
             "basebackups_005/base_000000010000000000000002/tar_partitions/part_007.tar.lz4"
         );
-        assert_eq!(
-            partition_compression("pg_control.tar.lz4"),
-            Some(Compression::Lz4)
-        );
-        assert_eq!(
-            partition_compression("part_001.tar"),
-            Some(Compression::None)
-        );
+        assert_eq!(partition_compression("pg_control.tar.lz4"), Some(Compression::Lz4));
+        assert_eq!(partition_compression("part_001.tar"), Some(Compression::None));
         assert_eq!(partition_compression("part_001.tar.br"), None);
     }
 
     #[test]
     fn wal_keys_follow_the_walg_layout() {
         let name = WalFileName::parse("000000010000000000000003").unwrap();
-        assert_eq!(
-            wal_key(&name, Compression::Lz4).as_str(),
-            "wal_005/000000010000000000000003.lz4"
-        );
-        assert_eq!(
-            wal_key(&name, Compression::Zstd).as_str(),
-            "wal_005/000000010000000000000003.zst"
-        );
-        assert_eq!(
-            wal_key(&name, Compression::None).as_str(),
-            "wal_005/000000010000000000000003"
-        );
+        assert_eq!(wal_key(&name, Compression::Lz4).as_str(), "wal_005/000000010000000000000003.lz4");
+        assert_eq!(wal_key(&name, Compression::Zstd).as_str(), "wal_005/000000010000000000000003.zst");
+        assert_eq!(wal_key(&name, Compression::None).as_str(), "wal_005/000000010000000000000003");
         let h = WalFileName::parse("00000002.history").unwrap();
-        assert_eq!(
-            wal_key(&h, Compression::Lz4).as_str(),
-            "wal_005/00000002.history.lz4"
-        );
+        assert_eq!(wal_key(&h, Compression::Lz4).as_str(), "wal_005/00000002.history.lz4");
         let c = wal_candidates(&name, Compression::Zstd);
         assert_eq!(c[0].1, Some(Compression::Zstd));
         assert_eq!(c.len(), 3 + FOREIGN_EXTENSIONS.len());
-        assert!(c
-            .iter()
-            .any(|(k, comp)| k.as_str().ends_with(".br") && comp.is_none()));
+        assert!(c.iter().any(|(k, comp)| k.as_str().ends_with(".br") && comp.is_none()));
     }
 }

@@ -31,9 +31,7 @@ impl FromStr for Level {
             "warn" | "warning" => Ok(Level::Warn),
             "info" => Ok(Level::Info),
             "debug" => Ok(Level::Debug),
-            _ => Err(format!(
-                "unknown log level {s:?}: use error, warn, info or debug"
-            )),
+            _ => Err(format!("unknown log level {s:?}: use error, warn, info or debug")),
         }
     }
 }
@@ -73,9 +71,8 @@ pub fn emit(level: Level, fields: &[(&str, &dyn fmt::Display)]) {
 
 fn format_line(level: Level, fields: &[(&str, &dyn fmt::Display)]) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let ts = now
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| now.unix_timestamp().to_string());
+    let ts =
+        now.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| now.unix_timestamp().to_string());
     let mut line = format!("ts={ts} level={level}");
     for (key, value) in fields {
         let value = value.to_string();
@@ -90,10 +87,7 @@ fn format_line(level: Level, fields: &[(&str, &dyn fmt::Display)]) -> String {
 
 /// Quotes a value when logfmt needs it, escaping quotes, backslashes and newlines.
 fn push_value(line: &mut String, value: &str) {
-    let needs_quotes = value.is_empty()
-        || value
-            .chars()
-            .any(|c| c <= ' ' || c == '"' || c == '=' || c == '\\');
+    let needs_quotes = value.is_empty() || value.chars().any(|c| c <= ' ' || c == '"' || c == '=' || c == '\\');
     if !needs_quotes {
         line.push_str(value);
         return;
@@ -121,22 +115,10 @@ mod tests {
 
     #[test]
     fn values_are_quoted_only_when_needed() {
-        let line = format_line(
-            Level::Info,
-            &[
-                ("op", &"wal-push"),
-                ("error", &"bad \"x\"=1\nnext"),
-                ("n", &42),
-                ("e", &""),
-            ],
-        );
+        let line =
+            format_line(Level::Info, &[("op", &"wal-push"), ("error", &"bad \"x\"=1\nnext"), ("n", &42), ("e", &"")]);
         assert!(line.starts_with("ts="));
-        assert!(
-            line.ends_with(
-                " level=info op=wal-push error=\"bad \\\"x\\\"=1\\nnext\" n=42 e=\"\"\n"
-            ),
-            "{line}"
-        );
+        assert!(line.ends_with(" level=info op=wal-push error=\"bad \\\"x\\\"=1\\nnext\" n=42 e=\"\"\n"), "{line}");
         assert_eq!(line.matches('\n').count(), 1);
     }
 

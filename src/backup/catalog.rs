@@ -38,10 +38,8 @@ pub async fn list(store: &Arc<Store>) -> Result<Vec<BackupInfo>, Error> {
         Err(StoreError::NotFound { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let names: Vec<String> = objects
-        .iter()
-        .filter_map(|o| layout::backup_name_of_sentinel(o.key.as_str()).map(str::to_string))
-        .collect();
+    let names: Vec<String> =
+        objects.iter().filter_map(|o| layout::backup_name_of_sentinel(o.key.as_str()).map(str::to_string)).collect();
     let reads = names.iter().map(|name| async move {
         let key = layout::sentinel_key(name);
         let bytes = store.get_bytes(&key).await?;
@@ -49,10 +47,7 @@ pub async fn list(store: &Arc<Store>) -> Result<Vec<BackupInfo>, Error> {
             key: format!("{}/{key}", store.url()),
             detail: format!("not a backup sentinel: {e}"),
         })?;
-        Ok::<_, Error>(BackupInfo {
-            name: name.clone(),
-            sentinel,
-        })
+        Ok::<_, Error>(BackupInfo { name: name.clone(), sentinel })
     });
     let mut out = Vec::new();
     for r in futures_util::future::join_all(reads).await {
@@ -65,16 +60,11 @@ pub async fn list(store: &Arc<Store>) -> Result<Vec<BackupInfo>, Error> {
 /// Oldest first, by finish time, then finish LSN, then name as the last tie-break.
 pub fn sort(backups: &mut [BackupInfo]) {
     backups.sort_by(|a, b| {
-        (
-            a.sentinel.finish_timestamp(),
-            a.sentinel.finish_lsn,
-            &a.name,
-        )
-            .cmp(&(
-                b.sentinel.finish_timestamp(),
-                b.sentinel.finish_lsn,
-                &b.name,
-            ))
+        (a.sentinel.finish_timestamp(), a.sentinel.finish_lsn, &a.name).cmp(&(
+            b.sentinel.finish_timestamp(),
+            b.sentinel.finish_lsn,
+            &b.name,
+        ))
     });
 }
 
@@ -83,14 +73,10 @@ pub fn select<'a>(backups: &'a [BackupInfo], selector: &Selector) -> Option<&'a 
     match selector {
         Selector::Named(name) => backups.iter().find(|b| &b.name == name),
         Selector::Latest => backups.last(),
-        Selector::BeforeTime(t) => backups
-            .iter()
-            .rev()
-            .find(|b| b.sentinel.finish_timestamp().is_some_and(|f| f <= *t)),
-        Selector::BeforeLsn(lsn) => backups
-            .iter()
-            .rev()
-            .find(|b| b.sentinel.finish_lsn <= lsn.0),
+        Selector::BeforeTime(t) => {
+            backups.iter().rev().find(|b| b.sentinel.finish_timestamp().is_some_and(|f| f <= *t))
+        }
+        Selector::BeforeLsn(lsn) => backups.iter().rev().find(|b| b.sentinel.finish_lsn <= lsn.0),
     }
 }
 
@@ -102,10 +88,7 @@ mod tests {
         let mut s: Sentinel = serde_json::from_str(r#"{"LSN":1}"#).unwrap();
         s.finish_time = finish.to_string();
         s.finish_lsn = lsn;
-        BackupInfo {
-            name: name.into(),
-            sentinel: s,
-        }
+        BackupInfo { name: name.into(), sentinel: s }
     }
 
     #[test]
@@ -114,39 +97,19 @@ mod tests {
         let mut b = vec![
             backup("base_000000020000000000000009", "2026-11-26T12:00:00Z", 900),
             backup("base_000000010000000000000005", "2026-11-26T10:00:00Z", 500),
-            backup(
-                "base_00000001000000000000000A",
-                "2026-11-26T11:00:00Z",
-                1000,
-            ),
+            backup("base_00000001000000000000000A", "2026-11-26T11:00:00Z", 1000),
         ];
         sort(&mut b);
         let names: Vec<&str> = b.iter().map(|x| x.name.as_str()).collect();
         assert_eq!(
             names,
-            [
-                "base_000000010000000000000005",
-                "base_00000001000000000000000A",
-                "base_000000020000000000000009"
-            ]
+            ["base_000000010000000000000005", "base_00000001000000000000000A", "base_000000020000000000000009"]
         );
-        assert_eq!(
-            select(&b, &Selector::Latest).unwrap().name,
-            "base_000000020000000000000009"
-        );
-        let t = time::OffsetDateTime::parse(
-            "2026-11-26T11:30:00Z",
-            &time::format_description::well_known::Rfc3339,
-        )
-        .unwrap();
-        assert_eq!(
-            select(&b, &Selector::BeforeTime(t)).unwrap().name,
-            "base_00000001000000000000000A"
-        );
-        assert_eq!(
-            select(&b, &Selector::BeforeLsn(Lsn(600))).unwrap().name,
-            "base_000000010000000000000005"
-        );
+        assert_eq!(select(&b, &Selector::Latest).unwrap().name, "base_000000020000000000000009");
+        let t = time::OffsetDateTime::parse("2026-11-26T11:30:00Z", &time::format_description::well_known::Rfc3339)
+            .unwrap();
+        assert_eq!(select(&b, &Selector::BeforeTime(t)).unwrap().name, "base_00000001000000000000000A");
+        assert_eq!(select(&b, &Selector::BeforeLsn(Lsn(600))).unwrap().name, "base_000000010000000000000005");
         assert!(select(&b, &Selector::BeforeLsn(Lsn(10))).is_none());
     }
 }

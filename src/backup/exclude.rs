@@ -3,16 +3,8 @@
 //! and relations, and the main forks of unlogged relations).
 
 /// Directories kept (empty) but whose contents are left out.
-const EXCLUDE_DIR_CONTENTS: &[&str] = &[
-    "pg_wal",
-    "pg_stat_tmp",
-    "pg_replslot",
-    "pg_dynshmem",
-    "pg_notify",
-    "pg_serial",
-    "pg_snapshots",
-    "pg_subtrans",
-];
+const EXCLUDE_DIR_CONTENTS: &[&str] =
+    &["pg_wal", "pg_stat_tmp", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots", "pg_subtrans"];
 
 /// Files left out wherever they appear at the top of the data directory.
 const EXCLUDE_TOP_FILES: &[&str] = &[
@@ -36,10 +28,7 @@ pub fn is_emptied_dir(rel: &str) -> bool {
 /// Whether a file or directory at `rel` (relative to the data directory, or to a
 /// tablespace's version directory for tablespace files) is left out entirely.
 pub fn is_excluded(rel: &str, name: &str, is_top: bool) -> bool {
-    if name.starts_with("pgsql_tmp")
-        || name == "pg_internal.init"
-        || name.starts_with("pg_internal.init.")
-    {
+    if name.starts_with("pgsql_tmp") || name == "pg_internal.init" || name.starts_with("pg_internal.init.") {
         return true;
     }
     if is_top && EXCLUDE_TOP_FILES.contains(&rel) {
@@ -66,9 +55,7 @@ fn is_temp_relation(name: &str) -> bool {
 /// The relfilenode a relation file belongs to and whether it is an `_init` fork:
 /// `16384`, `16384.1`, `16384_fsm`, `16384_init`.
 pub fn relation_file(name: &str) -> Option<(&str, bool)> {
-    let node_end = name
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(name.len());
+    let node_end = name.find(|c: char| !c.is_ascii_digit()).unwrap_or(name.len());
     if node_end == 0 {
         return None;
     }
@@ -89,11 +76,7 @@ mod tests {
     fn leaves_out_what_pg_basebackup_leaves_out() {
         assert!(is_excluded("postmaster.pid", "postmaster.pid", true));
         assert!(is_excluded("base/1/pgsql_tmp", "pgsql_tmp", false));
-        assert!(is_excluded(
-            "global/pg_internal.init",
-            "pg_internal.init",
-            false
-        ));
+        assert!(is_excluded("global/pg_internal.init", "pg_internal.init", false));
         assert!(is_excluded("base/5/t3_16384", "t3_16384", false));
         assert!(is_excluded("base/5/t3_16384_fsm", "t3_16384_fsm", false));
         assert!(!is_excluded("base/5/16384", "16384", false));

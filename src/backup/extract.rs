@@ -11,6 +11,8 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use super::manifest::FileEntry;
+use crate::codec::encode::read_full;
+use crate::codec::hasher::BackgroundHasher;
 use crate::codec::{Sha256, CHUNK_SIZE};
 
 /// Where a partition's entries go.
@@ -53,27 +55,18 @@ impl ExtractPlan {
     /// Where the entry at `rel` goes; `None` for the tablespace links themselves (made by the
     /// caller) and for entries that are not safe paths.
     pub fn target_of(&self, rel: &str) -> Result<Option<PathBuf>, ExtractError> {
-        let rel = rel
-            .trim_start_matches('/')
-            .trim_start_matches("./")
-            .trim_end_matches('/');
+        let rel = rel.trim_start_matches('/').trim_start_matches("./").trim_end_matches('/');
         if rel.is_empty() {
             return Ok(None);
         }
         let path = Path::new(rel);
         if !path.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(ExtractError::Bad(format!(
-                "unsafe path {rel:?} in the backup"
-            )));
+            return Err(ExtractError::Bad(format!("unsafe path {rel:?} in the backup")));
         }
         if let Some(rest) = rel.strip_prefix("pg_tblspc/") {
             let (oid, inner) = rest.split_once('/').unwrap_or((rest, ""));
             if let Some(dir) = self.tablespaces.get(oid) {
-                return Ok(if inner.is_empty() {
-                    None
-                } else {
-                    Some(dir.join(inner))
-                });
+                return Ok(if inner.is_empty() { None } else { Some(dir.join(inner)) });
             }
         }
         Ok(Some(self.dest.join(path)))
@@ -97,10 +90,7 @@ pub fn extract<R: Read>(
         let Some(target) = plan.target_of(&rel)? else {
             continue;
         };
-        let local = |source: io::Error| ExtractError::Local {
-            path: target.display().to_string(),
-            source,
-        };
+        let local = |source: io::Error| ExtractError::Local { path: target.display().to_string(), source };
         let mode = entry.header().mode().unwrap_or(0o600) & 0o7777;
         match entry.header().entry_type() {
             tar::EntryType::Directory => {
@@ -108,11 +98,7 @@ pub fn extract<R: Read>(
                 fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).map_err(local)?;
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| bad("bad link", e))?
-                    .unwrap_or_default()
-                    .into_owned();
+                let link = entry.link_name().map_err(|e| bad("bad link", e))?.unwrap_or_default().into_owned();
                 make_parent(&target).map_err(local)?;
                 let _ = fs::remove_file(&target);
                 std::os::unix::fs::symlink(link, &target).map_err(local)?;
@@ -126,25 +112,16 @@ pub fn extract<R: Read>(
                     .mode(if mode == 0 { 0o600 } else { mode })
                     .open(&target)
                     .map_err(local)?;
-                let mut hasher = Sha256Hasher::new();
-                let mut size = 0u64;
-                loop {
-                    let n = match entry.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(bad(&format!("reading {rel}"), e)),
-                    };
-                    file.write_all(&buf[..n]).map_err(local)?;
-                    hasher.update(&buf[..n]);
-                    size += n as u64;
-                }
+                let (got, size) = copy_hashed(&mut entry, &mut file, &mut buf).map_err(|e| match e {
+                    CopyError::Read(e) => bad(&format!("reading {rel}"), e),
+                    CopyError::Write(e) => local(e),
+                })?;
                 if let Some(expected) = expected {
                     let clean = rel.trim_start_matches('/');
-                    let want = expected.get(clean).ok_or_else(|| {
-                        ExtractError::Bad(format!("{clean} is not in the manifest"))
-                    })?;
-                    let got = Sha256(hasher.finalize().into()).to_string();
+                    let want = expected
+                        .get(clean)
+                        .ok_or_else(|| ExtractError::Bad(format!("{clean} is not in the manifest")))?;
+                    let got = got.to_string();
                     if want.size != size || want.sha256 != got {
                         return Err(ExtractError::Bad(format!(
                             "{clean}: sha256 {got} ({size} bytes) but the manifest records {} ({} bytes)",
@@ -160,6 +137,35 @@ pub fn extract<R: Read>(
         }
     }
     Ok(summary)
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies a tar entry into its file, hashing on the way. A file larger than one chunk
+/// continues its digest on a second core while this one decompresses and writes.
+fn copy_hashed<R: Read, W: Write>(entry: &mut R, file: &mut W, first: &mut [u8]) -> Result<(Sha256, u64), CopyError> {
+    let n = read_full(entry, first).map_err(CopyError::Read)?;
+    file.write_all(&first[..n]).map_err(CopyError::Write)?;
+    let mut inline = Sha256Hasher::new();
+    inline.update(&first[..n]);
+    let mut size = n as u64;
+    if n < first.len() {
+        return Ok((Sha256(inline.finalize().into()), size));
+    }
+    let mut hasher = BackgroundHasher::continuing(inline);
+    loop {
+        let mut chunk = hasher.buffer();
+        let n = read_full(entry, &mut chunk).map_err(CopyError::Read)?;
+        if n == 0 {
+            return Ok((hasher.finish(), size));
+        }
+        file.write_all(&chunk[..n]).map_err(CopyError::Write)?;
+        hasher.update(chunk, n);
+        size += n as u64;
+    }
 }
 
 fn make_parent(path: &Path) -> io::Result<()> {
@@ -193,18 +199,9 @@ mod tests {
             dest: "/restore".into(),
             tablespaces: HashMap::from([("16385".to_string(), PathBuf::from("/new/ts"))]),
         };
-        assert_eq!(
-            plan.target_of("/global/pg_control").unwrap(),
-            Some(PathBuf::from("/restore/global/pg_control"))
-        );
-        assert_eq!(
-            plan.target_of("base/5/1").unwrap(),
-            Some(PathBuf::from("/restore/base/5/1"))
-        );
-        assert_eq!(
-            plan.target_of("pg_tblspc/16385/PG_15/5/1").unwrap(),
-            Some(PathBuf::from("/new/ts/PG_15/5/1"))
-        );
+        assert_eq!(plan.target_of("/global/pg_control").unwrap(), Some(PathBuf::from("/restore/global/pg_control")));
+        assert_eq!(plan.target_of("base/5/1").unwrap(), Some(PathBuf::from("/restore/base/5/1")));
+        assert_eq!(plan.target_of("pg_tblspc/16385/PG_15/5/1").unwrap(), Some(PathBuf::from("/new/ts/PG_15/5/1")));
         assert_eq!(plan.target_of("pg_tblspc/16385/").unwrap(), None);
         assert!(plan.target_of("base/../../etc/passwd").is_err());
     }

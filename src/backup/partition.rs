@@ -7,13 +7,15 @@
 //! backup does; WAL replay from the backup's start repairs such files.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use super::manifest::{FileEntry, PartitionEntry};
 use super::walk::{Entry, EntryKind};
+use crate::codec::encode::read_full;
+use crate::codec::hasher::BackgroundHasher;
 use crate::codec::{Compression, Compressor, Sha256, CHUNK_SIZE};
 use crate::store::ObjectWriter;
 
@@ -43,18 +45,10 @@ pub(crate) struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256Hasher::new(),
-            count: 0,
-        }
+        HashingWriter { inner, hasher: Sha256Hasher::new(), count: 0 }
     }
     pub(crate) fn finish(self) -> (W, Sha256, u64) {
-        (
-            self.inner,
-            Sha256(self.hasher.finalize().into()),
-            self.count,
-        )
+        (self.inner, Sha256(self.hasher.finalize().into()), self.count)
     }
 }
 
@@ -94,30 +88,19 @@ pub struct PartitionWriter {
     name: String,
     tar: tar::Builder<Sink>,
     files: Vec<FileEntry>,
+    /// Reused buffer for small files.
+    scratch: Vec<u8>,
     /// Original bytes read from files so far (for progress).
     pub bytes_read: u64,
 }
 
 impl PartitionWriter {
     /// A partition named `name` (e.g. `part_001.tar.lz4`) written to `object`.
-    pub fn new(
-        name: String,
-        object: Box<dyn ObjectWriter>,
-        compression: Compression,
-        level: i32,
-    ) -> io::Result<Self> {
+    pub fn new(name: String, object: Box<dyn ObjectWriter>, compression: Compression, level: i32) -> io::Result<Self> {
         let compressor = Compressor::new(compression, level, HashingWriter::new(object))?;
-        let mut tar = tar::Builder::new(Counter {
-            inner: compressor,
-            count: 0,
-        });
+        let mut tar = tar::Builder::new(Counter { inner: compressor, count: 0 });
         tar.mode(tar::HeaderMode::Complete);
-        Ok(PartitionWriter {
-            name,
-            tar,
-            files: Vec::new(),
-            bytes_read: 0,
-        })
+        Ok(PartitionWriter { name, tar, files: Vec::new(), scratch: Vec::new(), bytes_read: 0 })
     }
 
     /// Tar bytes written so far, to decide when to start the next partition.
@@ -136,77 +119,46 @@ impl PartitionWriter {
             EntryKind::Dir => {
                 header.set_entry_type(tar::EntryType::Directory);
                 header.set_size(0);
-                self.tar
-                    .append_data(&mut header, format!("{}/", entry.rel), io::empty())
-                    .map_err(PartitionError::Write)
+                self.tar.append_data(&mut header, format!("{}/", entry.rel), io::empty()).map_err(PartitionError::Write)
             }
             EntryKind::Symlink { target } => {
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
-                self.tar
-                    .append_link(&mut header, &entry.rel, target)
-                    .map_err(PartitionError::Write)
+                self.tar.append_link(&mut header, &entry.rel, target).map_err(PartitionError::Write)
             }
             EntryKind::File { .. } => {
-                let file = match File::open(&entry.abs) {
+                let mut file = match File::open(&entry.abs) {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                    Err(source) => {
-                        return Err(PartitionError::Read {
-                            path: entry.abs.display().to_string(),
-                            source,
-                        })
-                    }
+                    Err(source) => return Err(PartitionError::Read { path: entry.abs.display().to_string(), source }),
                 };
-                let size = file
-                    .metadata()
-                    .map_err(|source| PartitionError::Read {
-                        path: entry.abs.display().to_string(),
-                        source,
-                    })?
-                    .size();
+                let read_err = |source| PartitionError::Read { path: entry.abs.display().to_string(), source };
+                let size = file.metadata().map_err(read_err)?.size();
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(size);
-                let mut reader = ExactReader {
-                    file,
-                    remaining: size,
-                    hasher: Sha256Hasher::new(),
-                    error: None,
-                };
-                let result = self.tar.append_data(&mut header, &entry.rel, &mut reader);
-                if let Some(source) = reader.error.take() {
-                    return Err(PartitionError::Read {
-                        path: entry.abs.display().to_string(),
-                        source,
-                    });
-                }
-                result.map_err(PartitionError::Write)?;
+                // The tar crate writes the header (and a long-name entry when needed); the
+                // data goes straight to the sink in large chunks, not through its 8 KiB copy.
+                self.tar.append_data(&mut header, &entry.rel, io::empty()).map_err(PartitionError::Write)?;
+                let sha256 =
+                    copy_exact(&mut file, size, self.tar.get_mut(), &mut self.scratch).map_err(|e| match e {
+                        CopyError::Read(e) => read_err(e),
+                        CopyError::Write(e) => PartitionError::Write(e),
+                    })?;
                 self.bytes_read += size;
-                self.files.push(FileEntry {
-                    path: entry.rel.clone(),
-                    size,
-                    sha256: Sha256(reader.hasher.finalize().into()).to_string(),
-                });
+                self.files.push(FileEntry { path: entry.rel.clone(), size, sha256: sha256.to_string() });
                 Ok(())
             }
         }
     }
 
     /// Adds a file from memory (backup_label, tablespace_map, pg_control).
-    pub fn append_bytes(
-        &mut self,
-        rel: &str,
-        bytes: &[u8],
-        mode: u32,
-    ) -> Result<(), PartitionError> {
+    pub fn append_bytes(&mut self, rel: &str, bytes: &[u8], mode: u32) -> Result<(), PartitionError> {
         let mut header = tar::Header::new_gnu();
         header.set_mode(mode);
         header.set_mtime(time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(bytes.len() as u64);
-        self.tar
-            .append_data(&mut header, rel, bytes)
-            .map_err(PartitionError::Write)?;
+        self.tar.append_data(&mut header, rel, bytes).map_err(PartitionError::Write)?;
         self.files.push(FileEntry {
             path: rel.to_string(),
             size: bytes.len() as u64,
@@ -235,40 +187,40 @@ impl PartitionWriter {
     }
 }
 
-/// Yields exactly `remaining` bytes of `file`: zeros past a shrunk file's end, nothing of
-/// what a growing file appends. Hashes what it yields. Read errors are kept aside so they
-/// are reported as the data directory's fault, not the upload's.
-struct ExactReader {
-    file: File,
-    remaining: u64,
-    hasher: Sha256Hasher,
-    error: Option<io::Error>,
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
 }
 
-impl Read for ExactReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
-            return Ok(0);
+/// Copies exactly `size` bytes of `file` into `sink`, then the tar padding: zeros past a
+/// shrunk file's end, nothing of what a growing file appends. Returns the sha256 of the
+/// bytes copied; for large files it runs on a second core while the sink compresses.
+fn copy_exact<W: Write>(file: &mut File, size: u64, sink: &mut W, scratch: &mut Vec<u8>) -> Result<Sha256, CopyError> {
+    let mut remaining = size;
+    let mut fill = |buf: &mut [u8]| -> Result<(), CopyError> {
+        let n = read_full(file, buf).map_err(CopyError::Read)?;
+        // The file shrank: pad with zeros, as PostgreSQL's base backup does.
+        buf[n..].fill(0);
+        sink.write_all(buf).map_err(CopyError::Write)
+    };
+    let sha = if size > CHUNK_SIZE as u64 {
+        let mut hasher = BackgroundHasher::new();
+        while remaining > 0 {
+            let want = remaining.min(CHUNK_SIZE as u64) as usize;
+            let mut buf = hasher.buffer();
+            fill(&mut buf[..want])?;
+            hasher.update(buf, want);
+            remaining -= want as u64;
         }
-        let want = (buf.len() as u64)
-            .min(self.remaining)
-            .min(CHUNK_SIZE as u64) as usize;
-        let n = match self.file.read(&mut buf[..want]) {
-            Ok(0) => {
-                // The file shrank: pad with zeros, as PostgreSQL's base backup does.
-                buf[..want].fill(0);
-                want
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                let msg = e.to_string();
-                self.error = Some(e);
-                return Err(io::Error::other(msg));
-            }
-        };
-        self.hasher.update(&buf[..n]);
-        self.remaining -= n as u64;
-        Ok(n)
-    }
+        hasher.finish()
+    } else {
+        let mut hasher = Sha256Hasher::new();
+        scratch.resize(size as usize, 0);
+        fill(&mut scratch[..])?;
+        hasher.update(&scratch[..]);
+        Sha256(hasher.finalize().into())
+    };
+    let padding = (512 - size % 512) % 512;
+    sink.write_all(&[0u8; 512][..padding as usize]).map_err(CopyError::Write)?;
+    Ok(sha)
 }

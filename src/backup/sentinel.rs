@@ -27,11 +27,7 @@ pub struct Sentinel {
     #[serde(rename = "CompressedSize", default)]
     pub compressed_size: u64,
     /// Bytes of the data files.
-    #[serde(
-        rename = "DataCatalogSize",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "DataCatalogSize", default, skip_serializing_if = "Option::is_none")]
     pub data_catalog_size: Option<u64>,
     /// Tablespaces: `{"base_prefix": ..., "tablespaces": ["16385"], "16385": {"loc": ..., "link": ...}}`.
     #[serde(rename = "Spec", default, skip_serializing_if = "Option::is_none")]
@@ -61,25 +57,13 @@ pub struct Sentinel {
     #[serde(rename = "IsPermanent", default)]
     pub is_permanent: bool,
     /// wal-rs: the timeline the backup started on.
-    #[serde(
-        rename = "WalrsTimeline",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "WalrsTimeline", default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<u32>,
     /// wal-rs: the WAL segment size.
-    #[serde(
-        rename = "WalrsWalSegmentSize",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "WalrsWalSegmentSize", default, skip_serializing_if = "Option::is_none")]
     pub wal_segment_size: Option<u32>,
     /// wal-rs: the manifest object, relative to the backup's folder.
-    #[serde(
-        rename = "WalrsManifest",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "WalrsManifest", default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
 }
 
@@ -137,10 +121,7 @@ impl Sentinel {
             .filter_map(Value::as_str)
             .filter_map(|oid| {
                 let loc = spec.get(oid)?.get("loc")?.as_str()?;
-                Some(Tablespace {
-                    oid: oid.to_string(),
-                    location: loc.to_string(),
-                })
+                Some(Tablespace { oid: oid.to_string(), location: loc.to_string() })
             })
             .collect()
     }
@@ -148,18 +129,10 @@ impl Sentinel {
     /// A spec for `data_dir` and `tablespaces`, in WAL-G's shape.
     pub fn make_spec(data_dir: &str, tablespaces: &[Tablespace]) -> Value {
         let mut spec = serde_json::Map::new();
-        spec.insert(
-            "base_prefix".into(),
-            Value::String(format!("{}/", data_dir.trim_end_matches('/'))),
-        );
+        spec.insert("base_prefix".into(), Value::String(format!("{}/", data_dir.trim_end_matches('/'))));
         spec.insert(
             "tablespaces".into(),
-            Value::Array(
-                tablespaces
-                    .iter()
-                    .map(|t| Value::String(t.oid.clone()))
-                    .collect(),
-            ),
+            Value::Array(tablespaces.iter().map(|t| Value::String(t.oid.clone())).collect()),
         );
         for t in tablespaces {
             spec.insert(
@@ -188,8 +161,7 @@ pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
 
 /// Formats a time as RFC 3339 in UTC.
 pub fn format_time(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -208,10 +180,7 @@ mod tests {
 
     #[test]
     fn tablespace_specs_round_trip() {
-        let ts = vec![Tablespace {
-            oid: "16385".into(),
-            location: "/srv/ts/".into(),
-        }];
+        let ts = vec![Tablespace { oid: "16385".into(), location: "/srv/ts/".into() }];
         let s = Sentinel {
             spec: Some(Sentinel::make_spec("/pgdata", &ts)),
             ..serde_json::from_str(r#"{"LSN":1}"#).unwrap()

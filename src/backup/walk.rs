@@ -66,10 +66,7 @@ pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
         if !location.ends_with('/') {
             location.push('/');
         }
-        out.push(Tablespace {
-            oid: name,
-            location,
-        });
+        out.push(Tablespace { oid: name, location });
     }
     out.sort_by(|a, b| a.oid.cmp(&b.oid));
     Ok(out)
@@ -77,11 +74,7 @@ pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
 
 /// Walks `pgdata` and the tablespaces, calling `emit` for every entry to back up, except
 /// `global/pg_control`, which the caller adds last. Stops early when `emit` returns false.
-pub fn walk(
-    pgdata: &Path,
-    tablespaces: &[Tablespace],
-    emit: &mut dyn FnMut(Entry) -> bool,
-) -> io::Result<()> {
+pub fn walk(pgdata: &Path, tablespaces: &[Tablespace], emit: &mut dyn FnMut(Entry) -> bool) -> io::Result<()> {
     if !walk_dir(pgdata, "", true, emit)? {
         return Ok(());
     }
@@ -113,17 +106,9 @@ fn stat(path: &Path) -> io::Result<Option<fs::Metadata>> {
     }
 }
 
-fn walk_dir(
-    dir: &Path,
-    rel: &str,
-    is_top: bool,
-    emit: &mut dyn FnMut(Entry) -> bool,
-) -> io::Result<bool> {
+fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> bool) -> io::Result<bool> {
     let mut names: Vec<String> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(e),
     };
@@ -136,14 +121,8 @@ fn walk_dir(
         .map(|(node, _)| node.to_string())
         .collect();
     for name in &names {
-        let child_rel = if rel.is_empty() {
-            name.clone()
-        } else {
-            format!("{rel}/{name}")
-        };
-        if exclude::is_excluded(&child_rel, name, is_top)
-            || (is_top && child_rel == "global/pg_control")
-        {
+        let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        if exclude::is_excluded(&child_rel, name, is_top) || (is_top && child_rel == "global/pg_control") {
             continue;
         }
         if let Some((node, init)) = exclude::relation_file(name) {
@@ -161,38 +140,21 @@ fn walk_dir(
         let ft = meta.file_type();
         if is_top && name == "pg_tblspc" {
             // The links become tablespace entries of their own (see `walk`).
-            if !emit(Entry {
-                rel: child_rel,
-                abs,
-                kind: EntryKind::Dir,
-                mode,
-                mtime,
-            }) {
+            if !emit(Entry { rel: child_rel, abs, kind: EntryKind::Dir, mode, mtime }) {
                 return Ok(false);
             }
             continue;
         }
         let is_dir = ft.is_dir() || (ft.is_symlink() && abs.is_dir() && is_top);
         if is_dir {
-            if !emit(Entry {
-                rel: child_rel.clone(),
-                abs: abs.clone(),
-                kind: EntryKind::Dir,
-                mode,
-                mtime,
-            }) {
+            if !emit(Entry { rel: child_rel.clone(), abs: abs.clone(), kind: EntryKind::Dir, mode, mtime }) {
                 return Ok(false);
             }
             if is_top && exclude::is_emptied_dir(&child_rel) {
                 if child_rel == "pg_wal" {
                     let status = format!("{child_rel}/archive_status");
-                    if !emit(Entry {
-                        rel: status,
-                        abs: abs.join("archive_status"),
-                        kind: EntryKind::Dir,
-                        mode,
-                        mtime,
-                    }) {
+                    if !emit(Entry { rel: status, abs: abs.join("archive_status"), kind: EntryKind::Dir, mode, mtime })
+                    {
                         return Ok(false);
                     }
                 }
@@ -203,23 +165,11 @@ fn walk_dir(
             }
         } else if ft.is_symlink() {
             let target = fs::read_link(&abs)?;
-            if !emit(Entry {
-                rel: child_rel,
-                abs,
-                kind: EntryKind::Symlink { target },
-                mode,
-                mtime,
-            }) {
+            if !emit(Entry { rel: child_rel, abs, kind: EntryKind::Symlink { target }, mode, mtime }) {
                 return Ok(false);
             }
         } else if ft.is_file() {
-            if !emit(Entry {
-                rel: child_rel,
-                abs,
-                kind: EntryKind::File { size: meta.len() },
-                mode,
-                mtime,
-            }) {
+            if !emit(Entry { rel: child_rel, abs, kind: EntryKind::File { size: meta.len() }, mode, mtime }) {
                 return Ok(false);
             }
         }
@@ -235,13 +185,7 @@ mod tests {
     fn walks_like_pg_basebackup() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();
-        for dir in [
-            "base/5",
-            "global",
-            "pg_wal/archive_status",
-            "pg_stat_tmp",
-            "pg_tblspc",
-        ] {
+        for dir in ["base/5", "global", "pg_wal/archive_status", "pg_stat_tmp", "pg_tblspc"] {
             fs::create_dir_all(p.join(dir)).unwrap();
         }
         for file in [

@@ -40,18 +40,10 @@ pub enum DecodeError {
 
 /// Reads a stored object from `src` and writes the original bytes to `sink`, checking the
 /// trailer when there is one.
-pub fn decode<R: Read, W: Write>(
-    src: R,
-    compression: Compression,
-    mut sink: W,
-) -> Result<DecodeSummary, DecodeError> {
+pub fn decode<R: Read, W: Write>(src: R, compression: Compression, mut sink: W) -> Result<DecodeSummary, DecodeError> {
     let source_failed = Rc::new(Cell::new(false));
     let bytes_in = Rc::new(Cell::new(0u64));
-    let tagged = Tagged {
-        inner: src,
-        failed: source_failed.clone(),
-        count: bytes_in.clone(),
-    };
+    let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
     let mut decoder = Decoder::new(compression, tagged).map_err(|e| {
         if source_failed.get() {
             DecodeError::Source(e)
@@ -95,20 +87,12 @@ pub fn decode<R: Read, W: Write>(
             )));
         }
     }
-    Ok(DecodeSummary {
-        bytes_in: bytes_in.get(),
-        bytes_out,
-        sha256,
-        trailer,
-    })
+    Ok(DecodeSummary { bytes_in: bytes_in.get(), bytes_out, sha256, trailer })
 }
 
 /// A streaming decompressor over `src`, for readers that need the original bytes as a
 /// stream (tar partitions). A trailer, when present, is stepped over.
-pub fn decompressor<R: Read + Send + 'static>(
-    compression: Compression,
-    src: R,
-) -> io::Result<Box<dyn Read + Send>> {
+pub fn decompressor<R: Read + Send + 'static>(compression: Compression, src: R) -> io::Result<Box<dyn Read + Send>> {
     Ok(Box::new(Decoder::new(compression, src)?))
 }
 
@@ -146,12 +130,8 @@ impl<R: Read> Decoder<R> {
     fn new(compression: Compression, src: R) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Decoder::Plain(src),
-            Compression::Lz4 => {
-                Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src)))
-            }
-            Compression::Zstd => {
-                Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?)
-            }
+            Compression::Lz4 => Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src))),
+            Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?),
         })
     }
 
@@ -178,10 +158,7 @@ impl<R: Read> Read for Decoder<R> {
                         return Ok(n);
                     }
                 }
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "data after the end of the lz4 stream",
-                ))
+                Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the lz4 stream"))
             }
             Decoder::Zstd(d) => d.read(buf),
         }
@@ -194,9 +171,7 @@ mod tests {
     use crate::codec::encode;
 
     fn sample() -> Vec<u8> {
-        (0..500_000u32)
-            .flat_map(|i| (i % 1000).to_le_bytes())
-            .collect()
+        (0..500_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect()
     }
 
     #[test]
@@ -208,18 +183,9 @@ mod tests {
             let mut flipped = stored.clone();
             let last = flipped.len() - 1;
             flipped[last] ^= 0xff;
-            assert!(
-                matches!(
-                    decode(&flipped[..], c, io::sink()),
-                    Err(DecodeError::Corrupt(_))
-                ),
-                "{c}"
-            );
+            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
             let cut = &stored[..stored.len() / 2];
-            assert!(
-                matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))),
-                "{c}"
-            );
+            assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
         }
     }
 
@@ -245,10 +211,7 @@ mod tests {
             }
         }
         for c in Compression::ALL {
-            assert!(
-                matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))),
-                "{c}"
-            );
+            assert!(matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))), "{c}");
         }
     }
 }

@@ -29,15 +29,7 @@ pub fn encode<R: Read, W: Write>(
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
     use EncodeError::{Sink, Source};
-    let mut out = Encoder::new(
-        compression,
-        level,
-        Counting {
-            inner: sink,
-            count: 0,
-        },
-    )
-    .map_err(Sink)?;
+    let mut out = Encoder::new(compression, level, Counting { inner: sink, count: 0 }).map_err(Sink)?;
     let mut hasher = BackgroundHasher::new();
     let mut bytes_in = 0u64;
     loop {
@@ -53,21 +45,10 @@ pub fn encode<R: Read, W: Write>(
     let sha256 = hasher.finish();
     let mut sink = out.finish().map_err(Sink)?;
     if compression.has_trailer() {
-        sink.write_all(
-            &Trailer {
-                original_len: bytes_in,
-                sha256,
-            }
-            .encode(),
-        )
-        .map_err(Sink)?;
+        sink.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
     }
     sink.flush().map_err(Sink)?;
-    Ok(EncodeSummary {
-        bytes_in,
-        bytes_out: sink.count,
-        sha256,
-    })
+    Ok(EncodeSummary { bytes_in, bytes_out: sink.count, sha256 })
 }
 
 /// Why an encode failed: reading the source, or writing the sink (whose errors may wrap a
@@ -165,9 +146,7 @@ impl<W: Write> Encoder<W> {
                 // 256 KiB independent blocks: the decoder's buffers stay in cache and few
                 // pages are touched. Measured on a pgbench segment against 4 MiB blocks:
                 // push 19 ms vs 24, fetch 17 ms vs 22, objects 0.35% larger.
-                let info = FrameInfo::new()
-                    .block_size(BlockSize::Max256KB)
-                    .block_mode(BlockMode::Independent);
+                let info = FrameInfo::new().block_size(BlockSize::Max256KB).block_mode(BlockMode::Independent);
                 Encoder::Lz4(FrameEncoder::with_frame_info(info, sink))
             }
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?),

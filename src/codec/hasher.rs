@@ -21,12 +21,17 @@ pub(crate) struct BackgroundHasher {
 
 impl BackgroundHasher {
     pub(crate) fn new() -> Self {
+        Self::continuing(Sha256Hasher::new())
+    }
+
+    /// Continues a digest already fed with the start of the stream.
+    pub(crate) fn continuing(start: Sha256Hasher) -> Self {
         let (to_hash, chunks) = mpsc::sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
         let (give_back, returned) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("sha256".into())
             .spawn(move || {
-                let mut hasher = Sha256Hasher::new();
+                let mut hasher = start;
                 for (buf, len) in chunks {
                     hasher.update(&buf[..len]);
                     // The receiver is gone only when the caller stopped early; nothing to do.
@@ -35,18 +40,12 @@ impl BackgroundHasher {
                 Sha256(hasher.finalize().into())
             })
             .expect("spawning the sha256 thread");
-        BackgroundHasher {
-            to_hash: Some(to_hash),
-            returned,
-            worker: Some(worker),
-        }
+        BackgroundHasher { to_hash: Some(to_hash), returned, worker: Some(worker) }
     }
 
     /// A buffer of `CHUNK_SIZE` bytes to fill: a returned one when there is one.
     pub(crate) fn buffer(&mut self) -> Vec<u8> {
-        self.returned
-            .try_recv()
-            .unwrap_or_else(|_| vec![0; CHUNK_SIZE])
+        self.returned.try_recv().unwrap_or_else(|_| vec![0; CHUNK_SIZE])
     }
 
     /// Hashes `buf[..len]` in the background; the buffer comes back through [`Self::buffer`].
@@ -59,11 +58,7 @@ impl BackgroundHasher {
     /// The sha256 of everything handed over.
     pub(crate) fn finish(mut self) -> Sha256 {
         self.to_hash.take();
-        self.worker
-            .take()
-            .unwrap()
-            .join()
-            .expect("the sha256 thread panicked")
+        self.worker.take().unwrap().join().expect("the sha256 thread panicked")
     }
 }
 

@@ -22,13 +22,7 @@ pub(crate) struct HoldBack<R> {
 
 impl<R: Read> HoldBack<R> {
     pub(crate) fn new(inner: R) -> Self {
-        HoldBack {
-            inner,
-            buf: vec![0; CHUNK_SIZE + trailer::LEN],
-            start: 0,
-            end: 0,
-            trailer: None,
-        }
+        HoldBack { inner, buf: vec![0; CHUNK_SIZE + trailer::LEN], start: 0, end: 0, trailer: None }
     }
 
     /// The trailer found at end of input; `None` before the end or when there was none.
@@ -47,11 +41,7 @@ impl<R: Read> Read for HoldBack<R> {
         loop {
             let held = self.end - self.start;
             // Once the end is judged, everything left in the buffer is data.
-            let keep = if self.trailer.is_some() {
-                0
-            } else {
-                trailer::LEN
-            };
+            let keep = if self.trailer.is_some() { 0 } else { trailer::LEN };
             if held > keep {
                 let n = (held - keep).min(out.len());
                 out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
@@ -100,10 +90,7 @@ mod tests {
 
     #[test]
     fn a_trailer_is_held_back_and_other_tails_are_released() {
-        let t = Trailer {
-            original_len: 3,
-            sha256: Sha256([1; 32]),
-        };
+        let t = Trailer { original_len: 3, sha256: Sha256([1; 32]) };
         let body: Vec<u8> = (0..200u8).collect();
         let mut with = body.clone();
         with.extend_from_slice(&t.encode());

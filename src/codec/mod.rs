@@ -10,7 +10,7 @@
 
 pub mod decode;
 pub mod encode;
-mod hasher;
+pub(crate) mod hasher;
 mod holdback;
 pub mod trailer;
 

@@ -67,10 +67,7 @@ mod tests {
 
     #[test]
     fn trailer_round_trips_and_rejects_other_bytes() {
-        let t = Trailer {
-            original_len: 16 << 20,
-            sha256: Sha256([7; 32]),
-        };
+        let t = Trailer { original_len: 16 << 20, sha256: Sha256([7; 32]) };
         assert_eq!(Trailer::decode(&t.encode()), Some(t));
         let mut other = t.encode();
         other[10] ^= 1;

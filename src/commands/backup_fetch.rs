@@ -64,23 +64,19 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         Error::NotFound(match &selector {
             Selector::Named(n) => format!("no complete backup named {n} in {}: see wal-rs backup-list", store.url()),
             Selector::Latest => format!("no complete backup in {}: run backup-push first", store.url()),
-            _ => format!("no backup in {} finished before the recovery target: choose a later target or an older archive", store.url()),
+            _ => format!(
+                "no backup in {} finished before the recovery target: choose a later target or an older archive",
+                store.url()
+            ),
         })
     })?;
     let (manifest, partitions) = partitions_of(&store, &backup).await?;
 
     // Tablespace locations: as backed up, or remapped; all must be absent or empty.
-    let remap: HashMap<&str, &PathBuf> = args
-        .tablespace_map
-        .iter()
-        .map(|(o, p)| (o.as_str(), p))
-        .collect();
+    let remap: HashMap<&str, &PathBuf> = args.tablespace_map.iter().map(|(o, p)| (o.as_str(), p)).collect();
     let mut tablespaces = HashMap::new();
     for ts in backup.sentinel.tablespaces() {
-        let dir = remap
-            .get(ts.oid.as_str())
-            .map(|p| (*p).clone())
-            .unwrap_or_else(|| PathBuf::from(&ts.location));
+        let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(&ts.location));
         refuse_non_empty(&dir)?;
         tablespaces.insert(ts.oid.clone(), dir);
     }
@@ -97,22 +93,13 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
     create_dir(&tblspc)?;
     for (oid, dir) in &tablespaces {
         create_dir(dir)?;
-        std::os::unix::fs::symlink(dir, tblspc.join(oid))
-            .map_err(|e| Error::local("link", &tblspc.join(oid), e))?;
+        std::os::unix::fs::symlink(dir, tblspc.join(oid)).map_err(|e| Error::local("link", &tblspc.join(oid), e))?;
     }
-    let plan = ExtractPlan {
-        dest: args.dest.clone(),
-        tablespaces: tablespaces.clone(),
-    };
+    let plan = ExtractPlan { dest: args.dest.clone(), tablespaces: tablespaces.clone() };
 
-    let control_name = partitions
-        .iter()
-        .position(|p| p.name.starts_with("pg_control.tar"));
-    let (control, data): (Vec<_>, Vec<_>) = partitions
-        .iter()
-        .cloned()
-        .enumerate()
-        .partition(|(i, _)| Some(*i) == control_name);
+    let control_name = partitions.iter().position(|p| p.name.starts_with("pg_control.tar"));
+    let (control, data): (Vec<_>, Vec<_>) =
+        partitions.iter().cloned().enumerate().partition(|(i, _)| Some(*i) == control_name);
     let data: Vec<PartitionEntry> = data.into_iter().map(|(_, p)| p).collect();
     let total: u64 = data.iter().map(|p| p.tar_size).sum();
     let progress = Arc::new(Progress::new("backup-fetch", total));
@@ -146,21 +133,11 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
             .expect("the pg_control task panicked")?;
     } else {
         return Err(Error::Corrupt {
-            key: format!(
-                "{}/{}",
-                store.url(),
-                layout::backup_file_key(&backup.name, "tar_partitions")
-            ),
+            key: format!("{}/{}", store.url(), layout::backup_file_key(&backup.name, "tar_partitions")),
             detail: "the backup has no pg_control partition".into(),
         });
     }
-    Ok(FetchedBackup {
-        name: backup.name,
-        partitions: partitions.len(),
-        files,
-        bytes,
-        verified: manifest.is_some(),
-    })
+    Ok(FetchedBackup { name: backup.name, partitions: partitions.len(), files, bytes, verified: manifest.is_some() })
 }
 
 fn selector(args: &FetchArgs) -> Result<Selector, Error> {
@@ -172,10 +149,7 @@ fn selector(args: &FetchArgs) -> Result<Selector, Error> {
         return parse_target_time(t).map(Selector::BeforeTime);
     }
     if let Some(l) = &args.targets.lsn {
-        return l
-            .parse::<Lsn>()
-            .map(Selector::BeforeLsn)
-            .map_err(|e| Error::Usage(format!("--target-lsn: {e}")));
+        return l.parse::<Lsn>().map(Selector::BeforeLsn).map_err(|e| Error::Usage(format!("--target-lsn: {e}")));
     }
     Ok(Selector::Latest)
 }
@@ -184,21 +158,15 @@ fn selector(args: &FetchArgs) -> Result<Selector, Error> {
 /// (UTC when no zone is given).
 pub(super) fn parse_target_time(text: &str) -> Result<time::OffsetDateTime, Error> {
     let mut s = text.trim().replacen(' ', "T", 1);
-    let tail = s
-        .rfind(['+', '-'])
-        .filter(|i| *i > 10)
-        .map(|i| s[i..].to_string());
+    let tail = s.rfind(['+', '-']).filter(|i| *i > 10).map(|i| s[i..].to_string());
     match tail {
         Some(zone) if zone.len() == 3 => s.push_str(":00"),
         Some(_) => {}
         None if s.ends_with('Z') => {}
         None => s.push('Z'),
     }
-    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339).map_err(|_| {
-        Error::Usage(format!(
-            "--target-time {text:?}: use 'YYYY-MM-DD HH:MM:SS+00' or RFC 3339"
-        ))
-    })
+    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| Error::Usage(format!("--target-time {text:?}: use 'YYYY-MM-DD HH:MM:SS+00' or RFC 3339")))
 }
 
 /// The manifest (wal-rs backups) and the partitions to restore, `pg_control` last.
@@ -222,11 +190,7 @@ async fn partitions_of(
         .list(&prefix)
         .await?
         .into_iter()
-        .map(|o| PartitionEntry {
-            name: o.key.file_name().to_string(),
-            stored_size: o.size,
-            ..Default::default()
-        })
+        .map(|o| PartitionEntry { name: o.key.file_name().to_string(), stored_size: o.size, ..Default::default() })
         .collect();
     parts.sort_by_key(|p| (p.name.starts_with("pg_control"), p.name.clone()));
     Ok((None, parts))
@@ -238,25 +202,25 @@ fn refuse_non_empty(dir: &Path) -> Result<(), Error> {
             if entries.next().is_some() {
                 Err(Error::InvalidInput {
                     path: dir.display().to_string(),
-                    reason: "the directory is not empty; nothing in it was touched: restore into an empty or new directory".into(),
+                    reason:
+                        "the directory is not empty; nothing in it was touched: restore into an empty or new directory"
+                            .into(),
                 })
             } else {
                 Ok(())
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => Err(Error::InvalidInput {
-            path: dir.display().to_string(),
-            reason: "exists and is not a directory".into(),
-        }),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            Err(Error::InvalidInput { path: dir.display().to_string(), reason: "exists and is not a directory".into() })
+        }
         Err(e) => Err(Error::local("read", dir, e)),
     }
 }
 
 fn create_dir(dir: &Path) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::local("chmod", dir, e))
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::local("chmod", dir, e))
 }
 
 struct RestoreJob {
@@ -270,11 +234,7 @@ struct RestoreJob {
 
 impl RestoreJob {
     /// Restores the data partitions with `concurrency` threads. Blocking.
-    fn restore_all(
-        &self,
-        parts: &[PartitionEntry],
-        concurrency: usize,
-    ) -> Result<(u64, u64), Error> {
+    fn restore_all(&self, parts: &[PartitionEntry], concurrency: usize) -> Result<(u64, u64), Error> {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let totals = Mutex::new((0u64, 0u64));
@@ -308,23 +268,13 @@ impl RestoreJob {
     }
 
     /// Downloads and unpacks one partition, retrying when the download breaks off.
-    fn restore_partition(
-        &self,
-        part: &PartitionEntry,
-        plan: &ExtractPlan,
-    ) -> Result<extract::ExtractSummary, Error> {
+    fn restore_partition(&self, part: &PartitionEntry, plan: &ExtractPlan) -> Result<extract::ExtractSummary, Error> {
         let key = layout::partition_key(&self.backup, &part.name);
         let describe = format!("{}/{key}", self.store.url());
         let compression =
-            layout::partition_compression(&part.name).ok_or_else(|| Error::Unsupported {
-                key: describe.clone(),
-            })?;
-        let expected: Option<HashMap<String, FileEntry>> = self.verify.then(|| {
-            part.files
-                .iter()
-                .map(|f| (f.path.clone(), f.clone()))
-                .collect()
-        });
+            layout::partition_compression(&part.name).ok_or_else(|| Error::Unsupported { key: describe.clone() })?;
+        let expected: Option<HashMap<String, FileEntry>> =
+            self.verify.then(|| part.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
         let mut last = String::new();
         for attempt in 1..=PARTITION_ATTEMPTS {
             let reader = match self.handle.block_on(self.store.get(&key)) {
@@ -335,11 +285,7 @@ impl RestoreJob {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let hashed = HashingReader {
-                inner: reader.body,
-                hasher: Sha256Hasher::new(),
-                count: 0,
-            };
+            let hashed = HashingReader { inner: reader.body, hasher: Sha256Hasher::new(), count: 0 };
             let shared = Arc::new(Mutex::new(hashed));
             let source = SharedReader(shared.clone());
             let result = codec::decompressor(compression, source)
@@ -347,8 +293,7 @@ impl RestoreJob {
                 .and_then(|mut stream| {
                     let summary = extract::extract(&mut stream, plan, expected.as_ref())?;
                     // Read to the end so the stored bytes are hashed whole.
-                    io::copy(&mut stream, &mut io::sink())
-                        .map_err(|e| ExtractError::Bad(e.to_string()))?;
+                    io::copy(&mut stream, &mut io::sink()).map_err(|e| ExtractError::Bad(e.to_string()))?;
                     Ok(summary)
                 });
             match result {
@@ -367,13 +312,7 @@ impl RestoreJob {
                     self.progress.add(part.tar_size);
                     return Ok(summary);
                 }
-                Err(ExtractError::Local { path, source }) => {
-                    return Err(Error::LocalIo {
-                        op: "write",
-                        path,
-                        source,
-                    })
-                }
+                Err(ExtractError::Local { path, source }) => return Err(Error::LocalIo { op: "write", path, source }),
                 Err(ExtractError::Bad(detail)) => {
                     log::emit(
                         Level::Warn,
@@ -388,10 +327,7 @@ impl RestoreJob {
                 }
             }
         }
-        Err(Error::Corrupt {
-            key: describe,
-            detail: last,
-        })
+        Err(Error::Corrupt { key: describe, detail: last })
     }
 
     /// Unpacks the pg_control partition beside DEST, then moves `global/pg_control` into
@@ -399,23 +335,16 @@ impl RestoreJob {
     fn place_pg_control(&self, part: &PartitionEntry) -> Result<(), Error> {
         let staging = self.plan.dest.join(".walrs-pg_control");
         let _ = fs::remove_dir_all(&staging);
-        let staged_plan = ExtractPlan {
-            dest: staging.clone(),
-            tablespaces: HashMap::new(),
-        };
+        let staged_plan = ExtractPlan { dest: staging.clone(), tablespaces: HashMap::new() };
         self.restore_partition(part, &staged_plan)?;
         let from = staging.join("global/pg_control");
         let to = self.plan.dest.join("global/pg_control");
         let file = fs::File::open(&from).map_err(|e| Error::local("open", &from, e))?;
-        file.sync_all()
-            .map_err(|e| Error::local("fsync", &from, e))?;
-        fs::create_dir_all(self.plan.dest.join("global"))
-            .map_err(|e| Error::local("create", &to, e))?;
+        file.sync_all().map_err(|e| Error::local("fsync", &from, e))?;
+        fs::create_dir_all(self.plan.dest.join("global")).map_err(|e| Error::local("create", &to, e))?;
         fs::rename(&from, &to).map_err(|e| Error::local("rename into", &to, e))?;
         for dir in [self.plan.dest.join("global"), self.plan.dest.clone()] {
-            fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::local("fsync", &dir, e))?;
+            fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::local("fsync", &dir, e))?;
         }
         fs::remove_dir_all(&staging).map_err(|e| Error::local("remove", &staging, e))?;
         Ok(())
@@ -443,10 +372,7 @@ impl Read for SharedReader {
 
 /// Points `tablespace_map` at the restored locations: PostgreSQL recreates the links from
 /// it when it starts from a backup label.
-fn rewrite_tablespace_map(
-    dest: &Path,
-    tablespaces: &HashMap<String, PathBuf>,
-) -> Result<(), Error> {
+fn rewrite_tablespace_map(dest: &Path, tablespaces: &HashMap<String, PathBuf>) -> Result<(), Error> {
     let path = dest.join("tablespace_map");
     let Ok(text) = fs::read_to_string(&path) else {
         return Ok(());
@@ -468,36 +394,24 @@ fn rewrite_tablespace_map(
 
 /// `restore_command` and the targets in postgresql.auto.conf, and the signal file.
 fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Error> {
-    let command = args
-        .restore_command
-        .clone()
-        .unwrap_or_else(|| restore_command(config));
+    let command = args.restore_command.clone().unwrap_or_else(|| restore_command(config));
     let mut targets = args.targets.clone();
     if args.standby {
         // A standby follows the archive; targets end recovery, which a standby never does.
-        targets = RecoveryTargets {
-            timeline: targets.timeline,
-            ..Default::default()
-        };
+        targets = RecoveryTargets { timeline: targets.timeline, ..Default::default() };
     }
     let auto = args.dest.join("postgresql.auto.conf");
     let mut text = fs::read_to_string(&auto).unwrap_or_default();
     text.push_str(&recovery_conf::settings(&command, &targets));
     fs::write(&auto, text).map_err(|e| Error::local("write", &auto, e))?;
-    let signal = args.dest.join(if args.standby {
-        "standby.signal"
-    } else {
-        "recovery.signal"
-    });
+    let signal = args.dest.join(if args.standby { "standby.signal" } else { "recovery.signal" });
     fs::write(&signal, b"").map_err(|e| Error::local("write", &signal, e))
 }
 
 /// `wal-rs wal-fetch %f %p` with the same store settings as this run. Credentials are never
 /// written: the server finds them the way wal-rs did (environment, profile, instance role).
 fn restore_command(config: &Config) -> String {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "wal-rs".into());
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "wal-rs".into());
     let mut parts = vec![shell_quote(&exe)];
     if let Some(file) = &config.file {
         parts.push("--config".into());
@@ -518,10 +432,7 @@ fn restore_command(config: &Config) -> String {
             continue;
         }
         if let Some(v) = value {
-            parts.push(format!(
-                "--set {}",
-                shell_quote(&format!("{}={v}", setting.key))
-            ));
+            parts.push(format!("--set {}", shell_quote(&format!("{}={v}", setting.key))));
         }
     }
     parts.push("wal-fetch %f %p".into());
@@ -529,9 +440,7 @@ fn restore_command(config: &Config) -> String {
 }
 
 fn shell_quote(s: &str) -> String {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/._-=:".contains(&b))
-    {
+    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=:".contains(&b)) {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

@@ -39,15 +39,11 @@ pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<
             short_time(&s.finish_time),
             Lsn(s.start_lsn).to_string(),
             Lsn(s.finish_lsn).to_string(),
-            timeline(b)
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "?".into()),
+            timeline(b).map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
             s.uncompressed_size,
             s.compressed_size,
             s.pg_version,
-            s.system_identifier
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
+            s.system_identifier.map(|v| v.to_string()).unwrap_or_default(),
         );
         if detail {
             println!(
@@ -55,11 +51,7 @@ pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<
                 s.hostname,
                 s.data_dir,
                 s.is_permanent,
-                s.tablespaces()
-                    .iter()
-                    .map(|t| format!("{}:{}", t.oid, t.location))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                s.tablespaces().iter().map(|t| format!("{}:{}", t.oid, t.location)).collect::<Vec<_>>().join(",")
             );
         }
     }
@@ -96,11 +88,8 @@ fn row(b: &BackupInfo, detail: bool) -> serde_json::Value {
     if detail {
         v["hostname"] = json!(s.hostname);
         v["data_dir"] = json!(s.data_dir);
-        v["tablespaces"] = json!(s
-            .tablespaces()
-            .iter()
-            .map(|t| json!({"oid": t.oid, "location": t.location}))
-            .collect::<Vec<_>>());
+        v["tablespaces"] =
+            json!(s.tablespaces().iter().map(|t| json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>());
         v["verified_by_manifest"] = json!(s.manifest.is_some());
     }
     v

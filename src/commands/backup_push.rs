@@ -53,8 +53,8 @@ pub(super) async fn run(
     let client = conn::connect(pg_url).await?;
     let info = backup_api::server_info(&client).await?;
     let pgdata = std::fs::canonicalize(pgdata).map_err(|e| Error::local("open", pgdata, e))?;
-    let server_dir = std::fs::canonicalize(&info.data_directory)
-        .unwrap_or_else(|_| PathBuf::from(&info.data_directory));
+    let server_dir =
+        std::fs::canonicalize(&info.data_directory).unwrap_or_else(|_| PathBuf::from(&info.data_directory));
     if server_dir != pgdata {
         return Err(Error::Config(format!(
             "{} is not the data directory of the server connected to ({}): run backup-push on the database host with its PGDATA",
@@ -73,19 +73,12 @@ pub(super) async fn run(
 
     let started = time::OffsetDateTime::now_utc();
     let label = format!("wal-rs {}", format_time(started));
-    let (start_lsn, start_file) =
-        backup_api::start(&client, info.version_num, &label, fast).await?;
+    let (start_lsn, start_file) = backup_api::start(&client, info.version_num, &label, fast).await?;
     let name = backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
-    let tablespaces = walk::tablespaces(&pgdata)
-        .map_err(|e| Error::local("read", &pgdata.join("pg_tblspc"), e))?;
+    let tablespaces = walk::tablespaces(&pgdata).map_err(|e| Error::local("read", &pgdata.join("pg_tblspc"), e))?;
     log::emit(
         Level::Info,
-        &[
-            ("op", &"backup-push"),
-            ("backup", &name),
-            ("start_lsn", &start_lsn),
-            ("outcome", &"started"),
-        ],
+        &[("op", &"backup-push"), ("backup", &name), ("start_lsn", &start_lsn), ("outcome", &"started")],
     );
 
     let total = total_size(&pgdata, &tablespaces);
@@ -101,9 +94,7 @@ pub(super) async fn run(
         concurrency: config.backup.concurrency,
         progress: progress.clone(),
     };
-    let mut partitions = tokio::task::spawn_blocking(move || job.run())
-        .await
-        .expect("the backup task panicked")?;
+    let mut partitions = tokio::task::spawn_blocking(move || job.run()).await.expect("the backup task panicked")?;
     progress.finish();
 
     let stop = backup_api::stop(&client, info.version_num).await?;
@@ -116,29 +107,15 @@ pub(super) async fn run(
     partitions.push(write_small_partition(&store, &name, label_part, files, config).await?);
     // pg_control after everything else, as PostgreSQL's own base backup sends it.
     let control_path = pgdata.join("global/pg_control");
-    let control =
-        std::fs::read(&control_path).map_err(|e| Error::local("read", &control_path, e))?;
+    let control = std::fs::read(&control_path).map_err(|e| Error::local("read", &control_path, e))?;
     let control_part = layout::pg_control_partition_name(config.compression);
-    partitions.push(
-        write_small_partition(
-            &store,
-            &name,
-            control_part,
-            vec![("global/pg_control", control)],
-            config,
-        )
-        .await?,
-    );
+    partitions
+        .push(write_small_partition(&store, &name, control_part, vec![("global/pg_control", control)], config).await?);
 
     let wal_started = Instant::now();
     let timeline = start_file.timeline();
-    let first = start_file
-        .wal_segment()
-        .expect("the start file is a segment");
-    let last = SegmentId::containing(
-        Lsn(stop.stop_lsn.0.saturating_sub(1).max(start_lsn.0)),
-        info.wal_segment_size,
-    );
+    let first = start_file.wal_segment().expect("the start file is a segment");
+    let last = SegmentId::containing(Lsn(stop.stop_lsn.0.saturating_sub(1).max(start_lsn.0)), info.wal_segment_size);
     wait_for_wal(&store, timeline, first, last, info.wal_segment_size, config).await?;
     let wal_wait_ms = wal_started.elapsed().as_millis();
 
@@ -190,33 +167,11 @@ pub(super) async fn run(
         wal_segment_size: Some(info.wal_segment_size),
         manifest: Some(MANIFEST_FILE.into()),
     };
-    let overwrite = PutOptions {
-        mode: PutMode::Overwrite,
-        metadata: Metadata::new(),
-    };
-    store
-        .put_bytes(
-            &layout::backup_file_key(&name, "metadata.json"),
-            to_json(&metadata),
-            overwrite.clone(),
-        )
-        .await?;
-    store
-        .put_bytes(
-            &layout::backup_file_key(&name, MANIFEST_FILE),
-            to_json(&manifest),
-            overwrite,
-        )
-        .await?;
-    let create = PutOptions {
-        mode: PutMode::Create,
-        metadata: Metadata::new(),
-    };
-    if store
-        .put_bytes(&layout::sentinel_key(&name), to_json(&sentinel), create)
-        .await?
-        == PutOutcome::AlreadyExists
-    {
+    let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+    store.put_bytes(&layout::backup_file_key(&name, "metadata.json"), to_json(&metadata), overwrite.clone()).await?;
+    store.put_bytes(&layout::backup_file_key(&name, MANIFEST_FILE), to_json(&manifest), overwrite).await?;
+    let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+    if store.put_bytes(&layout::sentinel_key(&name), to_json(&sentinel), create).await? == PutOutcome::AlreadyExists {
         return Err(Error::AlreadyExists(format!(
             "backup {name} already exists in {}: run backup-push again",
             store.url()
@@ -348,13 +303,8 @@ impl DataJob {
                 let number = next_number.fetch_add(1, Ordering::Relaxed);
                 let part = layout::partition_name(number, self.compression);
                 let key = layout::partition_key(&self.name, &part);
-                let object = self.store.writer(
-                    &key,
-                    PutOptions {
-                        mode: PutMode::Overwrite,
-                        metadata: Metadata::new(),
-                    },
-                )?;
+                let object =
+                    self.store.writer(&key, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })?;
                 current = Some(
                     PartitionWriter::new(part, object, self.compression, self.level)
                         .map_err(|e| into_store_error(e, "write", &key))?,
@@ -362,13 +312,10 @@ impl DataJob {
             }
             let p = current.as_mut().unwrap();
             let before = p.bytes_read;
-            p.append(&entry)
-                .map_err(|e| partition_error(e, &self.name))?;
+            p.append(&entry).map_err(|e| partition_error(e, &self.name))?;
             self.progress.add(p.bytes_read - before);
             if p.tar_size() >= self.partition_size {
-                done.lock()
-                    .unwrap()
-                    .push(publish(current.take().unwrap(), &self.name)?);
+                done.lock().unwrap().push(publish(current.take().unwrap(), &self.name)?);
             }
         }
         if let Some(p) = current.take() {
@@ -380,14 +327,9 @@ impl DataJob {
 
 fn partition_error(e: PartitionError, backup: &str) -> Error {
     match e {
-        PartitionError::Read { path, source } => Error::LocalIo {
-            op: "read",
-            path,
-            source,
-        },
+        PartitionError::Read { path, source } => Error::LocalIo { op: "read", path, source },
         PartitionError::Write(e) => {
-            let key =
-                crate::store::ObjectKey::new(&format!("{}/{backup}", layout::BACKUP_DIR)).unwrap();
+            let key = crate::store::ObjectKey::new(&format!("{}/{backup}", layout::BACKUP_DIR)).unwrap();
             Error::Store(into_store_error(e, "write partition of", &key))
         }
     }
@@ -413,18 +355,11 @@ async fn write_small_partition(
     let (compression, level) = (config.compression, config.zstd_level);
     tokio::task::spawn_blocking(move || {
         let key = layout::partition_key(&backup, &part);
-        let object = store.writer(
-            &key,
-            PutOptions {
-                mode: PutMode::Overwrite,
-                metadata: Metadata::new(),
-            },
-        )?;
-        let mut p = PartitionWriter::new(part, object, compression, level)
-            .map_err(|e| into_store_error(e, "write", &key))?;
+        let object = store.writer(&key, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })?;
+        let mut p =
+            PartitionWriter::new(part, object, compression, level).map_err(|e| into_store_error(e, "write", &key))?;
         for (rel, bytes) in &files {
-            p.append_bytes(rel, bytes, 0o600)
-                .map_err(|e| partition_error(e, &backup))?;
+            p.append_bytes(rel, bytes, 0o600).map_err(|e| partition_error(e, &backup))?;
         }
         publish(p, &backup)
     })
@@ -445,10 +380,7 @@ async fn wait_for_wal(
     let mut segment = first;
     loop {
         let name = WalFileName::Segment(timeline, segment);
-        let keys: Vec<_> = layout::wal_candidates(&name, config.compression)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<_> = layout::wal_candidates(&name, config.compression).into_iter().map(|(k, _)| k).collect();
         let mut delay = Duration::from_millis(100);
         while store.find_first(&keys).await?.is_none() {
             if Instant::now() + delay > deadline {
@@ -469,7 +401,5 @@ async fn wait_for_wal(
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }

@@ -17,9 +17,7 @@ pub(crate) const SHA256_METADATA: &str = "sha256";
 pub async fn open_store(config: &Config) -> Result<Arc<Store>, Error> {
     let store = match config.require_store().map_err(Error::Config)? {
         StoreUrl::File(root) => Store::Local(LocalStore::new(root.clone())),
-        StoreUrl::S3 { bucket, prefix } => {
-            Store::S3(S3Store::connect(config.s3_settings(bucket, prefix)).await)
-        }
+        StoreUrl::S3 { bucket, prefix } => Store::S3(S3Store::connect(config.s3_settings(bucket, prefix)).await),
     };
     Ok(Arc::new(store))
 }
@@ -37,11 +35,7 @@ pub(crate) async fn stored_sha256(
             return Ok(t.sha256);
         }
     } else if let Some(meta) = store.head(key).await? {
-        if let Some(sha) = meta
-            .metadata
-            .get(SHA256_METADATA)
-            .and_then(|s| s.parse().ok())
-        {
+        if let Some(sha) = meta.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok()) {
             return Ok(sha);
         }
     }
@@ -52,10 +46,7 @@ pub(crate) async fn stored_sha256(
         .expect("the decode task panicked")
         .map(|s| s.sha256)
         .map_err(|e| match e {
-            codec::decode::DecodeError::Corrupt(detail) => Error::Corrupt {
-                key: describe,
-                detail,
-            },
+            codec::decode::DecodeError::Corrupt(detail) => Error::Corrupt { key: describe, detail },
             other => Error::Store(crate::store::StoreError::Unavailable {
                 op: "read",
                 key: describe,

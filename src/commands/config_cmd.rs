@@ -24,10 +24,8 @@ pub(super) fn run(config: &Config, as_json: bool) {
         .collect();
     let credentials = credential_source();
     if as_json {
-        let settings: serde_json::Map<String, serde_json::Value> = rows
-            .iter()
-            .map(|(k, v, s)| (k.to_string(), json!({ "value": v, "source": s })))
-            .collect();
+        let settings: serde_json::Map<String, serde_json::Value> =
+            rows.iter().map(|(k, v, s)| (k.to_string(), json!({ "value": v, "source": s }))).collect();
         let out = json!({
             "config_file": config.file.as_ref().map(|p| p.display().to_string()),
             "settings": settings,
@@ -37,12 +35,7 @@ pub(super) fn run(config: &Config, as_json: bool) {
         return;
     }
     let width = rows.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
-    let vwidth = rows
-        .iter()
-        .map(|(_, v, _)| v.len())
-        .max()
-        .unwrap_or(0)
-        .min(48);
+    let vwidth = rows.iter().map(|(_, v, _)| v.len()).max().unwrap_or(0).min(48);
     if let Some(f) = &config.file {
         println!("config file: {}", f.display());
     }
@@ -58,15 +51,9 @@ fn credential_source() -> String {
     let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
     if let Some(id) = var("AWS_ACCESS_KEY_ID") {
         // Key ids are not secret, but show only enough to tell keys apart.
-        let tail: String = if id.len() >= 16 {
-            id[id.len() - 4..].to_string()
-        } else {
-            String::new()
-        };
-        let secrets: Vec<String> = SECRET_ENV
-            .iter()
-            .map(|n| format!("{n} {}", if var(n).is_some() { "set" } else { "not set" }))
-            .collect();
+        let tail: String = if id.len() >= 16 { id[id.len() - 4..].to_string() } else { String::new() };
+        let secrets: Vec<String> =
+            SECRET_ENV.iter().map(|n| format!("{n} {}", if var(n).is_some() { "set" } else { "not set" })).collect();
         return format!("env AWS_ACCESS_KEY_ID=...{tail}, {}", secrets.join(", "));
     }
     if let Some(profile) = var("AWS_PROFILE") {

@@ -37,10 +37,7 @@ pub fn run(cli: Cli) -> u8 {
         Ok(c) => c,
         Err(e) => {
             // The log level may be what failed to parse: errors are always shown.
-            log::emit(
-                Level::Error,
-                &[("op", &op), ("outcome", &"error"), ("error", &e)],
-            );
+            log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("error", &e)]);
             return match &cli.command {
                 Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby_signal_present()),
                 _ => exit::code_of(&e),
@@ -48,18 +45,13 @@ pub fn run(cli: Cli) -> u8 {
         }
     };
     log::set_level(config.log_level);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("starting the async runtime");
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the async runtime");
     let started = Instant::now();
     match cli.command {
         Command::WalPush { path } => {
             let result = runtime.block_on(wal_push::run(&config, &path));
-            let file = path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             match result {
                 Ok(r) => {
                     log::emit(
@@ -117,36 +109,33 @@ pub fn run(cli: Cli) -> u8 {
             config_cmd::run(&config, json);
             exit::OK
         }
-        Command::BackupPush {
-            pgdata,
-            fast,
-            pg_url,
-            json,
-        } => match runtime.block_on(backup_push::run(&config, &pgdata, fast, pg_url.as_deref())) {
-            Ok(r) => {
-                log::emit(
-                    Level::Info,
-                    &[
-                        ("op", &op),
-                        ("backup", &r.name),
-                        ("start_lsn", &r.start_lsn),
-                        ("finish_lsn", &r.finish_lsn),
-                        ("partitions", &r.partitions),
-                        ("files", &r.files),
-                        ("bytes_in", &r.uncompressed_bytes),
-                        ("bytes_stored", &r.stored_bytes),
-                        ("wal_wait_ms", &r.wal_wait_ms),
-                        ("ms", &started.elapsed().as_millis()),
-                        ("outcome", &"stored"),
-                    ],
-                );
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+        Command::BackupPush { pgdata, fast, pg_url, json } => {
+            match runtime.block_on(backup_push::run(&config, &pgdata, fast, pg_url.as_deref())) {
+                Ok(r) => {
+                    log::emit(
+                        Level::Info,
+                        &[
+                            ("op", &op),
+                            ("backup", &r.name),
+                            ("start_lsn", &r.start_lsn),
+                            ("finish_lsn", &r.finish_lsn),
+                            ("partitions", &r.partitions),
+                            ("files", &r.files),
+                            ("bytes_in", &r.uncompressed_bytes),
+                            ("bytes_stored", &r.stored_bytes),
+                            ("wal_wait_ms", &r.wal_wait_ms),
+                            ("ms", &started.elapsed().as_millis()),
+                            ("outcome", &"stored"),
+                        ],
+                    );
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                    }
+                    exit::OK
                 }
-                exit::OK
+                Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
             }
-            Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
-        },
+        }
         Command::BackupFetch {
             dest,
             name,
@@ -169,9 +158,7 @@ pub fn run(cli: Cli) -> u8 {
                         map.push((oid.to_string(), std::path::PathBuf::from(path)))
                     }
                     _ => {
-                        let e = Error::Usage(format!(
-                            "--tablespace-map {pair:?}: expected OID=/absolute/path"
-                        ));
+                        let e = Error::Usage(format!("--tablespace-map {pair:?}: expected OID=/absolute/path"));
                         return fail(op, "", started, &e, exit::code_of(&e));
                     }
                 }
@@ -215,12 +202,10 @@ pub fn run(cli: Cli) -> u8 {
                 Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
             }
         }
-        Command::BackupList { json, detail } => {
-            match runtime.block_on(backup_list::run(&config, json, detail)) {
-                Ok(_) => exit::OK,
-                Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
-            }
-        }
+        Command::BackupList { json, detail } => match runtime.block_on(backup_list::run(&config, json, detail)) {
+            Ok(_) => exit::OK,
+            Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+        },
     }
 }
 

@@ -85,26 +85,18 @@ async fn fetch_once(
         Err(StoreError::NotFound { .. }) => {
             let others: Vec<ObjectKey> = candidates[1..].iter().map(|(k, _)| k.clone()).collect();
             let Some(found) = store.find_first(&others).await? else {
-                return Err(Error::WalNotFound {
-                    name: name.to_string(),
-                    store: store.url(),
-                });
+                return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
             };
             let compression = candidates
                 .iter()
                 .find(|(k, _)| *k == found.key)
                 .and_then(|(_, c)| *c)
-                .ok_or_else(|| Error::Unsupported {
-                    key: format!("{}/{}", store.url(), found.key),
-                })?;
+                .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
             match store.get(&found.key).await {
                 Ok(reader) => (found.key, compression, reader),
                 // Deleted between the listing and the read: it is gone now.
                 Err(StoreError::NotFound { .. }) => {
-                    return Err(Error::WalNotFound {
-                        name: name.to_string(),
-                        store: store.url(),
-                    })
+                    return Err(Error::WalNotFound { name: name.to_string(), store: store.url() })
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -132,10 +124,7 @@ fn restore(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "wal".into());
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
     let temp = TempFile(dir.join(format!(".{file_name}.walrs-partial.{}", std::process::id())));
     let file = OpenOptions::new()
         .read(true)
@@ -144,21 +133,13 @@ fn restore(
         .truncate(true)
         .open(&temp.0)
         .map_err(|e| Error::local("create", &temp.0, e))?;
-    let corrupt = |detail: String| Error::Corrupt {
-        key: describe.to_string(),
-        detail,
-    };
+    let corrupt = |detail: String| Error::Corrupt { key: describe.to_string(), detail };
     let expected_size = reader.size;
-    let metadata_sha: Option<Sha256> = reader
-        .metadata
-        .get(SHA256_METADATA)
-        .and_then(|s| s.parse().ok());
+    let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
     let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
-        DecodeError::Source(e) => Error::Store(StoreError::Unavailable {
-            op: "read",
-            key: describe.to_string(),
-            detail: e.to_string(),
-        }),
+        DecodeError::Source(e) => {
+            Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: e.to_string() })
+        }
         DecodeError::Corrupt(detail) => corrupt(detail),
         DecodeError::Sink(e) => Error::local("write", dest, e),
     })?;
@@ -184,9 +165,7 @@ fn restore(
     if let Some(segment) = name.wal_segment() {
         // A last check that costs one read: the bytes are the segment the name promises.
         let mut first = [0u8; LONG_HEADER_SIZE];
-        let n = file
-            .read_at(&mut first, 0)
-            .map_err(|e| Error::local("read", &temp.0, e))?;
+        let n = file.read_at(&mut first, 0).map_err(|e| Error::local("read", &temp.0, e))?;
         let header = SegmentHeader::parse(&first[..n], name.timeline(), segment)
             .map_err(|e| corrupt(format!("restored bytes are not segment {name}: {e}")))?;
         if header.segment_size as u64 != summary.bytes_out {
@@ -199,11 +178,7 @@ fn restore(
     drop(file);
     fs::rename(&temp.0, dest).map_err(|e| Error::local("rename into", dest, e))?;
     std::mem::forget(temp);
-    Ok(FetchReport {
-        bytes_stored: summary.bytes_in,
-        bytes_out: summary.bytes_out,
-        verified,
-    })
+    Ok(FetchReport { bytes_stored: summary.bytes_in, bytes_out: summary.bytes_out, verified })
 }
 
 /// DEST is replaced by a rename: that must never swap out a device, a directory or a
@@ -213,7 +188,8 @@ fn refuse_special_destination(dest: &Path) -> Result<(), Error> {
     match fs::symlink_metadata(dest) {
         Ok(m) if !m.file_type().is_file() => Err(Error::InvalidInput {
             path: dest.display().to_string(),
-            reason: "the destination exists and is not a regular file: give a path in pg_wal, as PostgreSQL's %p".into(),
+            reason: "the destination exists and is not a regular file: give a path in pg_wal, as PostgreSQL's %p"
+                .into(),
         }),
         _ => Ok(()),
     }

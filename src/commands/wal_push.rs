@@ -33,20 +33,12 @@ pub(super) struct PushReport {
 }
 
 pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Error> {
-    let invalid = |reason: String| Error::InvalidInput {
-        path: path.display().to_string(),
-        reason,
-    };
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| invalid("the path has no file name".into()))?;
+    let invalid = |reason: String| Error::InvalidInput { path: path.display().to_string(), reason };
+    let file_name =
+        path.file_name().and_then(|n| n.to_str()).ok_or_else(|| invalid("the path has no file name".into()))?;
     let name = WalFileName::parse(file_name).map_err(|e| invalid(e.to_string()))?;
     let file = File::open(path).map_err(|e| Error::local("open", path, e))?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::local("stat", path, e))?
-        .len();
+    let size = file.metadata().map_err(|e| Error::local("stat", path, e))?.len();
     let header = check_file(&file, path, &name, size)?;
 
     let store = open_store(config).await?;
@@ -67,16 +59,10 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
             .iter()
             .find(|(k, _)| *k == found.key)
             .and_then(|(_, c)| *c)
-            .ok_or_else(|| Error::Unsupported {
-                key: format!("{}/{}", store.url(), found.key),
-            })?;
+            .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
         let local = local_sha256(path).await?;
         same_content_or_conflict(&store, &name, &found.key, compression, local).await?;
-        return Ok(PushReport {
-            bytes_in: size,
-            bytes_stored: 0,
-            outcome: "already-archived",
-        });
+        return Ok(PushReport { bytes_in: size, bytes_stored: 0, outcome: "already-archived" });
     }
 
     let key = layout::wal_key(&name, config.compression);
@@ -85,53 +71,31 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
     let upload_key = key.clone();
     let upload_path = path.to_path_buf();
     let (summary, outcome) = tokio::task::spawn_blocking(move || {
-        upload(
-            &upload_store,
-            &upload_key,
-            file,
-            &upload_path,
-            size,
-            compression,
-            level,
-        )
+        upload(&upload_store, &upload_key, file, &upload_path, size, compression, level)
     })
     .await
     .expect("the upload task panicked")?;
     match outcome {
-        PutOutcome::Stored => Ok(PushReport {
-            bytes_in: summary.bytes_in,
-            bytes_stored: summary.bytes_out,
-            outcome: "stored",
-        }),
+        PutOutcome::Stored => {
+            Ok(PushReport { bytes_in: summary.bytes_in, bytes_stored: summary.bytes_out, outcome: "stored" })
+        }
         // Someone stored it between our look and our write.
         PutOutcome::AlreadyExists => {
             same_content_or_conflict(&store, &name, &key, compression, summary.sha256).await?;
-            Ok(PushReport {
-                bytes_in: summary.bytes_in,
-                bytes_stored: 0,
-                outcome: "already-archived",
-            })
+            Ok(PushReport { bytes_in: summary.bytes_in, bytes_stored: 0, outcome: "already-archived" })
         }
     }
 }
 
 /// Checks that the file is what its name says; returns the segment header for segments.
-fn check_file(
-    file: &File,
-    path: &Path,
-    name: &WalFileName,
-    size: u64,
-) -> Result<Option<SegmentHeader>, Error> {
-    let invalid = |reason: String| Error::InvalidInput {
-        path: path.display().to_string(),
-        reason,
-    };
+fn check_file(file: &File, path: &Path, name: &WalFileName, size: u64) -> Result<Option<SegmentHeader>, Error> {
+    let invalid = |reason: String| Error::InvalidInput { path: path.display().to_string(), reason };
     match name.wal_segment() {
         Some(segment) => {
             let mut first = [0u8; LONG_HEADER_SIZE];
             let n = read_at_most(file, &mut first).map_err(|e| Error::local("read", path, e))?;
-            let header = SegmentHeader::parse(&first[..n], name.timeline(), segment)
-                .map_err(|e| invalid(e.to_string()))?;
+            let header =
+                SegmentHeader::parse(&first[..n], name.timeline(), segment).map_err(|e| invalid(e.to_string()))?;
             if size != header.segment_size as u64 {
                 return Err(invalid(format!(
                     "file is {size} bytes but its header says segments are {} bytes: a truncated or damaged segment",
@@ -143,16 +107,11 @@ fn check_file(
         None => {
             // History and backup history files are short text written by PostgreSQL.
             if size == 0 || size > MAX_TEXT_FILE {
-                return Err(invalid(format!(
-                    "a {} file of {size} bytes is not one PostgreSQL writes",
-                    kind(name)
-                )));
+                return Err(invalid(format!("a {} file of {size} bytes is not one PostgreSQL writes", kind(name))));
             }
             let mut head = vec![0u8; size.min(4096) as usize];
             let n = read_at_most(file, &mut head).map_err(|e| Error::local("read", path, e))?;
-            if head[..n].contains(&0)
-                || std::str::from_utf8(&head[..n]).is_err() && n == size as usize
-            {
+            if head[..n].contains(&0) || std::str::from_utf8(&head[..n]).is_err() && n == size as usize {
                 return Err(invalid(format!("a {} file must be text", kind(name))));
             }
             Ok(None)
@@ -193,30 +152,19 @@ fn upload(
         // No trailer for raw objects: the checksum travels as metadata, which must be
         // known before the upload starts.
         let sha = codec::sha256_of(&mut file).map_err(|e| Error::local("read", path, e))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::local("read", path, e))?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| Error::local("read", path, e))?;
         metadata.insert(SHA256_METADATA.to_string(), sha.to_string());
     }
-    let mut writer = store.writer(
-        key,
-        PutOptions {
-            mode: PutMode::Create,
-            metadata,
-        },
-    )?;
-    let summary = codec::encode(&mut file as &mut dyn Read, compression, level, &mut writer)
-        .map_err(|e| match e {
-            EncodeError::Source(e) => Error::local("read", path, e),
-            EncodeError::Sink(e) => Error::Store(into_store_error(e, "write", key)),
-        })?;
+    let mut writer = store.writer(key, PutOptions { mode: PutMode::Create, metadata })?;
+    let summary = codec::encode(&mut file as &mut dyn Read, compression, level, &mut writer).map_err(|e| match e {
+        EncodeError::Source(e) => Error::local("read", path, e),
+        EncodeError::Sink(e) => Error::Store(into_store_error(e, "write", key)),
+    })?;
     if summary.bytes_in != size {
         // The file changed under us; publish nothing (dropping the writer discards it).
         return Err(Error::InvalidInput {
             path: path.display().to_string(),
-            reason: format!(
-                "file changed while being read ({size} bytes, then {})",
-                summary.bytes_in
-            ),
+            reason: format!("file changed while being read ({size} bytes, then {})", summary.bytes_in),
         });
     }
     let outcome = writer.finish()?;
@@ -226,9 +174,7 @@ fn upload(
 async fn local_sha256(path: &Path) -> Result<Sha256, Error> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        File::open(&path)
-            .and_then(codec::sha256_of)
-            .map_err(|e| Error::local("read", &path, e))
+        File::open(&path).and_then(codec::sha256_of).map_err(|e| Error::local("read", &path, e))
     })
     .await
     .expect("the hash task panicked")
@@ -245,11 +191,6 @@ async fn same_content_or_conflict(
     if stored == local {
         Ok(())
     } else {
-        Err(Error::Conflict {
-            name: name.to_string(),
-            stored,
-            local,
-            store: store.url(),
-        })
+        Err(Error::Conflict { name: name.to_string(), stored, local, store: store.url() })
     }
 }

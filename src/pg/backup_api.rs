@@ -33,7 +33,10 @@ pub struct StopResult {
 }
 
 fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
-    Error::Config(format!("{what} failed: {}: check that the role may run backups (superuser or pg_backup_start rights)", one_line(&e)))
+    Error::Config(format!(
+        "{what} failed: {}: check that the role may run backups (superuser or pg_backup_start rights)",
+        one_line(&e)
+    ))
 }
 
 /// Reads version, system identifier, data directory and segment size.
@@ -52,14 +55,10 @@ pub async fn server_info(client: &Client) -> Result<ServerInfo, Error> {
         .map_err(|e| pg_err("reading server settings", e))?;
     let version_num: i32 = row.get(0);
     if version_num < 120000 {
-        return Err(Error::Config(format!(
-            "PostgreSQL {version_num} is too old: wal-rs backs up 12 and later"
-        )));
+        return Err(Error::Config(format!("PostgreSQL {version_num} is too old: wal-rs backs up 12 and later")));
     }
     if row.get::<_, bool>(5) {
-        return Err(Error::Config(
-            "the server is in recovery: take base backups from the primary".into(),
-        ));
+        return Err(Error::Config("the server is in recovery: take base backups from the primary".into()));
     }
     let sysid: String = row.get(1);
     let seg: i32 = row.get(3);
@@ -82,26 +81,16 @@ pub async fn server_info(client: &Client) -> Result<ServerInfo, Error> {
 }
 
 /// Starts the backup; returns the start LSN and the WAL file holding it (with the timeline).
-pub async fn start(
-    client: &Client,
-    version_num: u32,
-    label: &str,
-    fast: bool,
-) -> Result<(Lsn, WalFileName), Error> {
+pub async fn start(client: &Client, version_num: u32, label: &str, fast: bool) -> Result<(Lsn, WalFileName), Error> {
     let sql = if version_num >= 150000 {
         "select lsn::text, pg_walfile_name(lsn) from pg_backup_start($1, $2) as lsn"
     } else {
         "select lsn::text, pg_walfile_name(lsn) from pg_start_backup($1, $2, false) as lsn"
     };
-    let row = client
-        .query_one(sql, &[&label, &fast])
-        .await
-        .map_err(|e| pg_err("starting the backup", e))?;
+    let row = client.query_one(sql, &[&label, &fast]).await.map_err(|e| pg_err("starting the backup", e))?;
     let lsn: String = row.get(0);
     let file: String = row.get(1);
-    let lsn = lsn
-        .parse::<Lsn>()
-        .map_err(|e| Error::Config(e.to_string()))?;
+    let lsn = lsn.parse::<Lsn>().map_err(|e| Error::Config(e.to_string()))?;
     let file = WalFileName::parse(&file).map_err(|e| Error::Config(e.to_string()))?;
     Ok((lsn, file))
 }
@@ -113,15 +102,10 @@ pub async fn stop(client: &Client, version_num: u32) -> Result<StopResult, Error
     } else {
         "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, false)"
     };
-    let row = client
-        .query_one(sql, &[])
-        .await
-        .map_err(|e| pg_err("stopping the backup", e))?;
+    let row = client.query_one(sql, &[]).await.map_err(|e| pg_err("stopping the backup", e))?;
     let lsn: String = row.get(0);
     Ok(StopResult {
-        stop_lsn: lsn
-            .parse::<Lsn>()
-            .map_err(|e| Error::Config(e.to_string()))?,
+        stop_lsn: lsn.parse::<Lsn>().map_err(|e| Error::Config(e.to_string()))?,
         label: row.get::<_, Option<String>>(1).unwrap_or_default(),
         tablespace_map: row.get::<_, Option<String>>(2).unwrap_or_default(),
     })

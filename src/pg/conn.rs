@@ -8,9 +8,9 @@ use crate::error::Error;
 /// Connects and spawns the connection task on the current runtime.
 pub async fn connect(url: Option<&str>) -> Result<Client, Error> {
     let config = match url {
-        Some(u) => u.parse::<PgConfig>().map_err(|e| {
-            Error::Config(format!("--pg-url is not a valid connection string: {e}"))
-        })?,
+        Some(u) => u
+            .parse::<PgConfig>()
+            .map_err(|e| Error::Config(format!("--pg-url is not a valid connection string: {e}")))?,
         None => from_env(),
     };
     let (client, connection) = config.connect(NoTls).await.map_err(|e| {
@@ -35,9 +35,7 @@ fn from_env() -> PgConfig {
         c.host(h);
     }
     c.port(var("PGPORT").and_then(|p| p.parse().ok()).unwrap_or(5432));
-    let user = var("PGUSER")
-        .or_else(|| var("USER"))
-        .unwrap_or_else(|| "postgres".into());
+    let user = var("PGUSER").or_else(|| var("USER")).unwrap_or_else(|| "postgres".into());
     c.dbname(&var("PGDATABASE").unwrap_or_else(|| user.clone()));
     c.user(&user);
     if let Some(p) = var("PGPASSWORD") {

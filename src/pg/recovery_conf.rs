@@ -63,10 +63,7 @@ mod tests {
             ..Default::default()
         };
         let s = settings("/usr/bin/wal-rs --set store='x' wal-fetch %f %p", &t);
-        assert!(
-            s.contains("restore_command = '/usr/bin/wal-rs --set store=''x'' wal-fetch %f %p'"),
-            "{s}"
-        );
+        assert!(s.contains("restore_command = '/usr/bin/wal-rs --set store=''x'' wal-fetch %f %p'"), "{s}");
         assert!(s.contains("recovery_target_time = '2026-11-26 10:00:00+00'"));
         assert!(s.contains("recovery_target_action = 'promote'"));
         assert!(!s.contains("recovery_target_lsn"));

@@ -17,9 +17,7 @@ impl ObjectKey {
     pub fn new(key: &str) -> Result<ObjectKey, InvalidKey> {
         let ok = !key.is_empty()
             && !key.contains('\0')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != "..");
+            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if ok {
             Ok(ObjectKey(key.to_string()))
         } else {

@@ -11,10 +11,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{
-    Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome,
-    StoreError,
-};
+use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
 
 /// Prefix of the extended attributes that hold object metadata.
 const XATTR_PREFIX: &str = "user.walrs.";
@@ -41,38 +38,25 @@ impl LocalStore {
     }
 
     fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
-        StoreError::Io {
-            op,
-            path: path.display().to_string(),
-            source,
-        }
+        StoreError::Io { op, path: path.display().to_string(), source }
     }
 
     /// NotFound for a missing object, StoreMissing when the root itself is gone: "not in
     /// the archive" must never be said about an archive that is not there.
     fn not_found(&self, key: &ObjectKey) -> StoreError {
         if self.root.is_dir() {
-            StoreError::NotFound {
-                key: key.to_string(),
-            }
+            StoreError::NotFound { key: key.to_string() }
         } else {
             StoreError::StoreMissing { store: self.url() }
         }
     }
 
-    pub(super) fn writer(
-        &self,
-        key: &ObjectKey,
-        opts: PutOptions,
-    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
+    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
         if !self.root.is_dir() {
             return Err(StoreError::StoreMissing { store: self.url() });
         }
         let target = self.path_of(key);
-        let dir = target
-            .parent()
-            .expect("keys have a parent under the root")
-            .to_path_buf();
+        let dir = target.parent().expect("keys have a parent under the root").to_path_buf();
         create_dirs_durably(&self.root, &dir)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let temp = dir.join(format!(
@@ -87,10 +71,7 @@ impl LocalStore {
             .open(&temp)
             .map_err(|e| Self::io_err("create", &temp, e))?;
         Ok(Box::new(LocalWriter {
-            file: Some(BufWriter::with_capacity(
-                super::super::codec::CHUNK_SIZE,
-                file,
-            )),
+            file: Some(BufWriter::with_capacity(super::super::codec::CHUNK_SIZE, file)),
             temp,
             target,
             dir,
@@ -105,16 +86,9 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
             Err(e) => return Err(Self::io_err("open", &path, e)),
         };
-        let size = file
-            .metadata()
-            .map_err(|e| Self::io_err("stat", &path, e))?
-            .len();
+        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
         let metadata = read_metadata(&path);
-        Ok(ObjectReader {
-            size,
-            metadata,
-            body: Box::new(file),
-        })
+        Ok(ObjectReader { size, metadata, body: Box::new(file) })
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
@@ -133,10 +107,7 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(key)),
             Err(e) => return Err(Self::io_err("open", &path, e)),
         };
-        let size = file
-            .metadata()
-            .map_err(|e| Self::io_err("stat", &path, e))?
-            .len();
+        let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
         let mut out = Vec::with_capacity(len.min(size) as usize);
         file.seek(SeekFrom::Start(size.saturating_sub(len)))
             .and_then(|_| file.read_to_end(&mut out))
@@ -147,11 +118,9 @@ impl LocalStore {
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
         let path = self.path_of(key);
         match fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
-                key: key.clone(),
-                size: m.len(),
-                metadata: read_metadata(&path),
-            })),
+            Ok(m) if m.is_file() => {
+                Ok(Some(ObjectMeta { key: key.clone(), size: m.len(), metadata: read_metadata(&path) }))
+            }
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found(key) {
                 StoreError::NotFound { .. } => Ok(None),
@@ -173,11 +142,7 @@ impl LocalStore {
         let mut out = Vec::new();
         let mut pending = vec![start_rel.to_string()];
         while let Some(rel) = pending.pop() {
-            let dir = if rel.is_empty() {
-                self.root.clone()
-            } else {
-                self.root.join(&rel)
-            };
+            let dir = if rel.is_empty() { self.root.clone() } else { self.root.join(&rel) };
             let entries = match fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -190,33 +155,20 @@ impl LocalStore {
                 if name.starts_with('.') {
                     continue;
                 }
-                let key = if rel.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{rel}/{name}")
-                };
-                let ft = entry
-                    .file_type()
-                    .map_err(|e| Self::io_err("stat", &entry.path(), e))?;
+                let key = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+                let ft = entry.file_type().map_err(|e| Self::io_err("stat", &entry.path(), e))?;
                 if ft.is_dir() {
                     if prefix.starts_with(&format!("{key}/")) || key.starts_with(prefix) {
                         pending.push(key);
                     }
                 } else if ft.is_file() && key.starts_with(prefix) {
-                    let size = entry
-                        .metadata()
-                        .map_err(|e| Self::io_err("stat", &entry.path(), e))?
-                        .len();
+                    let size = entry.metadata().map_err(|e| Self::io_err("stat", &entry.path(), e))?.len();
                     let key = ObjectKey::new(&key).map_err(|e| StoreError::Other {
                         op: "list",
                         key: key.clone(),
                         detail: e.to_string(),
                     })?;
-                    out.push(ObjectMeta {
-                        key,
-                        size,
-                        metadata: Metadata::new(),
-                    });
+                    out.push(ObjectMeta { key, size, metadata: Metadata::new() });
                 }
             }
         }
@@ -255,12 +207,8 @@ impl ObjectWriter for LocalWriter {
     fn finish(mut self: Box<Self>) -> Result<PutOutcome, StoreError> {
         let temp = self.temp.clone();
         let io_err = |op, e| LocalStore::io_err(op, &temp, e);
-        let file = self
-            .file
-            .take()
-            .expect("finish called once")
-            .into_inner()
-            .map_err(|e| io_err("write", e.into_error()))?;
+        let file =
+            self.file.take().expect("finish called once").into_inner().map_err(|e| io_err("write", e.into_error()))?;
         for (name, value) in &self.opts.metadata {
             xattr::set(&temp, format!("{XATTR_PREFIX}{name}"), value.as_bytes())
                 .map_err(|e| io_err("set metadata on", e))?;
@@ -274,8 +222,7 @@ impl ObjectWriter for LocalWriter {
                 Err(e) => return Err(LocalStore::io_err("publish", &self.target, e)),
             },
             PutMode::Overwrite => {
-                fs::rename(&self.temp, &self.target)
-                    .map_err(|e| LocalStore::io_err("publish", &self.target, e))?;
+                fs::rename(&self.temp, &self.target).map_err(|e| LocalStore::io_err("publish", &self.target, e))?;
                 PutOutcome::Stored
             }
         };
@@ -306,10 +253,7 @@ fn read_metadata(path: &Path) -> Metadata {
         let Some(name) = name.to_str() else { continue };
         if let Some(short) = name.strip_prefix(XATTR_PREFIX) {
             if let Ok(Some(value)) = xattr::get(path, name) {
-                out.insert(
-                    short.to_string(),
-                    String::from_utf8_lossy(&value).into_owned(),
-                );
+                out.insert(short.to_string(), String::from_utf8_lossy(&value).into_owned());
             }
         }
     }
@@ -318,9 +262,7 @@ fn read_metadata(path: &Path) -> Metadata {
 
 /// fsyncs a directory, so that entries created or removed in it survive a crash.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| LocalStore::io_err("fsync", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LocalStore::io_err("fsync", dir, e))
 }
 
 /// Creates `dir` and any missing parents below `root`, fsyncing each parent whose entries

@@ -4,10 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use super::{
-    Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome,
-    StoreError,
-};
+use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
 
 type Objects = Arc<Mutex<BTreeMap<ObjectKey, (Vec<u8>, Metadata)>>>;
 
@@ -28,24 +25,13 @@ impl MemoryStore {
         "memory://".to_string()
     }
 
-    pub(super) fn writer(
-        &self,
-        key: &ObjectKey,
-        opts: PutOptions,
-    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
-        Ok(Box::new(MemoryWriter {
-            objects: self.objects.clone(),
-            key: key.clone(),
-            opts,
-            buf: Vec::new(),
-        }))
+    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        Ok(Box::new(MemoryWriter { objects: self.objects.clone(), key: key.clone(), opts, buf: Vec::new() }))
     }
 
     pub(super) async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, metadata) = objects.get(key).ok_or_else(|| StoreError::NotFound {
-            key: key.to_string(),
-        })?;
+        let (bytes, metadata) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(ObjectReader {
             size: bytes.len() as u64,
             metadata: metadata.clone(),
@@ -55,17 +41,13 @@ impl MemoryStore {
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound {
-            key: key.to_string(),
-        })?;
+        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(bytes.clone())
     }
 
     pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound {
-            key: key.to_string(),
-        })?;
+        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(bytes[bytes.len().saturating_sub(len as usize)..].to_vec())
     }
 
@@ -83,11 +65,7 @@ impl MemoryStore {
         Ok(objects
             .iter()
             .filter(|(k, _)| k.as_str().starts_with(prefix))
-            .map(|(k, (bytes, _))| ObjectMeta {
-                key: k.clone(),
-                size: bytes.len() as u64,
-                metadata: Metadata::new(),
-            })
+            .map(|(k, (bytes, _))| ObjectMeta { key: k.clone(), size: bytes.len() as u64, metadata: Metadata::new() })
             .collect())
     }
 

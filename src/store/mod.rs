@@ -108,9 +108,7 @@ pub enum StoreError {
         detail: String,
     },
     /// The store could not be reached or kept failing until the retry deadline.
-    #[error(
-        "{op} {key} failed after retries: {detail}: check that the store is reachable, then retry"
-    )]
+    #[error("{op} {key} failed after retries: {detail}: check that the store is reachable, then retry")]
     Unavailable {
         /// The operation.
         op: &'static str,
@@ -172,11 +170,7 @@ macro_rules! dispatch {
 
 impl Store {
     /// A writer for `key`. Call from a blocking thread.
-    pub fn writer(
-        &self,
-        key: &ObjectKey,
-        opts: PutOptions,
-    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
+    pub fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
         dispatch!(self, s => s.writer(key, opts))
     }
 
@@ -202,8 +196,7 @@ impl Store {
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
             let mut w = store.writer(&key, opts)?;
-            w.write_all(&bytes)
-                .map_err(|e| into_store_error(e, "write", &key))?;
+            w.write_all(&bytes).map_err(|e| into_store_error(e, "write", &key))?;
             w.finish()
         })
         .await
@@ -238,9 +231,7 @@ impl Store {
             Store::S3(_) => {
                 let prefix = common_prefix(keys);
                 let listed = self.list(&prefix).await?;
-                Ok(keys
-                    .iter()
-                    .find_map(|k| listed.iter().find(|m| &m.key == k).cloned()))
+                Ok(keys.iter().find_map(|k| listed.iter().find(|m| &m.key == k).cloned()))
             }
             _ => {
                 for k in keys {
@@ -265,21 +256,13 @@ pub fn into_store_error(err: std::io::Error, op: &'static str, key: &ObjectKey) 
     if err.get_ref().is_some_and(|inner| inner.is::<StoreError>()) {
         return *err.into_inner().unwrap().downcast::<StoreError>().unwrap();
     }
-    StoreError::Io {
-        op,
-        path: key.to_string(),
-        source: err,
-    }
+    StoreError::Io { op, path: key.to_string(), source: err }
 }
 
 fn common_prefix(keys: &[ObjectKey]) -> String {
     let mut prefix = keys.first().map(|k| k.as_str()).unwrap_or("");
     for k in keys {
-        let same = prefix
-            .bytes()
-            .zip(k.as_str().bytes())
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = prefix.bytes().zip(k.as_str().bytes()).take_while(|(a, b)| a == b).count();
         prefix = &prefix[..same];
     }
     prefix.to_string()
@@ -291,10 +274,8 @@ mod tests {
 
     #[test]
     fn common_prefix_of_keys() {
-        let keys: Vec<ObjectKey> = ["wal_005/A.lz4", "wal_005/A.zst", "wal_005/A"]
-            .iter()
-            .map(|k| ObjectKey::new(k).unwrap())
-            .collect();
+        let keys: Vec<ObjectKey> =
+            ["wal_005/A.lz4", "wal_005/A.zst", "wal_005/A"].iter().map(|k| ObjectKey::new(k).unwrap()).collect();
         assert_eq!(common_prefix(&keys), "wal_005/A");
     }
 }

@@ -28,10 +28,7 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use super::{
-    Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome,
-    StoreError,
-};
+use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
 
 /// Settings of an S3 store, resolved from the configuration.
 #[derive(Debug, Clone)]
@@ -104,9 +101,7 @@ impl S3Store {
             // A body that stops flowing for this long counts as a failed attempt, so a
             // stalled connection cannot hang a transfer.
             .stalled_stream_protection(
-                StalledStreamProtectionConfig::enabled()
-                    .grace_period(Duration::from_secs(10))
-                    .build(),
+                StalledStreamProtectionConfig::enabled().grace_period(Duration::from_secs(10)).build(),
             );
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
@@ -115,11 +110,7 @@ impl S3Store {
             builder = builder.endpoint_url(endpoint);
         }
         S3Store {
-            inner: Arc::new(Inner {
-                client: Client::from_conf(builder.build()),
-                settings,
-                handle: Handle::current(),
-            }),
+            inner: Arc::new(Inner { client: Client::from_conf(builder.build()), settings, handle: Handle::current() }),
         }
     }
 
@@ -128,11 +119,7 @@ impl S3Store {
         self.inner.url()
     }
 
-    pub(super) fn writer(
-        &self,
-        key: &ObjectKey,
-        opts: PutOptions,
-    ) -> Result<Box<dyn ObjectWriter>, StoreError> {
+    pub(super) fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
         let part_size = self.inner.settings.part_size.max(5 << 20);
         Ok(Box::new(S3Writer {
             inner: self.inner.clone(),
@@ -159,19 +146,10 @@ impl S3Store {
             .await
             .map_err(|e| self.inner.map_err("get", key, e))?;
         let size = out.content_length().unwrap_or(0).max(0) as u64;
-        let metadata: Metadata = out
-            .metadata()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        let body = tokio_util::io::SyncIoBridge::new_with_handle(
-            out.body.into_async_read(),
-            self.inner.handle.clone(),
-        );
-        Ok(ObjectReader {
-            size,
-            metadata,
-            body: Box::new(body),
-        })
+        let metadata: Metadata =
+            out.metadata().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let body = tokio_util::io::SyncIoBridge::new_with_handle(out.body.into_async_read(), self.inner.handle.clone());
+        Ok(ObjectReader { size, metadata, body: Box::new(body) })
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
@@ -185,15 +163,11 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.inner.map_err("get", key, e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                op: "get",
-                key: self.inner.describe(key),
-                detail: e.to_string(),
-            })?;
+        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
+            op: "get",
+            key: self.inner.describe(key),
+            detail: e.to_string(),
+        })?;
         Ok(bytes.to_vec())
     }
 
@@ -209,29 +183,17 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.inner.map_err("get", key, e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                op: "get",
-                key: self.inner.describe(key),
-                detail: e.to_string(),
-            })?;
+        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
+            op: "get",
+            key: self.inner.describe(key),
+            detail: e.to_string(),
+        })?;
         Ok(bytes.to_vec())
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
         let full = self.inner.full_key(key);
-        match self
-            .inner
-            .client
-            .head_object()
-            .bucket(&self.inner.settings.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
+        match self.inner.client.head_object().bucket(&self.inner.settings.bucket).key(&full).send().await {
             Ok(out) => Ok(Some(ObjectMeta {
                 key: key.clone(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -266,11 +228,7 @@ impl S3Store {
                 let Ok(key) = ObjectKey::new(&k[strip..]) else {
                     continue;
                 };
-                out.push(ObjectMeta {
-                    key,
-                    size: obj.size().unwrap_or(0).max(0) as u64,
-                    metadata: Metadata::new(),
-                });
+                out.push(ObjectMeta { key, size: obj.size().unwrap_or(0).max(0) as u64, metadata: Metadata::new() });
             }
         }
         Ok(out)
@@ -351,30 +309,18 @@ impl Inner {
                 };
                 match (status, code.as_str()) {
                     (_, "NoSuchBucket") => StoreError::StoreMissing { store: self.url() },
-                    (_, "NoSuchKey") | (404, "NotFound") | (404, "") => {
-                        StoreError::NotFound { key }
-                    }
-                    (412, _) | (_, "PreconditionFailed") => StoreError::Other {
-                        op: "precondition",
-                        key,
-                        detail,
-                    },
-                    (401 | 403, _)
-                    | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+                    (_, "NoSuchKey") | (404, "NotFound") | (404, "") => StoreError::NotFound { key },
+                    (412, _) | (_, "PreconditionFailed") => StoreError::Other { op: "precondition", key, detail },
+                    (401 | 403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
                         StoreError::Denied { op, key, detail }
                     }
-                    (408 | 429 | 500..=599, _)
-                    | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
+                    (408 | 429 | 500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
                         StoreError::Unavailable { op, key, detail }
                     }
                     _ => StoreError::Other { op, key, detail },
                 }
             }
-            SdkError::TimeoutError(_) => StoreError::Unavailable {
-                op,
-                key,
-                detail: "timed out".into(),
-            },
+            SdkError::TimeoutError(_) => StoreError::Unavailable { op, key, detail: "timed out".into() },
             SdkError::DispatchFailure(f) => {
                 let detail = error_chain(&err);
                 if f.is_user() || detail.contains("credential") {
@@ -383,11 +329,7 @@ impl Inner {
                     StoreError::Unavailable { op, key, detail }
                 }
             }
-            SdkError::ResponseError(_) => StoreError::Unavailable {
-                op,
-                key,
-                detail: error_chain(&err),
-            },
+            SdkError::ResponseError(_) => StoreError::Unavailable { op, key, detail: error_chain(&err) },
             _ => {
                 let detail = error_chain(&err);
                 if detail.contains("credential") {
@@ -416,13 +358,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 fn is_precondition_failure(err: &StoreError) -> bool {
-    matches!(
-        err,
-        StoreError::Other {
-            op: "precondition",
-            ..
-        }
-    )
+    matches!(err, StoreError::Other { op: "precondition", .. })
 }
 
 struct S3Writer {
@@ -439,19 +375,11 @@ struct S3Writer {
 
 impl S3Writer {
     fn storage_class(&self) -> Option<StorageClass> {
-        self.inner
-            .settings
-            .storage_class
-            .as_deref()
-            .map(StorageClass::from)
+        self.inner.settings.storage_class.as_deref().map(StorageClass::from)
     }
 
     fn sse(&self) -> Option<ServerSideEncryption> {
-        self.inner
-            .settings
-            .sse
-            .as_deref()
-            .map(ServerSideEncryption::from)
+        self.inner.settings.sse.as_deref().map(ServerSideEncryption::from)
     }
 
     /// Starts uploading the buffered bytes as the next part, waiting first if too many
@@ -471,10 +399,7 @@ impl S3Writer {
                 .set_ssekms_key_id(self.inner.settings.sse_kms_key_id.clone())
                 .checksum_algorithm(ChecksumAlgorithm::Crc32)
                 .send();
-            let out = self
-                .handle
-                .block_on(create)
-                .map_err(|e| self.inner.map_err("start upload of", &self.key, e))?;
+            let out = self.handle.block_on(create).map_err(|e| self.inner.map_err("start upload of", &self.key, e))?;
             self.upload_id = out.upload_id().map(str::to_string);
             if self.upload_id.is_none() {
                 return Err(StoreError::Other {
@@ -486,21 +411,15 @@ impl S3Writer {
         }
         while self.in_flight.len() >= self.inner.settings.upload_concurrency.max(1) {
             let oldest = self.in_flight.pop_front().unwrap();
-            let part = self
-                .handle
-                .block_on(oldest)
-                .map_err(|e| StoreError::Other {
-                    op: "upload part of",
-                    key: self.inner.describe(&self.key),
-                    detail: e.to_string(),
-                })??;
+            let part = self.handle.block_on(oldest).map_err(|e| StoreError::Other {
+                op: "upload part of",
+                key: self.inner.describe(&self.key),
+                detail: e.to_string(),
+            })??;
             self.done.push(part);
         }
         let number = (self.done.len() + self.in_flight.len() + 1) as i32;
-        let body = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(self.part_size),
-        ));
+        let body = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size)));
         let inner = self.inner.clone();
         let key = self.key.clone();
         let upload_id = self.upload_id.clone().unwrap();
@@ -576,11 +495,7 @@ impl S3Writer {
             .bucket(&self.inner.settings.bucket)
             .key(self.inner.full_key(&self.key))
             .upload_id(self.upload_id.clone().unwrap())
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(self.done.clone()))
-                    .build(),
-            );
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(self.done.clone())).build());
         if self.opts.mode == PutMode::Create {
             req = req.if_none_match("*");
         }

@@ -40,24 +40,15 @@ impl SegmentId {
     pub fn containing(lsn: Lsn, segment_size: u32) -> SegmentId {
         let per_log = segments_per_log(segment_size);
         let segno = lsn.0 / segment_size as u64;
-        SegmentId {
-            log: (segno / per_log) as u32,
-            seg: (segno % per_log) as u32,
-        }
+        SegmentId { log: (segno / per_log) as u32, seg: (segno % per_log) as u32 }
     }
 
     /// The segment after this one.
     pub fn next(self, segment_size: u32) -> SegmentId {
         if (self.seg as u64) + 1 >= segments_per_log(segment_size) {
-            SegmentId {
-                log: self.log + 1,
-                seg: 0,
-            }
+            SegmentId { log: self.log + 1, seg: 0 }
         } else {
-            SegmentId {
-                log: self.log,
-                seg: self.seg + 1,
-            }
+            SegmentId { log: self.log, seg: self.seg + 1 }
         }
     }
 }
@@ -155,11 +146,7 @@ impl FromStr for WalFileName {
 
 fn parse_hex_u32(s: &str) -> Option<u32> {
     // PostgreSQL writes and accepts only upper-case digits (`strspn(fname, "0123456789ABCDEF")`).
-    if s.len() != 8
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-    {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
         return None;
     }
     u32::from_str_radix(s, 16).ok()
@@ -199,21 +186,13 @@ mod tests {
     #[test]
     fn names_keep_their_parts() {
         let n = WalFileName::parse("0000000200000001000000FE").unwrap();
-        assert_eq!(
-            n,
-            WalFileName::Segment(TimelineId(2), SegmentId { log: 1, seg: 0xFE })
-        );
+        assert_eq!(n, WalFileName::Segment(TimelineId(2), SegmentId { log: 1, seg: 0xFE }));
         assert_eq!(n.timeline(), TimelineId(2));
         assert_eq!(
             WalFileName::parse("000000010000000000000002.00000028.backup").unwrap(),
             WalFileName::BackupHistory(TimelineId(1), SegmentId { log: 0, seg: 2 }, 0x28)
         );
-        assert_eq!(
-            WalFileName::parse("00000002.history")
-                .unwrap()
-                .wal_segment(),
-            None
-        );
+        assert_eq!(WalFileName::parse("00000002.history").unwrap().wal_segment(), None);
     }
 
     #[test]
@@ -242,14 +221,8 @@ mod tests {
         let s = SegmentId { log: 1, seg: 0xFF };
         assert_eq!(s.start_lsn(16 << 20), Lsn(0x1_FF00_0000));
         assert_eq!(s.next(16 << 20), SegmentId { log: 2, seg: 0 });
-        assert_eq!(
-            SegmentId { log: 0, seg: 3 }.next(1 << 30),
-            SegmentId { log: 1, seg: 0 }
-        );
-        assert_eq!(
-            SegmentId::containing(Lsn(0x2000028), 16 << 20),
-            SegmentId { log: 0, seg: 2 }
-        );
+        assert_eq!(SegmentId { log: 0, seg: 3 }.next(1 << 30), SegmentId { log: 1, seg: 0 });
+        assert_eq!(SegmentId::containing(Lsn(0x2000028), 16 << 20), SegmentId { log: 0, seg: 2 });
         assert_eq!(SegmentId::containing(Lsn(0x1_FF00_0000), 16 << 20), s);
     }
 }

@@ -89,11 +89,7 @@ impl SegmentHeader {
     /// The page timeline may be older than the name's: when a timeline switch happens in
     /// the middle of a segment, PostgreSQL starts the new timeline's file with a copy of
     /// the old one (`XLogInitNewTimeline`), first page header included.
-    pub fn parse(
-        bytes: &[u8],
-        timeline: TimelineId,
-        segment: SegmentId,
-    ) -> Result<SegmentHeader, PageHeaderError> {
+    pub fn parse(bytes: &[u8], timeline: TimelineId, segment: SegmentId) -> Result<SegmentHeader, PageHeaderError> {
         if bytes.len() < LONG_HEADER_SIZE {
             return Err(PageHeaderError::TooShort(bytes.len()));
         }
@@ -121,18 +117,12 @@ impl SegmentHeader {
         }
         let page_tli = u32_at(4);
         if page_tli == 0 || page_tli > timeline.0 {
-            return Err(PageHeaderError::WrongTimeline {
-                name: timeline,
-                found: page_tli,
-            });
+            return Err(PageHeaderError::WrongTimeline { name: timeline, found: page_tli });
         }
         let page_address = Lsn(u64_at(8));
         let expected = segment.start_lsn(segment_size);
         if page_address != expected || (segment.seg as u64) * segment_size as u64 >= 1 << 32 {
-            return Err(PageHeaderError::WrongAddress {
-                expected,
-                found: page_address,
-            });
+            return Err(PageHeaderError::WrongAddress { expected, found: page_address });
         }
         Ok(SegmentHeader {
             pg_major,
@@ -179,11 +169,7 @@ pub(crate) mod tests {
         let page = pg15_first_page(1, 0x3000000, 1, SEG);
         assert!(SegmentHeader::parse(&page, TimelineId(2), SegmentId { log: 0, seg: 3 }).is_ok());
         assert!(matches!(
-            SegmentHeader::parse(
-                &pg15_first_page(3, 0x3000000, 1, SEG),
-                TimelineId(2),
-                SegmentId { log: 0, seg: 3 }
-            ),
+            SegmentHeader::parse(&pg15_first_page(3, 0x3000000, 1, SEG), TimelineId(2), SegmentId { log: 0, seg: 3 }),
             Err(PageHeaderError::WrongTimeline { .. })
         ));
     }
@@ -193,31 +179,16 @@ pub(crate) mod tests {
         let id = SegmentId { log: 0, seg: 3 };
         let t = TimelineId(1);
         let wrong_addr = pg15_first_page(1, 0x4000000, 1, SEG);
-        assert!(matches!(
-            SegmentHeader::parse(&wrong_addr, t, id),
-            Err(PageHeaderError::WrongAddress { .. })
-        ));
+        assert!(matches!(SegmentHeader::parse(&wrong_addr, t, id), Err(PageHeaderError::WrongAddress { .. })));
         let mut bad_magic = pg15_first_page(1, 0x3000000, 1, SEG);
         bad_magic[0] = 0;
-        assert!(matches!(
-            SegmentHeader::parse(&bad_magic, t, id),
-            Err(PageHeaderError::UnknownMagic(_))
-        ));
+        assert!(matches!(SegmentHeader::parse(&bad_magic, t, id), Err(PageHeaderError::UnknownMagic(_))));
         let mut short_header = pg15_first_page(1, 0x3000000, 1, SEG);
         short_header[2] = 0;
-        assert!(matches!(
-            SegmentHeader::parse(&short_header, t, id),
-            Err(PageHeaderError::BadFlags(_))
-        ));
+        assert!(matches!(SegmentHeader::parse(&short_header, t, id), Err(PageHeaderError::BadFlags(_))));
         let odd_size = pg15_first_page(1, 0x3000000, 1, 3 << 20);
-        assert!(matches!(
-            SegmentHeader::parse(&odd_size, t, id),
-            Err(PageHeaderError::BadSegmentSize(_))
-        ));
-        assert_eq!(
-            SegmentHeader::parse(&[0; 10], t, id),
-            Err(PageHeaderError::TooShort(10))
-        );
+        assert!(matches!(SegmentHeader::parse(&odd_size, t, id), Err(PageHeaderError::BadSegmentSize(_))));
+        assert_eq!(SegmentHeader::parse(&[0; 10], t, id), Err(PageHeaderError::TooShort(10)));
         // seg 0x100 does not exist with 16 MiB segments: 256 per log.
         let past_end = pg15_first_page(1, 0x1_0000_0000, 1, SEG);
         assert!(SegmentHeader::parse(&past_end, t, SegmentId { log: 0, seg: 0x100 }).is_err());
