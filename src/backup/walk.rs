@@ -122,7 +122,7 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
         .collect();
     for name in &names {
         let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-        if exclude::is_excluded(&child_rel, name, is_top) || (is_top && child_rel == "global/pg_control") {
+        if exclude::is_excluded(&child_rel, name, is_top) || child_rel == "global/pg_control" {
             continue;
         }
         if let Some((node, init)) = exclude::relation_file(name) {
@@ -168,10 +168,10 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
             if !emit(Entry { rel: child_rel, abs, kind: EntryKind::Symlink { target }, mode, mtime }) {
                 return Ok(false);
             }
-        } else if ft.is_file() {
-            if !emit(Entry { rel: child_rel, abs, kind: EntryKind::File { size: meta.len() }, mode, mtime }) {
-                return Ok(false);
-            }
+        } else if ft.is_file()
+            && !emit(Entry { rel: child_rel, abs, kind: EntryKind::File { size: meta.len() }, mode, mtime })
+        {
+            return Ok(false);
         }
     }
     Ok(true)

@@ -21,7 +21,7 @@ use crate::config::{Config, FetchMode};
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
-use crate::store::{ObjectKey, ObjectReader, Store, StoreError};
+use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
 use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
 
@@ -137,8 +137,9 @@ fn restore(
     let expected_size = reader.size;
     let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
     let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
+        DecodeError::Source(e) if is_checksum_mismatch(&e) => corrupt(error_chain(&e)),
         DecodeError::Source(e) => {
-            Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: e.to_string() })
+            Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: error_chain(&e) })
         }
         DecodeError::Corrupt(detail) => corrupt(detail),
         DecodeError::Sink(e) => Error::local("write", dest, e),

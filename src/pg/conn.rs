@@ -36,7 +36,7 @@ fn from_env() -> PgConfig {
     }
     c.port(var("PGPORT").and_then(|p| p.parse().ok()).unwrap_or(5432));
     let user = var("PGUSER").or_else(|| var("USER")).unwrap_or_else(|| "postgres".into());
-    c.dbname(&var("PGDATABASE").unwrap_or_else(|| user.clone()));
+    c.dbname(var("PGDATABASE").unwrap_or_else(|| user.clone()));
     c.user(&user);
     if let Some(p) = var("PGPASSWORD") {
         c.password(p);

@@ -108,7 +108,7 @@ pub enum StoreError {
         detail: String,
     },
     /// The store could not be reached or kept failing until the retry deadline.
-    #[error("{op} {key} failed after retries: {detail}: check that the store is reachable, then retry")]
+    #[error("{op} {key} failed: {detail}: check that the store is reachable, then retry")]
     Unavailable {
         /// The operation.
         op: &'static str,
@@ -248,6 +248,36 @@ impl Store {
     pub fn url(&self) -> String {
         dispatch!(self, s => s.url())
     }
+}
+
+/// The error and its sources on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Whether a read error says the bytes received do not match the checksum the server
+/// stored with them (the S3 SDK validates full-object GETs against it). That is a damaged
+/// object, not a network failure: retrying would only fetch the same bytes again. The SDK's
+/// error type is not public API, so its message is matched.
+pub fn is_checksum_mismatch(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.to_string().to_ascii_lowercase().contains("checksum mismatch") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// Recovers the [`StoreError`] a writer wrapped into an `io::Error`, or describes the

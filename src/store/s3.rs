@@ -28,7 +28,10 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
+use super::{
+    error_chain, Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome,
+    StoreError,
+};
 
 /// Settings of an S3 store, resolved from the configuration.
 #[derive(Debug, Clone)]
@@ -340,21 +343,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// The error and its sources on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 fn is_precondition_failure(err: &StoreError) -> bool {

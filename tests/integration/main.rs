@@ -1,1 +1,20 @@
+//! Integration tests of the `wal-rs` binary against real PostgreSQL 15 clusters, a real
+//! S3-protocol server (s3s-fs) and a store written by another WAL-G-compatible tool.
+//!
+//! One test binary, as ripgrep does it: `harness` holds the machinery (work directories,
+//! clusters, the S3 server, running wal-rs), and each other module is one topic:
+//! - `wal_core`: a primary archives through archive_command; a copy restored from a base
+//!   backup recovers through restore_command to the same table checksums (both stores).
+//! - `timeline`: a promoted copy archives timeline 2; a second recovery follows it.
+//! - `failures`: direct CLI calls for every documented failure and its exit code.
+//! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
+//!
+//! Run with `cargo test --release --test integration` (`make integration` installs s3s-fs
+//! first). Set `WALRS_IT_KEEP=1` to keep each test's work directory for inspection.
 
+mod harness;
+
+mod compat;
+mod failures;
+mod timeline;
+mod wal_core;
