@@ -40,10 +40,12 @@ pub enum DecodeError {
 
 /// Reads a stored object from `src` and writes the original bytes to `sink`, checking the
 /// trailer when there is one.
-pub fn decode<R: Read, W: Write>(src: R, compression: Compression, mut sink: W) -> Result<DecodeSummary, DecodeError> {
+pub fn decode<R: Read, W: Write>(src: R, hint: Compression, mut sink: W) -> Result<DecodeSummary, DecodeError> {
     let source_failed = Rc::new(Cell::new(false));
     let bytes_in = Rc::new(Cell::new(0u64));
-    let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
+    let mut tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
+    let (compression, magic) = detect(&mut tagged, hint).map_err(DecodeError::Source)?;
+    let tagged = io::Cursor::new(magic).chain(tagged);
     let mut decoder = Decoder::new(compression, tagged).map_err(|e| {
         if source_failed.get() {
             DecodeError::Source(e)
@@ -92,8 +94,30 @@ pub fn decode<R: Read, W: Write>(src: R, compression: Compression, mut sink: W) 
 
 /// A streaming decompressor over `src`, for readers that need the original bytes as a
 /// stream (tar partitions). A trailer, when present, is stepped over.
-pub fn decompressor<R: Read + Send + 'static>(compression: Compression, src: R) -> io::Result<Box<dyn Read + Send>> {
-    Ok(Box::new(Decoder::new(compression, src)?))
+pub fn decompressor<R: Read + Send + 'static>(hint: Compression, mut src: R) -> io::Result<Box<dyn Read + Send>> {
+    let (compression, magic) = detect(&mut src, hint)?;
+    Ok(Box::new(Decoder::new(compression, io::Cursor::new(magic).chain(src))?))
+}
+
+/// lz4 frame magic, little-endian.
+const LZ4_MAGIC: [u8; 4] = 0x184D_2204u32.to_le_bytes();
+/// zstd frame magic, little-endian.
+const ZSTD_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+
+/// The compression the object's first bytes show; `hint` (from the key's extension) when
+/// they show neither format. Returns the bytes read, to be put back in front.
+fn detect<R: Read>(src: &mut R, hint: Compression) -> io::Result<(Compression, Vec<u8>)> {
+    let mut magic = vec![0u8; 4];
+    let n = read_full(src, &mut magic)?;
+    magic.truncate(n);
+    let found = if magic == LZ4_MAGIC {
+        Compression::Lz4
+    } else if magic == ZSTD_MAGIC {
+        Compression::Zstd
+    } else {
+        hint
+    };
+    Ok((found, magic))
 }
 
 /// Marks errors that come from the source, so they are not mistaken for corruption.
@@ -186,6 +210,21 @@ mod tests {
             assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
             let cut = &stored[..stored.len() / 2];
             assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+        }
+    }
+
+    #[test]
+    fn compression_is_detected_from_the_object() {
+        let original = sample();
+        for stored_as in [Compression::Lz4, Compression::Zstd] {
+            let mut stored = Vec::new();
+            encode(&original[..], stored_as, 1, &mut stored).unwrap();
+            for hint in Compression::ALL {
+                let mut out = Vec::new();
+                let s = decode(&stored[..], hint, &mut out).unwrap();
+                assert_eq!(out, original, "{stored_as} read with hint {hint}");
+                assert!(s.trailer.is_some());
+            }
         }
     }
 
