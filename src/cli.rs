@@ -131,6 +131,16 @@ pub enum Command {
         #[arg(long)]
         detail: bool,
     },
+    /// Background prefetcher started by wal-fetch (internal).
+    #[command(hide = true)]
+    WalPrefetch {
+        /// The segment just fetched.
+        after: String,
+        /// The prefetch folder.
+        dir: PathBuf,
+        /// The cluster's WAL segment size.
+        segment_size: u32,
+    },
     /// Show the effective configuration and where each value came from (secrets redacted).
     Config {
         /// Print JSON instead of a table.

@@ -83,6 +83,54 @@ pub const SETTINGS: &[Setting] = &[
         help: "time backup-push waits for the backup's WAL to reach the store",
     },
     Setting {
+        key: "archive_concurrency",
+        env: &["WALRS_ARCHIVE_CONCURRENCY"],
+        default: Some("4"),
+        help: "files one wal-push uploads at once (the one asked for and those pushed ahead)",
+    },
+    Setting {
+        key: "archive_ahead",
+        env: &["WALRS_ARCHIVE_AHEAD"],
+        default: Some("16"),
+        help: "ready files one wal-push also uploads, oldest first (0: only the file asked for)",
+    },
+    Setting {
+        key: "archive_queue_max_bytes",
+        env: &["WALRS_ARCHIVE_QUEUE_MAX"],
+        default: Some("0"),
+        help: "safety valve, off at 0: past this many bytes of ready WAL, acknowledge without archiving and record the gap",
+    },
+    Setting {
+        key: "prefetch_count",
+        env: &["WALRS_PREFETCH_COUNT"],
+        default: Some("8"),
+        help: "segments wal-fetch fetches ahead in the background (0: off)",
+    },
+    Setting {
+        key: "prefetch_concurrency",
+        env: &["WALRS_PREFETCH_CONCURRENCY"],
+        default: Some("4"),
+        help: "segments the prefetcher downloads at once",
+    },
+    Setting {
+        key: "prefetch_dir",
+        env: &["WALRS_PREFETCH_DIR"],
+        default: None,
+        help: "folder for prefetched segments (default: walrs_prefetch beside the destination, inside pg_wal)",
+    },
+    Setting {
+        key: "network_rate_limit_bytes",
+        env: &["WALRS_NETWORK_RATE_LIMIT"],
+        default: Some("0"),
+        help: "bytes per second one process may send to or receive from the store (0: unlimited)",
+    },
+    Setting {
+        key: "disk_rate_limit_bytes",
+        env: &["WALRS_DISK_RATE_LIMIT"],
+        default: Some("0"),
+        help: "bytes per second one process may read from the data directory or pg_wal (0: unlimited)",
+    },
+    Setting {
         key: "s3_region",
         env: &["AWS_REGION", "AWS_DEFAULT_REGION"],
         default: None,
@@ -242,6 +290,12 @@ pub struct Config {
     pub s3: S3Options,
     /// Base backup settings.
     pub backup: BackupSettings,
+    /// Archiving settings.
+    pub archive: ArchiveSettings,
+    /// Prefetch settings.
+    pub prefetch: PrefetchSettings,
+    /// Rate limits.
+    pub rate: RateSettings,
     /// Every setting's raw value and source, for `wal-rs config`.
     pub report: Vec<(&'static Setting, Option<String>, Source)>,
     /// The config file read, if any.
@@ -257,6 +311,37 @@ pub struct BackupSettings {
     pub concurrency: usize,
     /// How long backup-push waits for its WAL.
     pub wal_timeout: Duration,
+}
+
+/// Archiving throughput settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveSettings {
+    /// Uploads at once per wal-push.
+    pub concurrency: usize,
+    /// Ready files pushed ahead per wal-push.
+    pub ahead: usize,
+    /// The safety valve; 0 is off.
+    pub queue_max_bytes: u64,
+}
+
+/// WAL prefetch settings.
+#[derive(Debug, Clone)]
+pub struct PrefetchSettings {
+    /// Segments to fetch ahead.
+    pub count: u32,
+    /// Downloads at once.
+    pub concurrency: usize,
+    /// Folder; `None` for the default beside the destination.
+    pub dir: Option<PathBuf>,
+}
+
+/// Rate limits, in bytes per second; 0 is unlimited.
+#[derive(Debug, Clone, Copy)]
+pub struct RateSettings {
+    /// To and from the store.
+    pub network: u64,
+    /// Reading the data directory and pg_wal.
+    pub disk: u64,
 }
 
 /// S3 settings from the configuration.
@@ -287,6 +372,22 @@ pub struct Overrides {
     pub config_file: Option<PathBuf>,
     /// Flag values by setting key.
     pub values: BTreeMap<String, String>,
+}
+
+impl Overrides {
+    /// The same overrides as command-line arguments, for a child process of ours.
+    pub fn as_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(f) = &self.config_file {
+            args.push("--config".to_string());
+            args.push(f.display().to_string());
+        }
+        for (k, v) in &self.values {
+            args.push("--set".to_string());
+            args.push(format!("{k}={v}"));
+        }
+        args
+    }
 }
 
 /// The environment, injectable for tests.
@@ -400,6 +501,20 @@ impl Config {
                 partition_size: number("backup_partition_size_mib", 1, 1 << 20)? << 20,
                 concurrency: number("backup_concurrency", 1, 64)? as usize,
                 wal_timeout: Duration::from_secs(number("backup_wal_timeout_secs", 1, 86400)?),
+            },
+            archive: ArchiveSettings {
+                concurrency: number("archive_concurrency", 1, 256)? as usize,
+                ahead: number("archive_ahead", 0, 10_000)? as usize,
+                queue_max_bytes: number("archive_queue_max_bytes", 0, u64::MAX)?,
+            },
+            prefetch: PrefetchSettings {
+                count: number("prefetch_count", 0, 1024)? as u32,
+                concurrency: number("prefetch_concurrency", 1, 64)? as usize,
+                dir: get("prefetch_dir").map(PathBuf::from),
+            },
+            rate: RateSettings {
+                network: number("network_rate_limit_bytes", 0, u64::MAX)?,
+                disk: number("disk_rate_limit_bytes", 0, u64::MAX)?,
             },
             report,
             file,

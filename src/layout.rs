@@ -93,6 +93,15 @@ pub fn partition_compression(name: &str) -> Option<Compression> {
     Compression::from_extension(ext)
 }
 
+/// `walrs/gaps/<name>.json`: a WAL file acknowledged without being archived (the
+/// archive_queue_max_bytes valve). Recovery past it is impossible.
+pub fn gap_key(name: &str) -> ObjectKey {
+    ObjectKey::new(&format!("walrs/gaps/{name}.json")).expect("WAL names make valid keys")
+}
+
+/// The folder of gap records.
+pub const GAP_PREFIX: &str = "walrs/gaps/";
+
 /// The record of which cluster archives into this prefix.
 pub fn cluster_identity_key() -> ObjectKey {
     ObjectKey::new("walrs/cluster.json").unwrap()

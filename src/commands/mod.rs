@@ -7,6 +7,7 @@ mod backup_push;
 mod common;
 mod config_cmd;
 mod wal_fetch;
+mod wal_prefetch;
 mod wal_push;
 
 use std::time::Instant;
@@ -25,10 +26,12 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalPush { .. } => "wal-push",
         Command::WalFetch { .. } => "wal-fetch",
         Command::Config { .. } => "config",
+        Command::WalPrefetch { .. } => "wal-prefetch",
         Command::BackupPush { .. } => "backup-push",
         Command::BackupFetch { .. } => "backup-fetch",
         Command::BackupList { .. } => "backup-list",
     };
+    let child_args = cli.overrides().map(|o| o.as_args()).unwrap_or_default();
     let config = match cli
         .overrides()
         .map_err(Error::Usage)
@@ -72,7 +75,7 @@ pub fn run(cli: Cli) -> u8 {
         }
         Command::WalFetch { name, dest } => {
             let standby = wal_fetch::is_standby(&config);
-            match runtime.block_on(wal_fetch::run(&config, &name, &dest)) {
+            match runtime.block_on(wal_fetch::run(&config, &name, &dest, &child_args)) {
                 Ok(r) => {
                     log::emit(
                         Level::Info,
@@ -200,6 +203,18 @@ pub fn run(cli: Cli) -> u8 {
                     exit::OK
                 }
                 Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+            }
+        }
+        Command::WalPrefetch { after, dir, segment_size } => {
+            match runtime.block_on(wal_prefetch::run(&config, &after, &dir, segment_size)) {
+                Ok(n) => {
+                    log::emit(
+                        Level::Debug,
+                        &[("op", &op), ("after", &after), ("fetched", &n), ("ms", &started.elapsed().as_millis())],
+                    );
+                    exit::OK
+                }
+                Err(e) => fail(op, &after, started, &e, exit::code_of(&e)),
             }
         }
         Command::BackupList { json, detail } => match runtime.block_on(backup_list::run(&config, json, detail)) {

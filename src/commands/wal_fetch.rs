@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::common::{open_store, SHA256_METADATA};
+use super::wal_prefetch::Prefetch;
 use crate::codec::{self, decode::DecodeError, Compression, Sha256};
 use crate::config::{Config, FetchMode};
 use crate::error::Error;
@@ -26,7 +27,7 @@ use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
 
 /// What one fetch did, for the log line.
-pub(super) struct FetchReport {
+pub(crate) struct FetchReport {
     pub(super) bytes_stored: u64,
     pub(super) bytes_out: u64,
     /// How the content was checked: `sha256`, or `none` for objects that carry no checksum
@@ -43,15 +44,35 @@ pub(super) fn is_standby(config: &Config) -> bool {
     }
 }
 
-pub(super) async fn run(config: &Config, name: &str, dest: &Path) -> Result<FetchReport, Error> {
+pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[String]) -> Result<FetchReport, Error> {
     let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
     refuse_special_destination(dest)?;
+    let prefetch = Prefetch::new(config, dest);
+    if let Some(report) = prefetch.take(&name, dest) {
+        prefetch.refill(&name, report.bytes_out, child_args);
+        return Ok(report);
+    }
     let store = open_store(config).await?;
+    let report = fetch_with_retry(&store, &name, dest, config, false).await?;
+    prefetch.refill(&name, report.bytes_out, child_args);
+    Ok(report)
+}
+
+/// Fetches `name` into `dest`, retrying transient failures until the deadline. With
+/// `durable`, the file is fsynced before it is renamed into place (prefetched files must be
+/// whole after a crash, since their presence alone says they are complete).
+pub(crate) async fn fetch_with_retry(
+    store: &Arc<Store>,
+    name: &WalFileName,
+    dest: &Path,
+    config: &Config,
+    durable: bool,
+) -> Result<FetchReport, Error> {
     let deadline = Instant::now() + config.retry.deadline;
     let mut delay = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        match fetch_once(&store, &name, dest, config.compression).await {
+        match fetch_once(store, name, dest, config.compression, durable).await {
             Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
                 log::emit(
                     Level::Warn,
@@ -77,6 +98,7 @@ async fn fetch_once(
     name: &WalFileName,
     dest: &Path,
     preferred: Compression,
+    durable: bool,
 ) -> Result<FetchReport, Error> {
     let candidates = layout::wal_candidates(name, preferred);
     // The configured compression first: one request in the usual case.
@@ -106,7 +128,7 @@ async fn fetch_once(
     let describe = format!("{}/{key}", store.url());
     let dest = dest.to_path_buf();
     let name = *name;
-    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe))
+    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, durable))
         .await
         .expect("the restore task panicked")
 }
@@ -119,6 +141,7 @@ fn restore(
     name: &WalFileName,
     dest: &Path,
     describe: &str,
+    durable: bool,
 ) -> Result<FetchReport, Error> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -175,6 +198,9 @@ fn restore(
                 summary.bytes_out, header.segment_size
             )));
         }
+    }
+    if durable {
+        file.sync_all().map_err(|e| Error::local("fsync", &temp.0, e))?;
     }
     drop(file);
     fs::rename(&temp.0, dest).map_err(|e| Error::local("rename into", dest, e))?;

@@ -1,10 +1,9 @@
-//! `wal-rs wal-push PATH`: archive one WAL file, as archive_command.
+//! Archiving one WAL file: the unit of work of wal-push, for the file PostgreSQL asked for
+//! and for the ready files pushed ahead of it.
 //!
 //! Order of work: validate the file (name, size, page header) before touching the store;
 //! then, at once, check the cluster identity and look for an object already under the name;
 //! then stream read -> compress -> hash -> upload, and publish only if nothing is there.
-//! Exit 0 means the object is durable; anything else leaves PostgreSQL's file in place
-//! to be retried.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::common::{open_store, stored_sha256, SHA256_METADATA};
+use super::super::common::{stored_sha256, SHA256_METADATA};
 use crate::codec::{self, Compression, EncodeError, EncodeSummary, Sha256};
 use crate::config::Config;
 use crate::error::Error;
@@ -26,13 +25,37 @@ use crate::wal::{SegmentHeader, WalFileName};
 const MAX_TEXT_FILE: u64 = 16 << 20;
 
 /// What one push did, for the log line.
-pub(super) struct PushReport {
-    pub(super) bytes_in: u64,
-    pub(super) bytes_stored: u64,
-    pub(super) outcome: &'static str,
+#[derive(Debug, Clone)]
+pub(crate) struct PushReport {
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_stored: u64,
+    pub(crate) outcome: &'static str,
+    /// sha256 of the file, when this push computed it.
+    pub(crate) sha256: Option<Sha256>,
+    /// The object holding the file.
+    pub(crate) key: Option<ObjectKey>,
 }
 
-pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Error> {
+/// What pushes in one process share: the store, and the cluster-identity check, made once.
+pub(crate) struct PushContext {
+    pub(crate) store: Arc<Store>,
+    pub(crate) config: Config,
+    identity_checked: tokio::sync::OnceCell<()>,
+}
+
+impl PushContext {
+    pub(crate) fn new(store: Arc<Store>, config: Config) -> Arc<PushContext> {
+        Arc::new(PushContext { store, config, identity_checked: tokio::sync::OnceCell::new() })
+    }
+
+    async fn check_identity(&self, name: &WalFileName, header: &SegmentHeader) -> Result<(), Error> {
+        self.identity_checked.get_or_try_init(|| identity::check_or_record(&self.store, name, header)).await.map(|_| ())
+    }
+}
+
+/// Archives the file at `path`.
+pub(crate) async fn push_file(ctx: &PushContext, path: &Path) -> Result<PushReport, Error> {
+    let config = &ctx.config;
     let invalid = |reason: String| Error::InvalidInput { path: path.display().to_string(), reason };
     let file_name =
         path.file_name().and_then(|n| n.to_str()).ok_or_else(|| invalid("the path has no file name".into()))?;
@@ -41,13 +64,13 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
     let size = file.metadata().map_err(|e| Error::local("stat", path, e))?.len();
     let header = check_file(&file, path, &name, size)?;
 
-    let store = open_store(config).await?;
+    let store = ctx.store.clone();
     let candidates = layout::wal_candidates(&name, config.compression);
     let keys: Vec<ObjectKey> = candidates.iter().map(|(k, _)| k.clone()).collect();
     let (identity, existing) = tokio::join!(
         async {
             match &header {
-                Some(h) => identity::check_or_record(&store, &name, h).await,
+                Some(h) => ctx.check_identity(&name, h).await,
                 None => Ok(()),
             }
         },
@@ -62,7 +85,13 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
             .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
         let local = local_sha256(path).await?;
         same_content_or_conflict(&store, &name, &found.key, compression, local).await?;
-        return Ok(PushReport { bytes_in: size, bytes_stored: 0, outcome: "already-archived" });
+        return Ok(PushReport {
+            bytes_in: size,
+            bytes_stored: 0,
+            outcome: "already-archived",
+            sha256: Some(local),
+            key: Some(found.key),
+        });
     }
 
     let key = layout::wal_key(&name, config.compression);
@@ -76,13 +105,23 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
     .await
     .expect("the upload task panicked")?;
     match outcome {
-        PutOutcome::Stored => {
-            Ok(PushReport { bytes_in: summary.bytes_in, bytes_stored: summary.bytes_out, outcome: "stored" })
-        }
+        PutOutcome::Stored => Ok(PushReport {
+            bytes_in: summary.bytes_in,
+            bytes_stored: summary.bytes_out,
+            outcome: "stored",
+            sha256: Some(summary.sha256),
+            key: Some(key),
+        }),
         // Someone stored it between our look and our write.
         PutOutcome::AlreadyExists => {
             same_content_or_conflict(&store, &name, &key, compression, summary.sha256).await?;
-            Ok(PushReport { bytes_in: summary.bytes_in, bytes_stored: 0, outcome: "already-archived" })
+            Ok(PushReport {
+                bytes_in: summary.bytes_in,
+                bytes_stored: 0,
+                outcome: "already-archived",
+                sha256: Some(summary.sha256),
+                key: Some(key),
+            })
         }
     }
 }
@@ -171,7 +210,7 @@ fn upload(
     Ok((summary, outcome))
 }
 
-async fn local_sha256(path: &Path) -> Result<Sha256, Error> {
+pub(crate) async fn local_sha256(path: &Path) -> Result<Sha256, Error> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         File::open(&path).and_then(codec::sha256_of).map_err(|e| Error::local("read", &path, e))

@@ -1,0 +1,189 @@
+//! The records of files pushed ahead, in `pg_wal/walrs_archive_status/<name>.json`, and the
+//! safety valve for a backlog that would fill the disk.
+//!
+//! A record alone never acknowledges anything: the file must have the recorded size and
+//! sha256, and the store must hold the recorded object at the recorded size, before
+//! PostgreSQL is told the file is archived. A stale record (another store, a recycled
+//! segment with new content) or a forged one (an object that is not there) fails the check
+//! and the file is pushed as usual.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::file::{local_sha256, PushContext, PushReport};
+use crate::error::Error;
+use crate::layout;
+use crate::log::{self, Level};
+use crate::store::{Metadata, ObjectKey, PutMode, PutOptions};
+use crate::wal::WalFileName;
+
+/// Folder of wal-rs's own archive status, beside PostgreSQL's `archive_status`.
+pub(super) const STATUS_DIR: &str = "walrs_archive_status";
+
+/// What was pushed ahead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Record {
+    name: String,
+    size: u64,
+    sha256: String,
+    store: String,
+    key: String,
+}
+
+pub(super) struct StatusDir {
+    pg_wal: PathBuf,
+    dir: PathBuf,
+}
+
+impl StatusDir {
+    pub(super) fn new(pg_wal: &Path) -> StatusDir {
+        StatusDir { pg_wal: pg_wal.to_path_buf(), dir: pg_wal.join(STATUS_DIR) }
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// Acknowledges `name` from its record if the file and the store both confirm it.
+    pub(super) async fn acknowledge(&self, ctx: &PushContext, path: &Path, name: &str) -> Option<PushReport> {
+        let record_path = self.path_of(name);
+        let record: Record = serde_json::from_slice(&fs::read(&record_path).ok()?).ok()?;
+        // Whatever the outcome, the record has served: a failed check falls back to a push.
+        let _ = fs::remove_file(&record_path);
+        let size = fs::metadata(path).ok()?.len();
+        if record.name != name || record.size != size || record.store != ctx.store.url() {
+            return None;
+        }
+        let key = ObjectKey::new(&record.key).ok()?;
+        let (sha, stored) = tokio::join!(local_sha256(path), ctx.store.head(&key));
+        let sha = sha.ok()?;
+        let stored = stored.ok()??;
+        if sha.to_string() != record.sha256 || stored.size == 0 {
+            return None;
+        }
+        Some(PushReport {
+            bytes_in: size,
+            bytes_stored: 0,
+            outcome: "archived-ahead",
+            sha256: Some(sha),
+            key: Some(key),
+        })
+    }
+
+    /// Records a file pushed ahead.
+    pub(super) fn record(&self, ctx: &PushContext, name: &str, report: &PushReport) {
+        let (Some(sha), Some(key)) = (report.sha256, &report.key) else { return };
+        let record = Record {
+            name: name.to_string(),
+            size: report.bytes_in,
+            sha256: sha.to_string(),
+            store: ctx.store.url(),
+            key: key.to_string(),
+        };
+        // A lost record only costs a normal push later, so no fsync.
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&self.dir)?;
+            let temp = self.dir.join(format!(".{name}.{}", std::process::id()));
+            fs::write(&temp, serde_json::to_vec(&record).expect("records serialise"))?;
+            fs::rename(&temp, self.path_of(name))
+        };
+        if let Err(e) = write() {
+            log::emit(
+                Level::Warn,
+                &[("op", &"wal-push"), ("file", &name), ("error", &format!("cannot record push-ahead: {e}"))],
+            );
+        }
+    }
+
+    /// Ready files to push ahead of `current`: history files first, then oldest first, at
+    /// most `limit`, skipping those already recorded.
+    pub(super) fn ready_files(&self, current: &str, limit: usize) -> Vec<String> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        let Ok(entries) = fs::read_dir(self.pg_wal.join("archive_status")) else { return Vec::new() };
+        let mut ready: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
+            .filter(|n| n != current && WalFileName::parse(n).is_ok() && !self.path_of(n).exists())
+            .collect();
+        ready.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
+        ready.truncate(limit);
+        ready
+    }
+
+    /// Removes records of files PostgreSQL no longer has (archived and recycled).
+    pub(super) fn prune(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let file = entry.file_name();
+            let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+            if !self.pg_wal.join(name).exists() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// The safety valve (`archive_queue_max_bytes`, off by default): when more than that many
+/// bytes of ready WAL wait in pg_wal, acknowledge `name` without archiving it, loudly, and
+/// record the gap in the store (and locally when the store cannot take it), so that
+/// verification and backup-list show that recovery past it is impossible.
+pub(super) async fn drop_if_over_queue_limit(
+    ctx: &PushContext,
+    pg_wal: &Path,
+    path: &Path,
+    name: &str,
+) -> Result<Option<PushReport>, Error> {
+    let limit = ctx.config.archive.queue_max_bytes;
+    if limit == 0 {
+        return Ok(None);
+    }
+    let waiting: u64 = fs::read_dir(pg_wal.join("archive_status"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
+                .filter_map(|n| fs::metadata(pg_wal.join(n)).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    if waiting <= limit {
+        return Ok(None);
+    }
+    let gap = serde_json::json!({
+        "name": name,
+        "dropped_at": crate::backup::sentinel::format_time(time::OffsetDateTime::now_utc()),
+        "waiting_bytes": waiting,
+        "limit_bytes": limit,
+    });
+    let bytes = serde_json::to_vec_pretty(&gap).expect("gap records serialise");
+    let key = layout::gap_key(name);
+    let stored = ctx
+        .store
+        .put_bytes(&key, bytes.clone(), PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })
+        .await;
+    if stored.is_err() {
+        let local = pg_wal.join(STATUS_DIR).join("gaps");
+        let _ = fs::create_dir_all(&local).and_then(|_| fs::write(local.join(format!("{name}.json")), &bytes));
+    }
+    log::emit(
+        Level::Error,
+        &[
+            ("op", &"wal-push"),
+            ("file", &name),
+            ("outcome", &"dropped"),
+            ("waiting_bytes", &waiting),
+            ("limit_bytes", &limit),
+            (
+                "error",
+                &"WAL DROPPED UNARCHIVED to keep pg_wal from filling (archive_queue_max_bytes): recovery past this segment is impossible; take a new base backup once archiving keeps up",
+            ),
+        ],
+    );
+    let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok(Some(PushReport { bytes_in: size, bytes_stored: 0, outcome: "dropped", sha256: None, key: None }))
+}
