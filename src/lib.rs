@@ -24,5 +24,6 @@ pub mod layout;
 pub mod log;
 pub mod pg;
 pub mod progress;
+pub mod ratelimit;
 pub mod store;
 pub mod wal;

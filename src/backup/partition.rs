@@ -199,6 +199,9 @@ fn copy_exact<W: Write>(file: &mut File, size: u64, sink: &mut W, scratch: &mut 
     let mut remaining = size;
     let mut fill = |buf: &mut [u8]| -> Result<(), CopyError> {
         let n = read_full(file, buf).map_err(CopyError::Read)?;
+        if let Some(limit) = crate::ratelimit::disk() {
+            limit.take(n);
+        }
         // The file shrank: pad with zeros, as PostgreSQL's base backup does.
         buf[n..].fill(0);
         sink.write_all(buf).map_err(CopyError::Write)

@@ -12,6 +12,18 @@ use crate::wal::{Lsn, WalFileName};
 pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<usize, Error> {
     let store = open_store(config).await?;
     let backups = catalog::list(&store).await?;
+    // WAL dropped by the archive queue valve: say so wherever backups are listed.
+    for gap in store.list(crate::layout::GAP_PREFIX).await.unwrap_or_default() {
+        let name = gap.key.file_name().trim_end_matches(".json").to_string();
+        crate::log::emit(
+            crate::log::Level::Warn,
+            &[
+                ("op", &"backup-list"),
+                ("wal_gap", &name),
+                ("error", &"this WAL file was dropped unarchived (archive_queue_max_bytes): recovery past it is impossible from backups older than it"),
+            ],
+        );
+    }
     if as_json {
         let rows: Vec<_> = backups.iter().map(|b| row(b, detail)).collect();
         println!("{}", serde_json::to_string_pretty(&rows).expect("json"));

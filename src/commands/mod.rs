@@ -48,6 +48,7 @@ pub fn run(cli: Cli) -> u8 {
         }
     };
     log::set_level(config.log_level);
+    crate::ratelimit::configure(config.rate.network, config.rate.disk);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the async runtime");
     let started = Instant::now();

@@ -171,12 +171,20 @@ macro_rules! dispatch {
 impl Store {
     /// A writer for `key`. Call from a blocking thread.
     pub fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
-        dispatch!(self, s => s.writer(key, opts))
+        let writer = dispatch!(self, s => s.writer(key, opts))?;
+        Ok(match crate::ratelimit::network() {
+            Some(limit) => Box::new(LimitedWriter(crate::ratelimit::Limited::new(writer, Some(limit)))),
+            None => writer,
+        })
     }
 
     /// Opens `key` for reading.
     pub async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
-        dispatch!(self, s => s.get(key).await)
+        let mut reader = dispatch!(self, s => s.get(key).await)?;
+        if let Some(limit) = crate::ratelimit::network() {
+            reader.body = Box::new(crate::ratelimit::Limited::new(reader.body, Some(limit)));
+        }
+        Ok(reader)
     }
 
     /// The whole of a small object (identity records, sentinels, manifests), read without
@@ -263,6 +271,24 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// An object writer held to the network rate limit.
+struct LimitedWriter(crate::ratelimit::Limited<Box<dyn ObjectWriter>>);
+
+impl Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl ObjectWriter for LimitedWriter {
+    fn finish(self: Box<Self>) -> Result<PutOutcome, StoreError> {
+        self.0.into_inner().finish()
+    }
 }
 
 /// Whether a read error says the bytes received do not match the checksum the server

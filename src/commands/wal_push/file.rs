@@ -195,7 +195,8 @@ fn upload(
         metadata.insert(SHA256_METADATA.to_string(), sha.to_string());
     }
     let mut writer = store.writer(key, PutOptions { mode: PutMode::Create, metadata })?;
-    let summary = codec::encode(&mut file as &mut dyn Read, compression, level, &mut writer).map_err(|e| match e {
+    let source = crate::ratelimit::Limited::new(&mut file as &mut dyn Read, crate::ratelimit::disk());
+    let summary = codec::encode(source, compression, level, &mut writer).map_err(|e| match e {
         EncodeError::Source(e) => Error::local("read", path, e),
         EncodeError::Sink(e) => Error::Store(into_store_error(e, "write", key)),
     })?;
