@@ -48,7 +48,7 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[
     let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
     refuse_special_destination(dest)?;
     let prefetch = Prefetch::new(config, dest);
-    if let Some(report) = prefetch.take(&name, dest) {
+    if let Some(report) = prefetch.take(&name, dest, config.retry.request_timeout.min(Duration::from_secs(10))) {
         prefetch.refill(&name, report.bytes_out, child_args);
         return Ok(report);
     }

@@ -54,10 +54,16 @@ impl Prefetch {
         Prefetch { dir, count: config.prefetch.count }
     }
 
-    /// Serves `name` from the folder, if it was prefetched.
-    pub(super) fn take(&self, name: &WalFileName, dest: &Path) -> Option<FetchReport> {
+    /// Serves `name` from the folder, if it was prefetched. When a prefetcher is fetching it
+    /// right now, waits for it (up to `wait`) rather than download the same bytes twice.
+    pub(super) fn take(&self, name: &WalFileName, dest: &Path, wait: Duration) -> Option<FetchReport> {
         name.wal_segment()?;
         let path = self.dir.join(name.to_string());
+        let claim = self.dir.join(format!(".{name}.claim"));
+        let deadline = std::time::Instant::now() + wait;
+        while !path.exists() && claim_is_live(&claim) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let size = fs::metadata(&path).ok()?.len();
         match fs::rename(&path, dest) {
             Ok(()) => Some(FetchReport { bytes_stored: 0, bytes_out: size, verified: "sha256-prefetched" }),
@@ -127,6 +133,15 @@ impl Prefetch {
     }
 }
 
+/// Whether a claim belongs to a prefetcher that is still running (its PID is in the claim):
+/// a claim left by a killed prefetcher must not make wal-fetch wait.
+fn claim_is_live(claim: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(claim) else { return false };
+    let Ok(pid) = text.trim().parse::<i32>() else { return false };
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
 /// The `count` segments after `name`, on its timeline.
 fn next_segments(name: WalFileName, count: u32, segment_size: u32) -> Vec<WalFileName> {
     let WalFileName::Segment(tli, mut seg) = name else { return Vec::new() };
@@ -160,8 +175,16 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
             }
             // One prefetcher per segment: the claim is created exclusively.
             let claim = dir.join(format!(".{name}.claim"));
-            if OpenOptions::new().write(true).create_new(true).open(&claim).is_err() {
-                return;
+            if !claim_is_live(&claim) {
+                // Left by a prefetcher that died: take it over.
+                let _ = fs::remove_file(&claim);
+            }
+            match OpenOptions::new().write(true).create_new(true).open(&claim) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                }
+                Err(_) => return,
             }
             let result = fetch_with_retry(store, name, &target, config, true).await;
             let _ = fs::remove_file(&claim);
