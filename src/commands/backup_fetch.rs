@@ -76,7 +76,13 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
     let remap: HashMap<&str, &PathBuf> = args.tablespace_map.iter().map(|(o, p)| (o.as_str(), p)).collect();
     let mut tablespaces = HashMap::new();
     for ts in backup.sentinel.tablespaces() {
-        let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(&ts.location));
+        // WAL-G's spec records locations with a trailing '/'; the link must be the path as
+        // the primary had it, since pg_tablespace_location (and pg_dumpall) report it.
+        let original = match ts.location.trim_end_matches('/') {
+            "" => "/",
+            trimmed => trimmed,
+        };
+        let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(original));
         refuse_non_empty(&dir)?;
         tablespaces.insert(ts.oid.clone(), dir);
     }
@@ -401,8 +407,7 @@ fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Erro
         targets = RecoveryTargets { timeline: targets.timeline, ..Default::default() };
     }
     let auto = args.dest.join("postgresql.auto.conf");
-    let mut text = fs::read_to_string(&auto).unwrap_or_default();
-    text.push_str(&recovery_conf::settings(&command, &targets));
+    let text = recovery_conf::rewrite_auto_conf(&fs::read_to_string(&auto).unwrap_or_default(), &command, &targets);
     fs::write(&auto, text).map_err(|e| Error::local("write", &auto, e))?;
     let signal = args.dest.join(if args.standby { "standby.signal" } else { "recovery.signal" });
     fs::write(&signal, b"").map_err(|e| Error::local("write", &signal, e))

@@ -86,7 +86,7 @@ pub fn run(cli: Cli) -> u8 {
                             ("bytes_stored", &r.bytes_stored),
                             ("bytes_out", &r.bytes_out),
                             ("ms", &started.elapsed().as_millis()),
-                            ("outcome", &"restored"),
+                            ("outcome", &if r.prefetched { "prefetched" } else { "restored" }),
                             ("verified", &r.verified),
                         ],
                     );

@@ -26,6 +26,9 @@ use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, S
 use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
 
+/// Extended attribute recording how a prefetched file was verified.
+pub(crate) const PREFETCH_VERIFIED_XATTR: &str = "user.walrs.verified";
+
 /// What one fetch did, for the log line.
 pub(crate) struct FetchReport {
     pub(super) bytes_stored: u64,
@@ -33,6 +36,8 @@ pub(crate) struct FetchReport {
     /// How the content was checked: `sha256`, or `none` for objects that carry no checksum
     /// (written by other tools).
     pub(super) verified: &'static str,
+    /// Served from the prefetch folder.
+    pub(super) prefetched: bool,
 }
 
 /// Whether failures should be reported as a standby expects (exit 1, ask again later).
@@ -200,12 +205,15 @@ fn restore(
         }
     }
     if durable {
+        // A prefetched file says how it was checked, for the log line of the fetch that
+        // serves it (best effort: without extended attributes it says "unknown").
+        let _ = xattr::set(&temp.0, PREFETCH_VERIFIED_XATTR, verified.as_bytes());
         file.sync_all().map_err(|e| Error::local("fsync", &temp.0, e))?;
     }
     drop(file);
     fs::rename(&temp.0, dest).map_err(|e| Error::local("rename into", dest, e))?;
     std::mem::forget(temp);
-    Ok(FetchReport { bytes_stored: summary.bytes_in, bytes_out: summary.bytes_out, verified })
+    Ok(FetchReport { bytes_stored: summary.bytes_in, bytes_out: summary.bytes_out, verified, prefetched: false })
 }
 
 /// DEST is replaced by a rename: that must never swap out a device, a directory or a

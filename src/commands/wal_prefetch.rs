@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::common::open_store;
-use super::wal_fetch::{fetch_with_retry, FetchReport};
+use super::wal_fetch::{fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::{self, Level};
@@ -65,8 +65,13 @@ impl Prefetch {
             std::thread::sleep(Duration::from_millis(2));
         }
         let size = fs::metadata(&path).ok()?.len();
+        let verified = match xattr::get(&path, PREFETCH_VERIFIED_XATTR).ok().flatten().as_deref() {
+            Some(b"sha256") => "sha256",
+            Some(b"none") => "none",
+            _ => "unknown",
+        };
         match fs::rename(&path, dest) {
-            Ok(()) => Some(FetchReport { bytes_stored: 0, bytes_out: size, verified: "sha256-prefetched" }),
+            Ok(()) => Some(FetchReport { bytes_stored: 0, bytes_out: size, verified, prefetched: true }),
             Err(e) => {
                 // Another file system, say: fetch from the store instead.
                 log::emit(Level::Debug, &[("op", &"wal-fetch"), ("file", name), ("prefetch_error", &e)]);

@@ -7,6 +7,11 @@
 //!   backup recovers through restore_command to the same table checksums (both stores).
 //! - `timeline`: a promoted copy archives timeline 2; a second recovery follows it.
 //! - `failures`: direct CLI calls for every documented failure and its exit code.
+//! - `backups`: backup-push, backup-list and backup-fetch of real clusters: point-in-time
+//!   restores, a follower that forks, tablespaces, a killed backup-push, refusals and
+//!   corruption, and a WAL-G base backup.
+//! - `throughput`: pushing ready segments ahead (each archived once, forged records not
+//!   trusted) and WAL prefetch (exact names, timeline switches, a vanished folder).
 //! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
 //!
 //! Run with `cargo test --release --test integration` (`make integration` installs s3s-fs
@@ -14,7 +19,9 @@
 
 mod harness;
 
+mod backups;
 mod compat;
 mod failures;
+mod throughput;
 mod timeline;
 mod wal_core;

@@ -11,14 +11,17 @@ pub mod workdir;
 use std::collections::HashSet;
 use std::fs;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 pub use workdir::WorkDir;
+
+use workdir::{is_root, postgres_ids};
 
 /// Bytes in a WAL segment of a default PostgreSQL build (`--wal-segsize` 16).
 pub const SEG_SIZE: usize = 16 << 20;
@@ -163,6 +166,7 @@ pub struct WalRs {
     bin: PathBuf,
     env: Vec<(String, String)>,
     cwd: PathBuf,
+    as_postgres: bool,
 }
 
 impl WalRs {
@@ -185,6 +189,7 @@ impl WalRs {
                 ("WALRS_RETRY_DEADLINE_SECS".into(), "10".into()),
             ],
             cwd: wd.path().to_path_buf(),
+            as_postgres: false,
         }
     }
 
@@ -201,16 +206,42 @@ impl WalRs {
         self
     }
 
+    /// The same, run as the postgres user when the tests run as root (as a DBA runs
+    /// backup-push and backup-fetch: the files restored belong to postgres). The uid and gid
+    /// are switched in the child itself, with no `runuser` in between, so the process a test
+    /// spawns is wal-rs and a signal sent to it reaches wal-rs.
+    pub fn run_as_postgres(mut self) -> WalRs {
+        self.as_postgres = true;
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.cwd);
+        if self.as_postgres && is_root() {
+            let (uid, gid) = postgres_ids();
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Starts `wal-rs ARGS...` without waiting, its output going to `log` (a file that must
+    /// not exist yet).
+    pub fn spawn(&self, args: &[&str], log: &Path) -> Child {
+        let out = fs::File::create_new(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let err = out.try_clone().expect("log handle");
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()))
+    }
+
     /// Runs `wal-rs ARGS...`.
     pub fn run(&self, args: &[&str]) -> Run {
         let started = Instant::now();
-        let out = Command::new(&self.bin)
-            .args(args)
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.cwd)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()));
+        let out = self.command(args).output().unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()));
         let run = Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -172,7 +172,15 @@ impl PgCluster {
 
     /// `pg_ctl start`, waiting until it accepts connections.
     pub fn start(&self) {
+        self.start_with_env(&[]);
+    }
+
+    /// `pg_ctl start` with `env` in the server's environment (and so in archive_command's
+    /// and restore_command's): credentials that a restore_command written by backup-fetch
+    /// leaves to the environment.
+    pub fn start_with_env(&self, env: &[(String, String)]) {
         let out = as_postgres("pg_ctl")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("-D")
             .arg(&self.data)
             .arg("-l")

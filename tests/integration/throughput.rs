@@ -1,0 +1,249 @@
+//! Throughput features, checked for correctness: pushing ready segments ahead (each
+//! archived exactly once, acknowledgements only for stored segments, forged records not
+//! trusted) and WAL prefetch (served only for the exact name, across a timeline switch,
+//! surviving the prefetch folder's removal).
+//!
+//! The segments are crafted (see `harness::craft_segment`) in a pg_wal laid out as
+//! PostgreSQL lays it out, with `archive_status/*.ready` files; a test plays PostgreSQL's
+//! archiver: call wal-push for the oldest ready file, then rename `.ready` to `.done`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::harness::s3::S3Server;
+use crate::harness::{craft_segment, read, segment_name, sha256_hex, wait_until, StoreEnv, WalRs, WorkDir};
+
+const SYSID: u64 = 7_300_000_000_000_000_042;
+
+/// A data directory with `pg_wal/` holding crafted segments, each marked ready.
+fn pg_wal_with_ready(wd: &WorkDir, tli: u32, segnos: std::ops::Range<u64>) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let data = wd.dir("data");
+    let pg_wal = data.join("pg_wal");
+    fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+    let mut segments = Vec::new();
+    for segno in segnos {
+        let name = segment_name(tli, segno);
+        let bytes = craft_segment(tli, segno, SYSID, segno);
+        fs::write(pg_wal.join(&name), &bytes).unwrap();
+        fs::write(pg_wal.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
+        segments.push((name, bytes));
+    }
+    (data, segments)
+}
+
+/// Plays PostgreSQL's archiver over every ready file, oldest first; returns the runs.
+fn archive_all(walrs: &WalRs, data: &Path) -> Vec<crate::harness::Run> {
+    let status = data.join("pg_wal/archive_status");
+    let mut runs = Vec::new();
+    loop {
+        let mut ready: Vec<String> = fs::read_dir(&status)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
+            .collect();
+        ready.sort();
+        let Some(next) = ready.first() else { return runs };
+        let run = walrs.clone().cwd(data).run(&["wal-push", &format!("pg_wal/{next}")]);
+        run.expect_code(0, &format!("wal-push {next}"));
+        fs::rename(status.join(format!("{next}.ready")), status.join(format!("{next}.done"))).unwrap();
+        runs.push(run);
+    }
+}
+
+fn push_ahead_archives_every_ready_segment_once(store: StoreEnv, wd: &WorkDir) {
+    let (data, segments) = pg_wal_with_ready(wd, 1, 1..56);
+    let walrs = WalRs::new(wd, &store).env("WALRS_ARCHIVE_AHEAD", "8");
+    let runs = archive_all(&walrs, &data);
+    assert_eq!(runs.len(), segments.len());
+
+    // Every segment is in the store, with its own content.
+    let objects = store.wal_objects();
+    for (name, bytes) in &segments {
+        assert!(objects.contains(&format!("{name}.lz4")), "{name} missing from {objects:?}");
+        let out = wd.join(&format!("fetched-{name}"));
+        walrs.fetch(name, &out).expect_code(0, "fetch back");
+        assert_eq!(sha256_hex(&read(&out)), sha256_hex(bytes), "{name}");
+        fs::remove_file(&out).unwrap();
+    }
+    // Each uploaded exactly once: one `outcome=stored` line per segment over all runs
+    // (the file asked for, or pushed ahead of it), never two.
+    let stored: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.stderr.lines().filter(|l| l.contains(" outcome=stored")).map(str::to_string))
+        .collect();
+    assert_eq!(stored.len(), segments.len(), "uploads: {stored:#?}");
+    // Most calls were answered from a push-ahead record.
+    let ahead = runs.iter().filter(|r| r.logged("outcome", "archived-ahead")).count();
+    assert!(ahead >= segments.len() / 2, "only {ahead} of {} answered from records", segments.len());
+    // PostgreSQL's own status files were never touched by wal-rs: all are `.done` because the
+    // test renamed them, none vanished.
+    let done = fs::read_dir(data.join("pg_wal/archive_status")).unwrap().count();
+    assert_eq!(done, segments.len());
+}
+
+#[test]
+fn push_ahead_archives_every_ready_segment_once_local() {
+    let wd = WorkDir::new("ahead-local");
+    let store = StoreEnv::local(&wd.dir("store"));
+    push_ahead_archives_every_ready_segment_once(store, &wd);
+}
+
+#[test]
+fn push_ahead_archives_every_ready_segment_once_s3() {
+    let wd = WorkDir::new("ahead-s3");
+    let s3 = S3Server::start(&wd);
+    push_ahead_archives_every_ready_segment_once(s3.store("ahead"), &wd);
+}
+
+#[test]
+fn a_forged_or_stale_record_never_acknowledges() {
+    let wd = WorkDir::new("forged");
+    let store = StoreEnv::local(&wd.dir("store"));
+    let (data, segments) = pg_wal_with_ready(&wd, 1, 1..3);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_ARCHIVE_AHEAD", "0").cwd(&data);
+    let records = data.join("pg_wal/walrs_archive_status");
+    fs::create_dir_all(&records).unwrap();
+
+    // Forged: the right size and sha256 of the file, but nothing in the store.
+    let (name, bytes) = &segments[0];
+    let forged = serde_json::json!({
+        "name": name, "size": bytes.len(), "sha256": sha256_hex(bytes),
+        "store": store.url, "key": format!("wal_005/{name}.lz4"),
+    });
+    fs::write(records.join(format!("{name}.json")), forged.to_string()).unwrap();
+    assert!(store.wal_objects().is_empty());
+    let run = walrs.run(&["wal-push", &format!("pg_wal/{name}")]);
+    run.expect_code(0, "push with a forged record");
+    assert!(run.logged("outcome", "stored"), "the forged record was trusted: {run:#?}");
+    assert!(store.wal_objects().contains(&format!("{name}.lz4")));
+
+    // Stale: the object exists, but the record's checksum is of other content.
+    let (name2, bytes2) = &segments[1];
+    let stale = serde_json::json!({
+        "name": name2, "size": bytes2.len(), "sha256": sha256_hex(b"other content"),
+        "store": store.url, "key": format!("wal_005/{name}.lz4"),
+    });
+    fs::write(records.join(format!("{name2}.json")), stale.to_string()).unwrap();
+    let run = walrs.run(&["wal-push", &format!("pg_wal/{name2}")]);
+    run.expect_code(0, "push with a stale record");
+    assert!(run.logged("outcome", "stored"), "the stale record was trusted: {run:#?}");
+    assert_eq!(lz4_bytes(&store, name2), *bytes2);
+}
+
+fn lz4_bytes(store: &StoreEnv, name: &str) -> Vec<u8> {
+    crate::harness::lz4_cli_decompress(&store.wal_object(name))
+}
+
+/// A store holding timeline 1 segments 1..=6 and timeline 2 segments 4..=8 (a switch at 4).
+fn store_with_two_timelines(wd: &WorkDir) -> (StoreEnv, Vec<(String, Vec<u8>)>) {
+    let store = StoreEnv::local(&wd.dir("store"));
+    let src = wd.dir("src");
+    let walrs = WalRs::new(wd, &store);
+    let mut all = Vec::new();
+    for (tli, range) in [(1u32, 1u64..7), (2, 4..9)] {
+        for segno in range {
+            let name = segment_name(tli, segno);
+            let bytes = craft_segment(tli, segno, SYSID, segno * 10 + tli as u64);
+            let path = src.join(&name);
+            fs::write(&path, &bytes).unwrap();
+            walrs.push(&path).expect_code(0, "seed the store");
+            all.push((name, bytes));
+        }
+    }
+    (store, all)
+}
+
+fn content<'a>(all: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
+    &all.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+fn prefetched(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|e| e.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| !n.starts_with('.'));
+    names.sort();
+    names
+}
+
+#[test]
+fn prefetch_serves_exact_names_across_a_timeline_switch() {
+    let wd = WorkDir::new("prefetch-tli");
+    let (store, all) = store_with_two_timelines(&wd);
+    let data = wd.dir("data");
+    fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "4").cwd(&data);
+    let dir = data.join("pg_wal/walrs_prefetch");
+    let fetch = |name: &str| {
+        let run = walrs.run(&["wal-fetch", name, "pg_wal/RECOVERYXLOG"]);
+        run.expect_code(0, &format!("fetch {name}"));
+        let got = read(&data.join("pg_wal/RECOVERYXLOG"));
+        assert_eq!(sha256_hex(&got), sha256_hex(content(&all, name)), "{name}: wrong bytes served");
+        fs::remove_file(data.join("pg_wal/RECOVERYXLOG")).unwrap();
+        run
+    };
+
+    fetch(&segment_name(1, 1));
+    let want: Vec<String> = (2..6).map(|s| segment_name(1, s)).collect();
+    wait_until("timeline 1 segments 2-5 prefetched", Duration::from_secs(30), || {
+        want.iter().all(|n| dir.join(n).exists())
+    });
+    let run = fetch(&segment_name(1, 2));
+    assert!(run.logged("outcome", "prefetched"), "not served from prefetch: {run:#?}");
+    fetch(&segment_name(1, 3));
+
+    // The switch: timeline 2 from segment 4. Timeline 1's segment 4 sits prefetched under
+    // its own name; it must not be what is served for timeline 2's. (Let timeline 1's
+    // prefetcher finish first, so nothing of it lands after the switch.)
+    wait_until("timeline 1 prefetcher done", Duration::from_secs(30), || {
+        fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".claim"))
+    });
+    assert!(dir.join(segment_name(1, 4)).exists());
+    let run = fetch(&segment_name(2, 4));
+    assert!(!run.logged("outcome", "prefetched"), "{run:#?}");
+    wait_until("timeline 2 prefetched and timeline 1 cleaned", Duration::from_secs(30), || {
+        let names = prefetched(&dir);
+        names.iter().all(|n| n.starts_with("00000002")) && dir.join(segment_name(2, 5)).exists()
+    });
+    let run = fetch(&segment_name(2, 5));
+    assert!(run.logged("outcome", "prefetched"), "{run:#?}");
+    // The end of the archive is not cached: after timeline 2's last segment, a fetch of the
+    // next one says "not found", and once it is archived, it is found.
+    for s in 6..9 {
+        fetch(&segment_name(2, s));
+    }
+    let next = segment_name(2, 9);
+    walrs.run(&["wal-fetch", &next, "pg_wal/RECOVERYXLOG"]).expect_code(1, "past the end");
+    let path = wd.dir("late").join(&next);
+    fs::write(&path, craft_segment(2, 9, SYSID, 99)).unwrap();
+    walrs.push(&path).expect_code(0, "archive the next segment");
+    walrs.run(&["wal-fetch", &next, "pg_wal/RECOVERYXLOG"]).expect_code(0, "found once archived");
+}
+
+#[test]
+fn prefetch_folder_deleted_mid_recovery() {
+    let wd = WorkDir::new("prefetch-gone");
+    let (store, all) = store_with_two_timelines(&wd);
+    let data = wd.dir("data");
+    fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "3").cwd(&data);
+    let dir = data.join("pg_wal/walrs_prefetch");
+    walrs.run(&["wal-fetch", &segment_name(1, 1), "pg_wal/RECOVERYXLOG"]).expect_code(0, "first");
+    wait_until("prefetch of segment 2", Duration::from_secs(30), || dir.join(segment_name(1, 2)).exists());
+    // Wait for the prefetcher to finish its window before pulling the folder away.
+    wait_until("prefetcher done", Duration::from_secs(30), || (2..5).all(|s| dir.join(segment_name(1, s)).exists()));
+    fs::remove_dir_all(&dir).unwrap();
+    for s in 2..5 {
+        let name = segment_name(1, s);
+        let run = walrs.run(&["wal-fetch", &name, "pg_wal/RECOVERYXLOG"]);
+        run.expect_code(0, "fetch after the folder vanished");
+        assert_eq!(sha256_hex(&read(&data.join("pg_wal/RECOVERYXLOG"))), sha256_hex(content(&all, &name)));
+    }
+    // Nothing partial was left anywhere in pg_wal.
+    let leftovers: Vec<String> = fs::read_dir(data.join("pg_wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("walrs-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
