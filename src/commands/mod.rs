@@ -52,9 +52,9 @@ pub fn run(cli: Cli) -> u8 {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the async runtime");
     let started = Instant::now();
-    match cli.command {
+    let code = match cli.command {
         Command::WalPush { path } => {
-            let result = runtime.block_on(wal_push::run(&config, &path));
+            let result = runtime.block_on(within_deadline(&config, "wal-push", &path, wal_push::run(&config, &path)));
             let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             match result {
                 Ok(r) => {
@@ -76,7 +76,8 @@ pub fn run(cli: Cli) -> u8 {
         }
         Command::WalFetch { name, dest } => {
             let standby = wal_fetch::is_standby(&config);
-            match runtime.block_on(wal_fetch::run(&config, &name, &dest, &child_args)) {
+            let fetch = wal_fetch::run(&config, &name, &dest, &child_args);
+            match runtime.block_on(within_deadline(&config, "wal-fetch", &dest, fetch)) {
                 Ok(r) => {
                     log::emit(
                         Level::Info,
@@ -222,6 +223,28 @@ pub fn run(cli: Cli) -> u8 {
             Ok(_) => exit::OK,
             Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
         },
+    };
+    // Work abandoned at a deadline may still sit in blocking threads: do not wait for it.
+    // Nothing half-done is ever visible (temporary files, unfinished multipart uploads).
+    runtime.shutdown_background();
+    code
+}
+
+/// Bounds a whole WAL command by `retry_deadline_secs`: each storage request has that
+/// deadline too, but a command makes several, and PostgreSQL must get an answer in time.
+async fn within_deadline<T>(
+    config: &Config,
+    op: &'static str,
+    path: &std::path::Path,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(config.retry.deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Store(crate::store::StoreError::Unavailable {
+            op,
+            key: path.display().to_string(),
+            detail: format!("not finished within {} s (retry_deadline_secs)", config.retry.deadline.as_secs()),
+        })),
     }
 }
 

@@ -156,42 +156,44 @@ impl S3Store {
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
-        let full = self.inner.full_key(key);
-        let out = self
-            .inner
-            .client
-            .get_object()
-            .bucket(&self.inner.settings.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| self.inner.map_err("get", key, e))?;
-        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
-            op: "get",
-            key: self.inner.describe(key),
-            detail: e.to_string(),
-        })?;
-        Ok(bytes.to_vec())
+        self.get_small(key, None).await
     }
 
     pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.get_small(key, Some(format!("bytes=-{len}"))).await
+    }
+
+    /// A whole small object or a range of one, read into memory. The SDK retries a request
+    /// until its response headers arrive; a body cut short after that is retried here, within
+    /// the same attempts and deadline.
+    async fn get_small(&self, key: &ObjectKey, range: Option<String>) -> Result<Vec<u8>, StoreError> {
         let full = self.inner.full_key(key);
-        let out = self
-            .inner
-            .client
-            .get_object()
-            .bucket(&self.inner.settings.bucket)
-            .key(&full)
-            .range(format!("bytes=-{len}"))
-            .send()
-            .await
-            .map_err(|e| self.inner.map_err("get", key, e))?;
-        let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable {
-            op: "get",
-            key: self.inner.describe(key),
-            detail: e.to_string(),
-        })?;
-        Ok(bytes.to_vec())
+        let deadline = tokio::time::Instant::now() + self.inner.settings.deadline;
+        let mut attempt = 1;
+        loop {
+            let out = self
+                .inner
+                .client
+                .get_object()
+                .bucket(&self.inner.settings.bucket)
+                .key(&full)
+                .set_range(range.clone())
+                .send()
+                .await
+                .map_err(|e| self.inner.map_err("get", key, e))?;
+            match out.body.collect().await {
+                Ok(bytes) => return Ok(bytes.to_vec()),
+                Err(e) => {
+                    let detail = error_chain(&e);
+                    let backoff = Duration::from_millis(100 << attempt.min(6));
+                    if attempt >= self.inner.settings.max_attempts || tokio::time::Instant::now() + backoff > deadline {
+                        return Err(StoreError::Unavailable { op: "get", key: self.inner.describe(key), detail });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
@@ -323,7 +325,15 @@ impl Inner {
                     _ => StoreError::Other { op, key, detail },
                 }
             }
-            SdkError::TimeoutError(_) => StoreError::Unavailable { op, key, detail: "timed out".into() },
+            SdkError::TimeoutError(_) => StoreError::Unavailable {
+                op,
+                key,
+                detail: format!(
+                    "no success within {} s (retry_deadline_secs), {} attempts at most (retry_attempts): the store kept failing or did not answer",
+                    self.settings.deadline.as_secs(),
+                    self.settings.max_attempts
+                ),
+            },
             SdkError::DispatchFailure(f) => {
                 let detail = error_chain(&err);
                 if f.is_user() || detail.contains("credential") {
@@ -501,10 +511,28 @@ impl S3Writer {
             }),
             Err(e) => {
                 let err = self.inner.map_err("complete upload of", &self.key, e);
-                if is_precondition_failure(&err) && self.opts.mode == PutMode::Create {
-                    Ok(PutOutcome::AlreadyExists)
-                } else {
-                    Err(err)
+                if self.opts.mode != PutMode::Create {
+                    return Err(err);
+                }
+                if is_precondition_failure(&err) {
+                    return Ok(PutOutcome::AlreadyExists);
+                }
+                // The completion may have succeeded with its answer lost, and the SDK's retry
+                // then fails (the upload is gone). If the object is there now, report it as
+                // existing: the caller compares its content before acknowledging anything.
+                let head = self
+                    .inner
+                    .client
+                    .head_object()
+                    .bucket(&self.inner.settings.bucket)
+                    .key(self.inner.full_key(&self.key))
+                    .send();
+                match self.handle.block_on(head) {
+                    Ok(_) => {
+                        self.upload_id = None;
+                        Ok(PutOutcome::AlreadyExists)
+                    }
+                    Err(_) => Err(err),
                 }
             }
         }

@@ -10,6 +10,8 @@
 //! - `backups`: backup-push, backup-list and backup-fetch of real clusters: point-in-time
 //!   restores, a follower that forks, tablespaces, a killed backup-push, refusals and
 //!   corruption, and a WAL-G base backup.
+//! - `faults`: the fault proxy's 500, 503, reset, truncate and black-hole modes against
+//!   wal-push and wal-fetch.
 //! - `throughput`: pushing ready segments ahead (each archived once, forged records not
 //!   trusted) and WAL prefetch (exact names, timeline switches, a vanished folder).
 //! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
@@ -22,6 +24,7 @@ mod harness;
 mod backups;
 mod compat;
 mod failures;
+mod faults;
 mod throughput;
 mod timeline;
 mod wal_core;
