@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use super::manifest::{FileEntry, PartitionEntry};
 use super::walk::{Entry, EntryKind};
-use crate::codec::encode::read_full;
+use crate::codec::encode::{read_full, Counting};
 use crate::codec::hasher::BackgroundHasher;
 use crate::codec::{Compression, Compressor, Sha256, CHUNK_SIZE};
 use crate::store::ObjectWriter;
@@ -64,24 +64,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Counts the tar bytes going into the compressor.
-struct Counter<W> {
-    inner: W,
-    count: u64,
-}
-
-impl<W: Write> Write for Counter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-type Sink = Counter<Compressor<HashingWriter<Box<dyn ObjectWriter>>>>;
+type Sink = Counting<Compressor<HashingWriter<Box<dyn ObjectWriter>>>>;
 
 /// One partition being written.
 pub struct PartitionWriter {
@@ -98,7 +81,7 @@ impl PartitionWriter {
     /// A partition named `name` (e.g. `part_001.tar.lz4`) written to `object`.
     pub fn new(name: String, object: Box<dyn ObjectWriter>, compression: Compression, level: i32) -> io::Result<Self> {
         let compressor = Compressor::new(compression, level, HashingWriter::new(object))?;
-        let mut tar = tar::Builder::new(Counter { inner: compressor, count: 0 });
+        let mut tar = tar::Builder::new(Counting { inner: compressor, count: 0 });
         tar.mode(tar::HeaderMode::Complete);
         Ok(PartitionWriter { name, tar, files: Vec::new(), scratch: Vec::new(), bytes_read: 0 })
     }

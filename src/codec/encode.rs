@@ -90,10 +90,10 @@ pub(crate) fn read_full<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<usiz
     Ok(filled)
 }
 
-/// Counts what passes through, for the `bytes_stored` figure.
-struct Counting<W> {
-    inner: W,
-    count: u64,
+/// Counts the bytes written through it (stored bytes of an object, tar bytes of a partition).
+pub(crate) struct Counting<W> {
+    pub(crate) inner: W,
+    pub(crate) count: u64,
 }
 
 impl<W: Write> Write for Counting<W> {

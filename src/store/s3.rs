@@ -149,8 +149,7 @@ impl S3Store {
             .await
             .map_err(|e| self.inner.map_err("get", key, e))?;
         let size = out.content_length().unwrap_or(0).max(0) as u64;
-        let metadata: Metadata =
-            out.metadata().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let metadata = to_metadata(out.metadata());
         let body = tokio_util::io::SyncIoBridge::new_with_handle(out.body.into_async_read(), self.inner.handle.clone());
         Ok(ObjectReader { size, metadata, body: Box::new(body) })
     }
@@ -202,10 +201,7 @@ impl S3Store {
             Ok(out) => Ok(Some(ObjectMeta {
                 key: key.clone(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
-                metadata: out
-                    .metadata()
-                    .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
+                metadata: to_metadata(out.metadata()),
             })),
             Err(e) => match self.inner.map_err("head", key, e) {
                 StoreError::NotFound { .. } => Ok(None),
@@ -353,6 +349,11 @@ impl Inner {
             }
         }
     }
+}
+
+/// User metadata as the SDK returns it, as the store's map.
+fn to_metadata(m: Option<&std::collections::HashMap<String, String>>) -> Metadata {
+    m.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
 }
 
 fn is_precondition_failure(err: &StoreError) -> bool {
