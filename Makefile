@@ -11,6 +11,7 @@ export WALRS_S3S_FS := $(S3S_FS)
 
 .PHONY: build test unit integration tools demo bench lint fmt clean
 
+# The workspace's binaries: wal-rs, wal-rs-control, and the fault proxy the tests use.
 build:
 	$(CARGO) build --release --workspace --bins
 
@@ -33,8 +34,12 @@ integration: build tools
 demo: build
 	bash scripts/demo.sh
 
+# Benchmarks against pgBackRest on this machine (not tests: they report, they do not fail
+# on a slow machine). WAL push/fetch, then base backups, then throughput at 30 ms latency.
 bench: build tools
 	bash bench/run.sh
+	bash bench/backup.sh
+	bash bench/throughput.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
