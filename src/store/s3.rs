@@ -129,7 +129,9 @@ impl S3Store {
             handle: self.inner.handle.clone(),
             key: key.clone(),
             opts,
-            buf: Vec::new(),
+            // Reserved whole, never grown: untouched pages cost no memory, and a growing
+            // vector would copy itself (old and new buffer alive at once) on the way up.
+            buf: Vec::with_capacity(part_size),
             part_size,
             upload_id: None,
             in_flight: VecDeque::new(),
