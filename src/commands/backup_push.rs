@@ -49,6 +49,14 @@ pub(super) async fn run(
     fast: bool,
     pg_url: Option<&str>,
 ) -> Result<PushedBackup, Error> {
+    // Memory is parts: each partition written at once holds the part it fills plus the parts
+    // in flight. So s3_upload_concurrency is the budget of the whole backup, shared by the
+    // partitions, and partitions go up in S3's smallest parts (5 MiB; a partition stays far
+    // below 10,000 of them): about 30 MiB of buffers whatever the database size.
+    let mut shared = config.clone();
+    shared.s3.upload_concurrency = (config.s3.upload_concurrency / config.backup.concurrency.max(1)).max(1);
+    shared.s3.part_size = config.s3.part_size.min(5 << 20);
+    let config = &shared;
     let store = open_store(config).await?;
     let client = conn::connect(pg_url).await?;
     let info = backup_api::server_info(&client).await?;
