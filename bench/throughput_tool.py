@@ -937,8 +937,8 @@ def cmd_report(res_dir, md_path, json_path):
         cw, cp = aw["cpu_during_load_and_drain"], ap["cpu_during_load_and_drain"]
         tw, tp = cw.get("archiver_tree_cpu_s"), cp.get("archiver_tree_cpu_s")
         add(f"| CPU of the archiving tool: the archiver and all it started (s; ms per segment) | "
-            f"{fmt(tw)}; {fmt(tw * 1000 / aw['segments'] if tw else None)} | "
-            f"{fmt(tp)}; {fmt(tp * 1000 / ap['segments'] if tp else None)} |")
+            f"{fmt(tw, 1)}; {fmt(tw * 1000 / aw['segments'] if tw else None, 0)} | "
+            f"{fmt(tp, 1)}; {fmt(tp * 1000 / ap['segments'] if tp else None, 0)} |")
         add(f"| machine busy during load+drain (cores of {os.cpu_count()}) | {cw['machine_busy_cores']} | "
             f"{cp['machine_busy_cores']} |")
         add(f"| load average before -> after | {cw['loadavg_before']} -> {cw['loadavg_after']} | "
@@ -1015,7 +1015,7 @@ def cmd_report(res_dir, md_path, json_path):
         row("redo elapsed / CPU of the startup process, from PostgreSQL's log (s)",
             lambda r: f"{r['redo_elapsed_s']} / {r['redo_cpu_s']}")
         row("CPU of the restored cluster and all it started: restore commands, background fetchers (s)",
-            lambda r: fmt(r["cpu"].get("cluster_tree_cpu_s")))
+            lambda r: fmt(r["cpu"].get("cluster_tree_cpu_s"), 1))
         row("replay rate, whole restore (MiB/s of WAL)", lambda r: f"{nseg * 16 / r['seconds']:.0f}")
         row("files from restore_command", lambda r: str(r["segments_restored_by_command"]))
         row("S3 requests (GET / HEAD / other)", lambda r: "-" if not r.get("proxy") else
