@@ -104,11 +104,13 @@ fn a_forged_or_stale_record_never_acknowledges() {
     let records = data.join("pg_wal/walrs_archive_status");
     fs::create_dir_all(&records).unwrap();
 
-    // Forged: the right size and sha256 of the file, but nothing in the store.
+    // Forged: every field right (size, sha256, the file's own inode and times), but nothing
+    // in the store: only the store's answer can catch it.
     let (name, bytes) = &segments[0];
     let forged = serde_json::json!({
         "name": name, "size": bytes.len(), "sha256": sha256_hex(bytes),
         "store": store.url, "key": format!("wal_005/{name}.lz4"),
+        "stored_size": 1000, "file": stamp(&data.join("pg_wal").join(name)),
     });
     fs::write(records.join(format!("{name}.json")), forged.to_string()).unwrap();
     assert!(store.wal_objects().is_empty());
@@ -122,12 +124,24 @@ fn a_forged_or_stale_record_never_acknowledges() {
     let stale = serde_json::json!({
         "name": name2, "size": bytes2.len(), "sha256": sha256_hex(b"other content"),
         "store": store.url, "key": format!("wal_005/{name}.lz4"),
+        "stored_size": 1000, "file": stamp(&data.join("pg_wal").join(name2)),
     });
     fs::write(records.join(format!("{name2}.json")), stale.to_string()).unwrap();
     let run = walrs.run(&["wal-push", &format!("pg_wal/{name2}")]);
     run.expect_code(0, "push with a stale record");
     assert!(run.logged("outcome", "stored"), "the stale record was trusted: {run:#?}");
     assert_eq!(lz4_bytes(&store, name2), *bytes2);
+}
+
+/// The file identity a push-ahead record keeps (see src/commands/wal_push/ahead.rs).
+fn stamp(path: &Path) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).unwrap();
+    serde_json::json!({
+        "dev": m.dev(), "ino": m.ino(), "size": m.size(),
+        "mtime_ns": m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        "ctime_ns": m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+    })
 }
 
 fn lz4_bytes(store: &StoreEnv, name: &str) -> Vec<u8> {

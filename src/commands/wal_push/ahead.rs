@@ -30,6 +30,36 @@ struct Record {
     sha256: String,
     store: String,
     key: String,
+    /// The object's stored size, confirmed again before acknowledging.
+    stored_size: u64,
+    /// The file's identity when it was hashed: same device, inode, size, mtime and ctime
+    /// mean the same bytes (ctime changes with any write and cannot be set back), so the
+    /// acknowledgement need not hash 16 MiB again.
+    file: FileStamp,
+}
+
+/// Device, inode and change times of a file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub(super) fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        })
+    }
 }
 
 pub(super) struct StatusDir {
@@ -52,19 +82,35 @@ impl StatusDir {
         let record: Record = serde_json::from_slice(&fs::read(&record_path).ok()?).ok()?;
         // Whatever the outcome, the record has served: a failed check falls back to a push.
         let _ = fs::remove_file(&record_path);
-        let size = fs::metadata(path).ok()?.len();
-        if record.name != name || record.size != size || record.store != ctx.store.url() {
+        let stamp = FileStamp::of(path)?;
+        if record.name != name || record.size != stamp.size || record.store != ctx.store.url() {
             return None;
         }
+        // The object must be where this name's objects go, not any object.
+        let wal_name = WalFileName::parse(name).ok()?;
         let key = ObjectKey::new(&record.key).ok()?;
-        let (sha, stored) = tokio::join!(local_sha256(path), ctx.store.head(&key));
-        let sha = sha.ok()?;
+        if !layout::wal_candidates(&wal_name, ctx.config.compression).iter().any(|(k, _)| *k == key) {
+            return None;
+        }
+        // The same file as hashed at push time, or the same bytes by a new hash.
+        let same_file = record.file == stamp;
+        let (sha, stored) = tokio::join!(
+            async {
+                if same_file {
+                    record.sha256.parse().ok()
+                } else {
+                    local_sha256(path).await.ok()
+                }
+            },
+            ctx.store.head(&key)
+        );
+        let sha: crate::codec::Sha256 = sha?;
         let stored = stored.ok()??;
-        if sha.to_string() != record.sha256 || stored.size == 0 {
+        if sha.to_string() != record.sha256 || stored.size != record.stored_size || stored.size == 0 {
             return None;
         }
         Some(PushReport {
-            bytes_in: size,
+            bytes_in: stamp.size,
             bytes_stored: 0,
             outcome: "archived-ahead",
             sha256: Some(sha),
@@ -72,15 +118,29 @@ impl StatusDir {
         })
     }
 
-    /// Records a file pushed ahead.
-    pub(super) fn record(&self, ctx: &PushContext, name: &str, report: &PushReport) {
+    /// Records a file pushed ahead; `before` is its stamp from before the push, and nothing is
+    /// recorded if the file changed meanwhile.
+    pub(super) async fn record(&self, ctx: &PushContext, name: &str, report: &PushReport, before: Option<FileStamp>) {
         let (Some(sha), Some(key)) = (report.sha256, &report.key) else { return };
+        let Some(stamp) = before.filter(|b| Some(*b) == FileStamp::of(&self.pg_wal.join(name))) else { return };
+        // The stored size, for the acknowledgement to compare (a push that found the object
+        // already there did not upload it, so ask the store).
+        let stored_size = if report.outcome == "stored" {
+            report.bytes_stored
+        } else {
+            match ctx.store.head(key).await {
+                Ok(Some(meta)) => meta.size,
+                _ => return,
+            }
+        };
         let record = Record {
             name: name.to_string(),
             size: report.bytes_in,
             sha256: sha.to_string(),
             store: ctx.store.url(),
             key: key.to_string(),
+            stored_size,
+            file: stamp,
         };
         // A lost record only costs a normal push later, so no fsync.
         let write = || -> std::io::Result<()> {

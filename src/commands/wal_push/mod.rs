@@ -60,6 +60,7 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
         async move {
             let _permit = permits.acquire().await.expect("the semaphore is never closed");
             let other_path = pg_wal.join(other);
+            let before = ahead::FileStamp::of(&other_path);
             match push_file(ctx, &other_path).await {
                 Ok(report) => {
                     log::emit(
@@ -73,7 +74,7 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
                             ("outcome", &report.outcome),
                         ],
                     );
-                    status.record(ctx, other, &report)
+                    status.record(ctx, other, &report, before).await
                 }
                 Err(e) => log::emit(
                     Level::Warn,
