@@ -230,6 +230,18 @@ def summary_ms(values):
             "max": round(max(values), 1), "mean": round(statistics.mean(values), 1)}
 
 
+def max_overlap_within(intervals, w0, w1):
+    """Largest number of intervals open at once at some instant in [w0, w1)."""
+    cur = sum(1 for a, b in intervals if a <= w0 < b)
+    best = cur
+    events = sorted([(a, 1) for a, b in intervals if w0 < a < w1] + [(b, -1) for a, b in intervals if w0 < b < w1],
+                    key=lambda e: (e[0], e[1]))
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
 def max_overlap(intervals):
     """Largest number of [start, end) intervals open at once."""
     events = []
@@ -377,8 +389,19 @@ def cmd_archive(spec, out_path):
     watch.start()
     log(f"load: {' '.join(spec['load_cmd'])}")
     t_load0 = time.time()
+    # pgbench -i announces its steps ("vacuuming...", "creating primary keys..."): their
+    # times split the load into phases with very different WAL rates.
+    steps = [("data load (COPY)", t_load0)]
     with open(spec["load_log"], "w") as lf:
-        rc = subprocess.run(spec["load_cmd"], stdout=lf, stderr=subprocess.STDOUT).returncode
+        p = subprocess.Popen(spec["load_cmd"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            t = time.time()
+            lf.write(f"{t - t_load0:7.2f} {line}")
+            if line.startswith("vacuuming"):
+                steps.append(("vacuum", t))
+            elif line.startswith("creating primary keys"):
+                steps.append(("primary keys (index build)", t))
+        rc = p.wait()
     t_load1 = time.time()
     if rc != 0:
         raise SystemExit(f"the load failed (exit {rc}); see {spec['load_log']}")
@@ -419,6 +442,23 @@ def cmd_archive(spec, out_path):
     store_intervals = [(watch.ready_at[n], max(stored[n], watch.ready_at[n])) for n in segs]
     samples = [s for s in watch.samples if s[0] <= t_drained]
     series = [[round(t - t_load0, 2), r, ns] for t, r, ns in samples]
+    ends = [t for _, t in steps[1:]] + [t_load1]
+    phases = []
+    for (label, a), b in zip(steps, ends):
+        done_in = [n for n in segs if a <= watch.ready_at[n] < b]
+        phases.append({
+            "phase": label, "from_s": round(a - t_load0, 1), "to_s": round(b - t_load0, 1),
+            "segments": len(done_in),
+            "wal_mib_per_s": round(len(done_in) * 16 / (b - a), 1) if b > a else None,
+            "ready_max_sampled": max((smp[1] for smp in samples if a <= smp[0] < b), default=0),
+            "ready_max_exact": max_overlap_within(ready_intervals, a, b),
+        })
+    phases.append({"phase": "drain after the load", "from_s": round(t_load1 - t_load0, 1),
+                   "to_s": round(t_drained - t_load0, 1), "segments": 0, "wal_mib_per_s": None,
+                   "ready_max_sampled": max((smp[1] for smp in samples if smp[0] >= t_load1), default=0),
+                   "ready_max_exact": max_overlap_within(ready_intervals, t_load1, t_drained)})
+    per_segment = {n: [round(watch.ready_at[n] - t_load0, 3), round(watch.done_at[n] - t_load0, 3),
+                       round(stored[n] - t_load0, 3)] for n in segs}
 
     # WAL switches on the idle primary, each after the previous one is archived.
     switches = []
@@ -471,6 +511,8 @@ def cmd_archive(spec, out_path):
         "ready_to_done": summary_ms([b - a for a, b in ready_intervals]),
         "ready_to_store": summary_ms([b - a for a, b in store_intervals]),
         "series": series,
+        "phases": phases,
+        "per_segment_ready_done_stored_s": per_segment,
         "switches": switches,
         "switch_to_store_ms_p50": pct([s["to_store_ms"] for s in switches], 50),
         "switch_to_archived_ms_p50": pct([s["to_archived_ms"] for s in switches], 50),
@@ -959,6 +1001,18 @@ def cmd_report(res_dir, md_path, json_path):
         add("")
         add(f"- wal-rs: " + ", ".join(f"{s['to_store_ms']} / {s['to_archived_ms']}" for s in aw["switches"]))
         add(f"- pgBackRest: " + ", ".join(f"{s['to_store_ms']} / {s['to_archived_ms']}" for s in ap["switches"]))
+        if aw.get("phases") and ap.get("phases"):
+            add("")
+            add("By phase of the load (pgbench -i announces its steps; WAL rate from the segments finished in "
+                "the phase; max .ready backlog sampled / exact):")
+            add("")
+            add("| phase | wal-rs: s, WAL MiB/s, backlog | pgBackRest: s, WAL MiB/s, backlog |")
+            add("|---|---|---|")
+            for pw_, pp_ in zip(aw["phases"], ap["phases"]):
+                cell = lambda x: (f"{x['from_s']}-{x['to_s']} s, {fmt(x['wal_mib_per_s'], 0)}, "
+                                  f"**{x['ready_max_sampled']} / {x['ready_max_exact']}**")
+                add(f"| {pw_['phase']} | {cell(pw_)} | {cell(pp_)} |")
+            add("")
         for label, r in (("wal-rs", aw), ("pgBackRest", ap)):
             over = r.get("ready_over_4_at_s") or []
             if over:
@@ -975,6 +1029,11 @@ def cmd_report(res_dir, md_path, json_path):
         ok2 = aw["ready_max_exact"] < ap["ready_max_exact"]
         targets.append(("archiving: .ready backlog never above 4", ok1,
                         f"max {aw['ready_max_sampled']} sampled, {aw['ready_max_exact']} exact"))
+        for ph in aw.get("phases", []):
+            targets.append((f"archiving, {ph['phase']} only (not the named target): backlog at most 4",
+                            ph["ready_max_exact"] <= 4,
+                            f"max {ph['ready_max_sampled']} sampled, {ph['ready_max_exact']} exact, WAL at "
+                            f"{fmt(ph['wal_mib_per_s'], 0)} MiB/s"))
         targets.append(("archiving: backlog below pgBackRest's", ok2,
                         f"wal-rs {aw['ready_max_exact']} vs pgBackRest {ap['ready_max_exact']} (exact)"))
 
