@@ -5,9 +5,10 @@
 #   1. Archiving: a primary under sustained write load (pgbench -i at a large scale), with
 #      archive_command = wal-rs wal-push, then = pgbackrest archive-push (async, process-max 2):
 #      the largest .ready backlog, and the time from a WAL switch to the segment in the store.
-#   2. Recovery: one base backup, >= 200 segments of WAL archived by both tools, restored four
+#   2. Recovery: one base backup, >= 200 segments of WAL archived by both tools, restored five
 #      ways, in interleaved rounds: WAL already in pg_wal (crash recovery: the limit; and archive
-#      recovery), wal-rs wal-fetch, pgBackRest async archive-get.
+#      recovery), restore_command = cp from a local copy, wal-rs wal-fetch, pgBackRest async
+#      archive-get.
 #   3. Daemon decision: how much of one wal-push on S3 is process start, configuration,
 #      credentials and connection setup.
 #
@@ -22,7 +23,7 @@
 #   THROUGHPUT_RECOVERY_SCALE     pgbench -i scale before the recovery run's transactions (150)
 #   THROUGHPUT_RECOVERY_SEGMENTS  segments the restores replay, at least (default 220)
 #   THROUGHPUT_DAEMON_REPS        repetitions of each single-push case (default 10)
-#   THROUGHPUT_RESTORE_ROUNDS     rounds of the four restores, interleaved (default 2); the
+#   THROUGHPUT_RESTORE_ROUNDS     rounds of the five restores, interleaved (default 2); the
 #                       report's headline is each restore's fastest round
 #   THROUGHPUT_WAIT_QUIET         before each timed phase, wait up to this many seconds for
 #                       the rest of the machine to pause (default 30; 0: do not wait)
@@ -72,7 +73,7 @@ pgbackrest_bin="$(command -v pgbackrest)"
 pgbackrest_version="$("$pgbackrest_bin" version)"
 echo "$pgbackrest_version; $(stunnel4 -version 2>&1 | grep -m1 '^stunnel')"
 
-uptime_before="$(uptime | sed 's/^.*load average/load average/')"
+uptime_before="$(uptime | sed 's/^ *//')"
 echo "before: $(uptime)"
 
 make_workdir "$root"
@@ -347,6 +348,11 @@ CONF
                 echo "restore_command = 'false'" >>"$d/postgresql.conf"
                 as_pg touch "$d/recovery.signal"
             fi ;;
+        local-cp)
+            # A restore_command with no network and no decompression: cp from the local copy.
+            # What any process-per-segment restore_command costs on this machine.
+            echo "restore_command = 'cp $root/rec-wal/%f %p'" >>"$d/postgresql.conf"
+            as_pg touch "$d/recovery.signal" ;;
         walrs)
             px=${proxy_pid[walrs]}; pxport=${proxy_port[walrs]}; pxlog="$root/proxy-walrs.log"
             echo "restore_command = '$(walrs_env rec) $walrs wal-fetch %f %p'" >>"$d/postgresql.conf"
@@ -371,10 +377,10 @@ JSON
     rm -rf "$d"
     rmdir "/sys/fs/cgroup/cpuacct/$cgroup_prefix-restore-$name-r$round" 2>/dev/null || true
 }
-# Rounds of the four restores, interleaved, so that a burst of other work on the shared
+# Rounds of the five restores, interleaved, so that a burst of other work on the shared
 # machine does not land on one tool only.
 for round in $(seq 1 "$rounds"); do
-    for v in local local-archive walrs pgbackrest; do restore_phase "$v" "$round"; done
+    for v in local local-archive local-cp walrs pgbackrest; do restore_phase "$v" "$round"; done
 done
 
 step "daemon decision: single wal-push processes, $daemon_reps of each case"
@@ -392,7 +398,7 @@ as_pg "${tool[@]}" daemon "$root/daemon.spec.json" "$root/daemon/result.json"
 cp "$root/daemon/result.json" "$root/results/daemon.json"
 
 step "results"
-uptime_after="$(uptime | sed 's/^.*load average/load average/')"
+uptime_after="$(uptime | sed 's/^ *//')"
 echo "after: $(uptime)"
 elapsed=$((SECONDS - started))
 cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"

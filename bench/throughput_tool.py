@@ -915,7 +915,7 @@ def cmd_report(res_dir, md_path, json_path):
             R[k] = load(p)
     # Restores run in rounds (interleaved); the headline is each variant's fastest round, the
     # one least disturbed by other work on the shared machine; every round is listed.
-    for k in ("recover-local", "recover-local-archive", "recover-walrs", "recover-pgbackrest"):
+    for k in ("recover-local", "recover-local-archive", "recover-local-cp", "recover-walrs", "recover-pgbackrest"):
         rounds = sorted((f for f in os.listdir(res_dir) if re.fullmatch(re.escape(k) + r"-r\d+\.json", f)),
                         key=lambda f: int(f.rsplit("-r", 1)[1].split(".")[0]))
         runs = [load(os.path.join(res_dir, f)) for f in rounds]
@@ -930,7 +930,7 @@ def cmd_report(res_dir, md_path, json_path):
     add("")
     add(f"- date: {meta['date']}")
     add(f"- machine: {meta['machine']}")
-    add(f"- load average: before {meta['uptime_before']}; after {meta['uptime_after']}")
+    add(f"- uptime before: `{meta['uptime_before']}`; after: `{meta['uptime_after']}`")
     add(f"- wal-rs: {meta['walrs']}")
     add(f"- pgBackRest: {meta['pgbackrest']}; PostgreSQL: {meta['postgres']}")
     add(f"- store: s3s-fs 0.14.1 on 127.0.0.1 behind walrs-faultproxy, **{meta['delay_ms']} ms per request** "
@@ -1039,11 +1039,14 @@ def cmd_report(res_dir, md_path, json_path):
 
     rl, rw, rp = R.get("recover-local"), R.get("recover-walrs"), R.get("recover-pgbackrest")
     ra = R.get("recover-local-archive")
+    rc = R.get("recover-local-cp")
     prim = R.get("recovery-primary", {})
     if rl and rw and rp:
         cols = [("local pg_wal, crash recovery (the limit)", rl)]
         if ra:
             cols.append(("local pg_wal, archive recovery", ra))
+        if rc:
+            cols.append(("local copy, `restore_command = cp`", rc))
         cols += [("wal-rs wal-fetch, S3", rw), ("pgBackRest async archive-get, S3", rp)]
         nseg = prim.get("segments", 0)
         add("## Recovery: base backup + WAL replay to the end of the archive")
@@ -1059,6 +1062,9 @@ def cmd_report(res_dir, md_path, json_path):
             + ("; the same files in pg_wal but archive recovery (recovery.signal, `restore_command = 'false'`, "
                "so PostgreSQL falls back to pg_wal for every segment), which does restartpoints and promotes "
                "like the two S3 restores" if ra else "")
+            + ("; archive recovery with `restore_command = 'cp <local copy>/%f %p'`: no network, no "
+               "decompression, no checksum, what any tool that runs one process per segment at least costs "
+               "here" if rc else "")
             + "; wal-rs and pgBackRest through the proxy.")
         add("")
         add("| | " + " | ".join(c for c, _ in cols) + " |")
@@ -1067,6 +1073,8 @@ def cmd_report(res_dir, md_path, json_path):
         row("**time to the end of recovery (s), best round**", lambda r: f"**{r['seconds']}**")
         row("every round (s)", lambda r: ", ".join(str(x) for x in r.get("rounds_s", [r["seconds"]])))
         row("ratio to crash recovery from local pg_wal", lambda r: f"{r['seconds'] / rl['seconds']:.2f}")
+        if rc:
+            row("ratio to `restore_command = cp`", lambda r: f"{r['seconds'] / rc['seconds']:.2f}")
         if ra:
             row("ratio to archive recovery from local pg_wal", lambda r: f"{r['seconds'] / ra['seconds']:.2f}")
         row("of which startup before recovery (data directory sync) (s)", lambda r: fmt(r.get("startup_before_recovery_s"), 2))
@@ -1110,6 +1118,10 @@ def cmd_report(res_dir, md_path, json_path):
             ratio2 = rw["seconds"] / ra["seconds"]
             targets.append(("recovery, same check against archive recovery from pg_wal (not the named target)",
                             ratio2 <= 1.25, f"{ratio2:.2f}x ({rw['seconds']} s vs {ra['seconds']} s)"))
+        if rc:
+            ratio3 = rw["seconds"] / rc["seconds"]
+            targets.append(("recovery, same check against `restore_command = cp` from a local copy (not the named "
+                            "target)", ratio3 <= 1.25, f"{ratio3:.2f}x ({rw['seconds']} s vs {rc['seconds']} s)"))
         targets.append(("recovery: wal-rs faster than pgBackRest", rw["seconds"] < rp["seconds"],
                         f"{rw['seconds']} s vs {rp['seconds']} s (pgBackRest takes {rp['seconds'] / rw['seconds']:.2f}x)"))
         for _, r in cols:
