@@ -119,7 +119,12 @@ impl LocalStore {
         let path = self.path_of(key);
         match fs::metadata(&path) {
             Ok(m) if m.is_file() => {
-                Ok(Some(ObjectMeta { key: key.clone(), size: m.len(), metadata: read_metadata(&path) }))
+                Ok(Some(ObjectMeta {
+                    key: key.clone(),
+                    size: m.len(),
+                    metadata: read_metadata(&path),
+                    modified: m.modified().ok(),
+                }))
             }
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found(key) {
@@ -162,13 +167,14 @@ impl LocalStore {
                         pending.push(key);
                     }
                 } else if ft.is_file() && key.starts_with(prefix) {
-                    let size = entry.metadata().map_err(|e| Self::io_err("stat", &entry.path(), e))?.len();
+                    let stat = entry.metadata().map_err(|e| Self::io_err("stat", &entry.path(), e))?;
+                    let (size, modified) = (stat.len(), stat.modified().ok());
                     let key = ObjectKey::new(&key).map_err(|e| StoreError::Other {
                         op: "list",
                         key: key.clone(),
                         detail: e.to_string(),
                     })?;
-                    out.push(ObjectMeta { key, size, metadata: Metadata::new() });
+                    out.push(ObjectMeta { key, size, metadata: Metadata::new(), modified });
                 }
             }
         }

@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode, PutOptions, PutOutcome, StoreError};
 
-type Objects = Arc<Mutex<BTreeMap<ObjectKey, (Vec<u8>, Metadata)>>>;
+/// Each object: bytes, metadata, when it was written.
+type Objects = Arc<Mutex<BTreeMap<ObjectKey, (Vec<u8>, Metadata, SystemTime)>>>;
 
 /// Objects in a map, with the same guarantees as the real backends.
 #[derive(Default, Clone)]
@@ -31,7 +33,7 @@ impl MemoryStore {
 
     pub(super) async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, metadata) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
+        let (bytes, metadata, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(ObjectReader {
             size: bytes.len() as u64,
             metadata: metadata.clone(),
@@ -41,22 +43,23 @@ impl MemoryStore {
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
+        let (bytes, _, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(bytes.clone())
     }
 
     pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
         let objects = self.objects.lock().unwrap();
-        let (bytes, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
+        let (bytes, _, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
         Ok(bytes[bytes.len().saturating_sub(len as usize)..].to_vec())
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
         let objects = self.objects.lock().unwrap();
-        Ok(objects.get(key).map(|(bytes, metadata)| ObjectMeta {
+        Ok(objects.get(key).map(|(bytes, metadata, modified)| ObjectMeta {
             key: key.clone(),
             size: bytes.len() as u64,
             metadata: metadata.clone(),
+            modified: Some(*modified),
         }))
     }
 
@@ -65,13 +68,25 @@ impl MemoryStore {
         Ok(objects
             .iter()
             .filter(|(k, _)| k.as_str().starts_with(prefix))
-            .map(|(k, (bytes, _))| ObjectMeta { key: k.clone(), size: bytes.len() as u64, metadata: Metadata::new() })
+            .map(|(k, (bytes, _, modified))| ObjectMeta {
+                key: k.clone(),
+                size: bytes.len() as u64,
+                metadata: Metadata::new(),
+                modified: Some(*modified),
+            })
             .collect())
     }
 
     pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         self.objects.lock().unwrap().remove(key);
         Ok(())
+    }
+
+    /// Backdates `key`, for tests of age-dependent decisions (retention's garbage age).
+    pub fn set_modified(&self, key: &ObjectKey, when: SystemTime) {
+        if let Some(entry) = self.objects.lock().unwrap().get_mut(key) {
+            entry.2 = when;
+        }
     }
 }
 
@@ -98,7 +113,7 @@ impl ObjectWriter for MemoryWriter {
         if self.opts.mode == PutMode::Create && objects.contains_key(&self.key) {
             return Ok(PutOutcome::AlreadyExists);
         }
-        objects.insert(self.key, (self.buf, self.opts.metadata));
+        objects.insert(self.key, (self.buf, self.opts.metadata, SystemTime::now()));
         Ok(PutOutcome::Stored)
     }
 }

@@ -62,6 +62,9 @@ pub struct ObjectMeta {
     pub size: u64,
     /// Its metadata (empty from listings, which do not return it).
     pub metadata: Metadata,
+    /// When it was last written, where the backend says (retention uses it to leave a
+    /// backup-push in progress alone); `None` when unknown.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// A stored object being read.
@@ -229,6 +232,21 @@ impl Store {
     /// Deletes `key`; deleting a missing object succeeds.
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         dispatch!(self, s => s.delete(key).await)
+    }
+
+    /// Deletes every key in `keys`, in the order given; missing objects count as deleted.
+    /// On S3 one DeleteObjects request per 1000 keys (its limit), so pruning a year of WAL
+    /// is a few hundred requests, not a million; elsewhere one delete after another.
+    pub async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
+        match self {
+            Store::S3(s) => s.delete_many(keys).await,
+            _ => {
+                for k in keys {
+                    self.delete(k).await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Whether objects named exactly `keys[i]` exist: the first found, in the given order.

@@ -21,7 +21,8 @@ use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig}
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier, ServerSideEncryption,
+    StorageClass,
 };
 use aws_sdk_s3::Client;
 use bytes::Bytes;
@@ -204,6 +205,7 @@ impl S3Store {
                 key: key.clone(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
                 metadata: to_metadata(out.metadata()),
+                modified: out.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
             })),
             Err(e) => match self.inner.map_err("head", key, e) {
                 StoreError::NotFound { .. } => Ok(None),
@@ -231,7 +233,12 @@ impl S3Store {
                 let Ok(key) = ObjectKey::new(&k[strip..]) else {
                     continue;
                 };
-                out.push(ObjectMeta { key, size: obj.size().unwrap_or(0).max(0) as u64, metadata: Metadata::new() });
+                out.push(ObjectMeta {
+                    key,
+                    size: obj.size().unwrap_or(0).max(0) as u64,
+                    metadata: Metadata::new(),
+                    modified: obj.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                });
             }
         }
         Ok(out)
@@ -247,6 +254,52 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.inner.map_err("delete", key, e))?;
+        Ok(())
+    }
+
+    /// DeleteObjects, 1000 keys per request (S3's limit), quiet mode: the answer lists only
+    /// the keys that failed, and any failure fails the call, naming the first.
+    pub(super) async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
+        for batch in keys.chunks(1000) {
+            let mut ids = Vec::with_capacity(batch.len());
+            for key in batch {
+                let id = ObjectIdentifier::builder().key(self.inner.full_key(key)).build().map_err(|e| {
+                    StoreError::Other { op: "delete", key: self.inner.describe(key), detail: e.to_string() }
+                })?;
+                ids.push(id);
+            }
+            let first = &batch[0];
+            let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| {
+                StoreError::Other { op: "delete", key: self.inner.describe(first), detail: e.to_string() }
+            })?;
+            let out = self
+                .inner
+                .client
+                .delete_objects()
+                .bucket(&self.inner.settings.bucket)
+                .delete(delete)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .send()
+                .await
+                .map_err(|e| self.inner.map_err("delete", first, e))?;
+            if let Some(err) = out.errors().first() {
+                let key = format!("s3://{}/{}", self.inner.settings.bucket, err.key().unwrap_or("?"));
+                let detail = format!(
+                    "{}: {} ({} of {} keys in this batch failed)",
+                    err.code().unwrap_or("error"),
+                    err.message().unwrap_or(""),
+                    out.errors().len(),
+                    batch.len()
+                );
+                return Err(match err.code() {
+                    Some("AccessDenied") => StoreError::Denied { op: "delete", key, detail },
+                    Some("InternalError" | "SlowDown" | "ServiceUnavailable") => {
+                        StoreError::Unavailable { op: "delete", key, detail }
+                    }
+                    _ => StoreError::Other { op: "delete", key, detail },
+                });
+            }
+        }
         Ok(())
     }
 }
