@@ -166,3 +166,56 @@ impl Cli {
         Ok(o)
     }
 }
+
+/// A command line clap refused, reported like every other failure: one logfmt line on
+/// stderr (PostgreSQL puts it in its log) naming the problem and the usage, and the
+/// documented exit code. `--help` and `--version` print as usual and exit 0.
+///
+/// wal-fetch keeps its contract here too: a restore_command with a missing or extra
+/// argument must not exit 2, which PostgreSQL would take for "not in the archive" and end
+/// a recovery early; outside a standby it exits 202, in a standby 1 (`args` are the
+/// process's arguments, to find the subcommand clap could not finish parsing).
+pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
+    use clap::error::ErrorKind;
+    if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = err.print();
+        return crate::exit::OK;
+    }
+    let subcommands = ["wal-push", "wal-fetch", "backup-push", "backup-fetch", "backup-list", "config", "wal-prefetch"];
+    let op = args.iter().skip(1).find(|a| subcommands.contains(&a.as_str())).map(String::as_str).unwrap_or("wal-rs");
+    let rendered = err.render().to_string();
+    let mut problem = Vec::new();
+    let mut usage = None;
+    for line in rendered.lines() {
+        let line = line.trim();
+        if let Some(u) = line.strip_prefix("Usage: ") {
+            usage = Some(u.to_string());
+        } else if usage.is_none() && !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more") {
+            problem.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    let mut message = match err.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => "no command given".to_string(),
+        _ => problem.join(" "),
+    };
+    if let Some(u) = usage {
+        message.push_str(&format!("; usage: {u}"));
+    }
+    let help = if op == "wal-rs" { "wal-rs --help".to_string() } else { format!("wal-rs {op} --help") };
+    message.push_str(&format!("; see {help}"));
+    let code = if op == "wal-fetch" {
+        let standby = match std::env::var("WALRS_FETCH_MODE").ok().as_deref() {
+            Some("standby") => true,
+            Some("recovery") => false,
+            _ => std::path::Path::new("standby.signal").exists(),
+        };
+        crate::exit::wal_fetch_code(&crate::error::Error::Usage(message.clone()), standby)
+    } else {
+        crate::exit::USAGE
+    };
+    crate::log::emit(
+        crate::log::Level::Error,
+        &[("op", &op), ("outcome", &"error"), ("exit", &code), ("error", &message)],
+    );
+    code
+}

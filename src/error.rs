@@ -47,6 +47,19 @@ pub enum Error {
         /// The store.
         store: String,
     },
+    /// The cluster is the store's, but its PostgreSQL major version or WAL segment size is
+    /// not the one the store records (a pg_upgrade'd cluster archiving into the old prefix).
+    #[error("{name} comes from {found} but {store} holds the archive of {recorded}: archive each PostgreSQL major version into its own store prefix")]
+    VersionMismatch {
+        /// The WAL file name, or "this backup".
+        name: String,
+        /// "PostgreSQL 16, 16 MiB segments".
+        found: String,
+        /// The same, as recorded in the store.
+        recorded: String,
+        /// The store.
+        store: String,
+    },
     /// The WAL file is not in the archive (the only error wal-fetch reports as exit 1
     /// outside a standby).
     #[error("{name} is not in the archive {store}")]

@@ -63,7 +63,7 @@ pub fn code_of(err: &Error) -> u8 {
         Error::Config(_) => CONFIG,
         Error::InvalidInput { .. } => INVALID_INPUT,
         Error::Conflict { .. } | Error::AlreadyExists(_) => CONFLICT,
-        Error::ClusterMismatch { .. } => CLUSTER_MISMATCH,
+        Error::ClusterMismatch { .. } | Error::VersionMismatch { .. } => CLUSTER_MISMATCH,
         Error::WalNotFound { .. } => NOT_IN_ARCHIVE,
         Error::NotFound(_) => NOT_FOUND,
         Error::Store(e) => match e {

@@ -76,6 +76,17 @@ pub async fn check_or_record_cluster(
             store: store.url(),
         });
     }
+    // Same cluster, other format: a pg_upgrade'd cluster keeps neither, but a crafted or
+    // restored copy could; its WAL and backups cannot be replayed with the archive's.
+    if recorded.pg_major != pg_major || recorded.wal_segment_size != wal_segment_size {
+        let describe = |major: u32, size: u32| format!("PostgreSQL {major} with {} MiB WAL segments", size >> 20);
+        return Err(Error::VersionMismatch {
+            name: what.to_string(),
+            found: describe(pg_major, wal_segment_size),
+            recorded: describe(recorded.pg_major, recorded.wal_segment_size),
+            store: store.url(),
+        });
+    }
     Ok(())
 }
 

@@ -12,6 +12,10 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
     }
-    let cli = wal_rs::cli::Cli::parse();
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let cli = match wal_rs::cli::Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return std::process::ExitCode::from(wal_rs::cli::usage_failure(e, &args)),
+    };
     std::process::ExitCode::from(wal_rs::commands::run(cli))
 }

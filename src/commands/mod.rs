@@ -40,11 +40,12 @@ pub fn run(cli: Cli) -> u8 {
         Ok(c) => c,
         Err(e) => {
             // The log level may be what failed to parse: errors are always shown.
-            log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("error", &e)]);
-            return match &cli.command {
+            let code = match &cli.command {
                 Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby_signal_present()),
                 _ => exit::code_of(&e),
             };
+            log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("exit", &code), ("error", &e)]);
+            return code;
         }
     };
     log::set_level(config.log_level);
