@@ -7,6 +7,7 @@
 //! - [`layout`]: the WAL-G-compatible key layout.
 //! - [`identity`]: which cluster owns a store prefix.
 //! - [`config`], [`cli`]: settings and the command line.
+//! - [`retention`]: which objects `delete` removes; timeline histories for `wal-verify`.
 //! - [`commands`]: one module per command; [`commands::run`] maps outcomes to exit codes.
 //! - [`error`], [`exit`], [`log`]: one error type, one exit-code table, logfmt lines.
 
@@ -25,5 +26,6 @@ pub mod log;
 pub mod pg;
 pub mod progress;
 pub mod ratelimit;
+pub mod retention;
 pub mod store;
 pub mod wal;

@@ -118,14 +118,12 @@ impl LocalStore {
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
         let path = self.path_of(key);
         match fs::metadata(&path) {
-            Ok(m) if m.is_file() => {
-                Ok(Some(ObjectMeta {
-                    key: key.clone(),
-                    size: m.len(),
-                    metadata: read_metadata(&path),
-                    modified: m.modified().ok(),
-                }))
-            }
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key: key.clone(),
+                size: m.len(),
+                metadata: read_metadata(&path),
+                modified: m.modified().ok(),
+            })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found(key) {
                 StoreError::NotFound { .. } => Ok(None),

@@ -1,0 +1,638 @@
+//! The retention decision, with no I/O: given what the store holds (every object, the
+//! complete backups, the timeline histories) and what the operator asked for, which objects
+//! go. `wal-rs delete` lists the store, calls [`plan`], prints the result, and with
+//! `--confirm` deletes exactly [`Plan::delete`], in its order.
+//!
+//! The rules (docs/storage-layout.md, "Retention", says the same for operators):
+//! - Backups are ordered by finish time, then finish LSN ([`catalog::sort`]), never by
+//!   name: after a timeline change or a major upgrade the newest names sort first.
+//! - A permanent backup (`IsPermanent` in its sentinel) is never deleted, except by
+//!   `delete everything FORCE`, and neither is the WAL from its start to its finish segment.
+//! - WAL is kept from the start segment of the oldest retained non-permanent backup (or of
+//!   a backup-push still in progress) onward, on every timeline: the timelines leading to
+//!   the newest one, and any other branch too, because whether a branch is dead is a
+//!   human's call. With no such backup, WAL from the newest permanent backup's start is kept,
+//!   and with no backup at all no WAL goes (except for `delete everything`).
+//! - A `.history` file stays while any timeline it describes (its own or a descendant's)
+//!   keeps a segment or a backup; the newest timeline's stays always (unless everything
+//!   goes), so a later promotion never reuses a timeline ID.
+//! - Objects of a backup that has no sentinel are garbage once nothing was written to them
+//!   for the garbage age: until then they may be a backup-push in progress, whose objects
+//!   and WAL are left alone.
+//! - Gap records (`walrs/gaps/`) go with the WAL they describe.
+//! - Anything wal-rs cannot name (unknown files) is never deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::timelines::{descends_from, segno, Histories};
+use crate::backup::catalog::BackupInfo;
+use crate::layout;
+use crate::store::{ObjectKey, ObjectMeta};
+use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
+
+/// What the operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `retain N`: keep the N newest backups (N >= 1), and every permanent one.
+    Retain(usize),
+    /// `before NAME`: delete the backups older than NAME; NAME stays.
+    BeforeName(String),
+    /// `before TIME`: delete the backups older than the newest one that finished at or
+    /// before TIME, so a recovery to TIME or later stays possible.
+    BeforeTime(time::OffsetDateTime),
+    /// `everything [FORCE]`: every backup but the permanent ones (all of them with FORCE),
+    /// every WAL object the kept ones do not need, and unfinished backups past the age.
+    Everything {
+        /// Delete permanent backups too.
+        force: bool,
+    },
+    /// `garbage`: unfinished backups past the age, and WAL older than anything kept needs.
+    Garbage,
+}
+
+/// What the store holds, as listed.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// Every object under `wal_005/`, `basebackups_005/` and `walrs/gaps/`.
+    pub objects: Vec<ObjectMeta>,
+    /// The complete backups, oldest first ([`crate::backup::catalog::list`]).
+    pub backups: Vec<BackupInfo>,
+    /// The history files read, by the timeline each describes.
+    pub histories: Histories,
+    /// WAL segment size in bytes.
+    pub segment_size: u32,
+}
+
+/// Settings of the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The time now.
+    pub now: SystemTime,
+    /// How long an unfinished backup's objects are left alone after their last write.
+    pub garbage_min_age: Duration,
+}
+
+/// The kinds of objects, as the dry run counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// An object of a complete backup (its sentinel, metadata, manifest, partitions).
+    Backup,
+    /// An object of an unfinished backup (no sentinel) past the garbage age.
+    Garbage,
+    /// A WAL segment, `.partial` or `.backup` file.
+    Wal,
+    /// A timeline history file.
+    History,
+    /// A gap record under `walrs/gaps/`.
+    Gap,
+}
+
+/// One object to delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Doomed {
+    /// Its key.
+    pub key: String,
+    /// Stored bytes.
+    pub size: u64,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// The decision.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Plan {
+    /// What to delete, in order: sentinels first (a backup half deleted is never listed as
+    /// complete), then the rest of those backups, unfinished backups, WAL oldest first,
+    /// history files, gap records.
+    pub delete: Vec<Doomed>,
+    /// Complete backups deleted, oldest first.
+    pub deleted_backups: Vec<String>,
+    /// Complete backups kept, oldest first.
+    pub kept_backups: Vec<String>,
+    /// Permanent backups among the kept.
+    pub permanent_backups: Vec<String>,
+    /// Unfinished backups younger than the garbage age: left alone, WAL included.
+    pub in_progress: Vec<String>,
+    /// The LSN of the first segment kept on every timeline, when WAL is pruned from a
+    /// backup's start (permanent backups' ranges are kept besides).
+    pub wal_kept_from: Option<String>,
+}
+
+impl Plan {
+    /// Count and bytes of the objects to delete, per kind.
+    pub fn totals(&self) -> BTreeMap<Kind, (usize, u64)> {
+        let mut out = BTreeMap::new();
+        for d in &self.delete {
+            let e = out.entry(d.kind).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += d.size;
+        }
+        out
+    }
+
+    /// The keys to delete, in order.
+    pub fn keys(&self) -> Vec<ObjectKey> {
+        self.delete.iter().filter_map(|d| ObjectKey::new(&d.key).ok()).collect()
+    }
+}
+
+/// Why a request cannot be planned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// `before NAME` names no complete backup.
+    #[error("no complete backup is named {0}: see `wal-rs backup-list`")]
+    NoSuchBackup(String),
+}
+
+/// A WAL segment range `[first, last]` (segment numbers) on one timeline, or on any when
+/// the timeline is unknown.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    tli: Option<TimelineId>,
+    first: u64,
+    last: u64,
+}
+
+/// Decides which objects go.
+pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan, PlanError> {
+    let seg_size = inv.segment_size;
+    let (doomed_backups, kept): (Vec<&BackupInfo>, Vec<&BackupInfo>) = split_backups(&inv.backups, request)?;
+    let mut out = Plan {
+        deleted_backups: doomed_backups.iter().map(|b| b.name.clone()).collect(),
+        kept_backups: kept.iter().map(|b| b.name.clone()).collect(),
+        permanent_backups: kept.iter().filter(|b| b.sentinel.is_permanent).map(|b| b.name.clone()).collect(),
+        ..Plan::default()
+    };
+
+    // Unfinished backups: folders with no sentinel.
+    let complete: BTreeSet<&str> = inv.backups.iter().map(|b| b.name.as_str()).collect();
+    let mut unfinished: BTreeMap<&str, Vec<&ObjectMeta>> = BTreeMap::new();
+    for o in &inv.objects {
+        if let Some(dir) = backup_folder_of(o.key.as_str()) {
+            if !complete.contains(dir) {
+                unfinished.entry(dir).or_default().push(o);
+            }
+        }
+    }
+    let mut garbage = Vec::new();
+    let mut in_progress_starts = Vec::new();
+    for (dir, objects) in &unfinished {
+        let young = objects.iter().any(|o| match o.modified {
+            // Unknown write time: treat as in progress. Safe, never the other way round.
+            None => true,
+            Some(t) => policy.now.duration_since(t).unwrap_or_default() < policy.garbage_min_age,
+        });
+        if young {
+            out.in_progress.push(dir.to_string());
+            if let Some(seg) = start_segment_of_name(dir) {
+                in_progress_starts.push(segno(seg, seg_size));
+            }
+        } else if matches!(request, Request::Garbage | Request::Everything { .. }) {
+            garbage.extend(objects.iter().map(|o| Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Garbage }));
+        }
+    }
+
+    // Where WAL retention starts, and the ranges permanent backups pin.
+    let everything = matches!(request, Request::Everything { .. });
+    let anchor_backups: Vec<u64> = kept
+        .iter()
+        .filter(|b| !b.sentinel.is_permanent)
+        .map(|b| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size))
+        .chain(in_progress_starts)
+        .collect();
+    let newest_permanent = kept.iter().rev().find(|b| b.sentinel.is_permanent);
+    let anchor: Option<u64> = match anchor_backups.iter().min() {
+        Some(&a) => Some(a),
+        None if everything => None,
+        None => newest_permanent.map(|b| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size)),
+    };
+    // No anchor and not `everything`: no backup at all, so nothing says which WAL is old.
+    let prune_wal = anchor.is_some() || everything;
+    let pinned: Vec<Range> = kept
+        .iter()
+        .filter(|b| b.sentinel.is_permanent)
+        .map(|b| {
+            let first = segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size);
+            let finish = Lsn(b.sentinel.finish_lsn.max(b.sentinel.start_lsn));
+            let last = segno(SegmentId::containing(finish, seg_size), seg_size);
+            Range { tli: backup_timeline(b), first, last }
+        })
+        .collect();
+    out.wal_kept_from = anchor.map(|a| Lsn(a * seg_size as u64).to_string());
+    let keep_segment = |tli: TimelineId, n: u64| -> bool {
+        !prune_wal
+            || anchor.is_some_and(|a| n >= a)
+            || pinned.iter().any(|r| r.tli.is_none_or(|t| t == tli) && (r.first..=r.last).contains(&n))
+    };
+
+    // WAL objects.
+    let mut wal = Vec::new();
+    let mut backup_history = Vec::new();
+    let mut history_files = Vec::new();
+    let mut kept_timelines: BTreeSet<TimelineId> = BTreeSet::new();
+    for b in &kept {
+        if let Some(t) = backup_timeline(b) {
+            kept_timelines.insert(t);
+        }
+    }
+    for dir in &out.in_progress {
+        if let Some(t) = start_segment_name(dir).map(|n| n.timeline()) {
+            kept_timelines.insert(t);
+        }
+    }
+    for o in &inv.objects {
+        let Some(name) = wal_name_of(o.key.as_str()) else { continue };
+        match name {
+            WalFileName::Segment(t, s) | WalFileName::Partial(t, s) => {
+                if keep_segment(t, segno(s, seg_size)) {
+                    kept_timelines.insert(t);
+                } else {
+                    wal.push((t, segno(s, seg_size), o));
+                }
+            }
+            WalFileName::BackupHistory(t, s, _) => {
+                if !keep_segment(t, segno(s, seg_size)) {
+                    backup_history.push((t, segno(s, seg_size), o));
+                }
+            }
+            WalFileName::History(t) => history_files.push((t, o)),
+        }
+    }
+    let newest_timeline = inv
+        .objects
+        .iter()
+        .filter_map(|o| wal_name_of(o.key.as_str()))
+        .map(|n| n.timeline())
+        .chain(inv.backups.iter().filter_map(backup_timeline))
+        .max();
+    let mut histories = Vec::new();
+    for (t, o) in history_files {
+        let describes_kept = kept_timelines.iter().any(|&k| descends_from(&inv.histories, k, t));
+        let newest = !everything && Some(t) == newest_timeline;
+        if prune_wal && !describes_kept && !newest {
+            histories.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::History });
+        }
+    }
+
+    // Gap records go with their WAL.
+    let mut gaps = Vec::new();
+    for o in &inv.objects {
+        let Some(file) = o.key.as_str().strip_prefix(layout::GAP_PREFIX) else { continue };
+        let Some(name) = file.strip_suffix(".json").and_then(|n| WalFileName::parse(n).ok()) else { continue };
+        if let Some(s) = name.wal_segment() {
+            if !keep_segment(name.timeline(), segno(s, seg_size)) {
+                gaps.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Gap });
+            }
+        }
+    }
+
+    // Order: sentinels, backup objects, garbage, WAL oldest first, history, gaps.
+    for b in &doomed_backups {
+        let sentinel = layout::sentinel_key(&b.name);
+        if let Some(o) = inv.objects.iter().find(|o| o.key == sentinel) {
+            out.delete.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Backup });
+        }
+    }
+    for b in &doomed_backups {
+        let folder = format!("{}/{}/", layout::BACKUP_DIR, b.name);
+        for o in inv.objects.iter().filter(|o| o.key.as_str().starts_with(&folder)) {
+            out.delete.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Backup });
+        }
+    }
+    out.delete.extend(garbage);
+    wal.sort_by_key(|(t, n, _)| (*n, *t));
+    backup_history.sort_by_key(|(t, n, _)| (*n, *t));
+    for (_, _, o) in wal.into_iter().chain(backup_history) {
+        out.delete.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Wal });
+    }
+    out.delete.extend(histories);
+    out.delete.extend(gaps);
+    Ok(out)
+}
+
+/// Splits the complete backups (oldest first) into (deleted, kept) for `request`.
+fn split_backups<'a>(
+    backups: &'a [BackupInfo],
+    request: &Request,
+) -> Result<(Vec<&'a BackupInfo>, Vec<&'a BackupInfo>), PlanError> {
+    // Index of the first backup of the newest ones that stay; permanent ones stay anyway.
+    let cut = match request {
+        Request::Retain(n) => backups.len().saturating_sub(*n),
+        Request::BeforeName(name) => {
+            backups.iter().position(|b| &b.name == name).ok_or_else(|| PlanError::NoSuchBackup(name.clone()))?
+        }
+        Request::BeforeTime(t) => {
+            backups.iter().rposition(|b| b.sentinel.finish_timestamp().is_some_and(|f| f <= *t)).unwrap_or(0)
+        }
+        Request::Everything { .. } => backups.len(),
+        Request::Garbage => 0,
+    };
+    let force = matches!(request, Request::Everything { force: true });
+    let mut doomed = Vec::new();
+    let mut kept = Vec::new();
+    for (i, b) in backups.iter().enumerate() {
+        if i < cut && (force || !b.sentinel.is_permanent) {
+            doomed.push(b);
+        } else {
+            kept.push(b);
+        }
+    }
+    Ok((doomed, kept))
+}
+
+/// The backup folder name of a key inside `basebackups_005/<name>/`.
+fn backup_folder_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(layout::BACKUP_DIR)?.strip_prefix('/')?;
+    let (dir, inner) = rest.split_once('/')?;
+    (!dir.is_empty() && !inner.is_empty()).then_some(dir)
+}
+
+/// The WAL file a `base_<WAL file>[_<offset>]` backup name starts in.
+fn start_segment_name(name: &str) -> Option<WalFileName> {
+    WalFileName::parse(name.strip_prefix("base_")?.get(..24)?).ok()
+}
+
+fn start_segment_of_name(name: &str) -> Option<SegmentId> {
+    start_segment_name(name).and_then(|n| n.wal_segment())
+}
+
+/// A backup's timeline: recorded in the sentinel by wal-rs, else from its name.
+pub fn backup_timeline(b: &BackupInfo) -> Option<TimelineId> {
+    b.sentinel.timeline.map(TimelineId).or_else(|| start_segment_name(&b.name).map(|n| n.timeline()))
+}
+
+/// The WAL file a key under `wal_005/` holds, whatever its compression extension.
+pub fn wal_name_of(key: &str) -> Option<WalFileName> {
+    let file = key.strip_prefix(layout::WAL_DIR)?.strip_prefix('/')?;
+    if let Ok(n) = WalFileName::parse(file) {
+        return Some(n);
+    }
+    let (stem, ext) = file.rsplit_once('.')?;
+    ["lz4", "zst", "br", "lzma", "lzo", "gz"].contains(&ext).then(|| WalFileName::parse(stem).ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::timelines::parse_history;
+    use super::*;
+    use crate::backup::sentinel::Sentinel;
+
+    const SEG: u32 = 16 << 20;
+    const DAY: Duration = Duration::from_secs(86400);
+
+    fn seg_lsn(n: u64) -> u64 {
+        n * SEG as u64 + 0x28
+    }
+
+    fn backup(tli: u32, start_seg: u64, finish_seg: u64, finish: &str, permanent: bool) -> BackupInfo {
+        let mut s: Sentinel = serde_json::from_str(r#"{"LSN":1}"#).unwrap();
+        s.start_lsn = seg_lsn(start_seg);
+        s.finish_lsn = seg_lsn(finish_seg);
+        s.finish_time = finish.to_string();
+        s.is_permanent = permanent;
+        s.timeline = Some(tli);
+        let name = format!("base_{}", WalFileName::Segment(TimelineId(tli), super::super::timelines::segment_of(start_seg, SEG)));
+        BackupInfo { name, sentinel: s }
+    }
+
+    fn obj(key: &str, size: u64, modified: SystemTime) -> ObjectMeta {
+        ObjectMeta { key: ObjectKey::new(key).unwrap(), size, metadata: Default::default(), modified: Some(modified) }
+    }
+
+    fn seg_key(tli: u32, n: u64) -> String {
+        format!("wal_005/{}.lz4", WalFileName::Segment(TimelineId(tli), super::super::timelines::segment_of(n, SEG)))
+    }
+
+    fn backup_objects(b: &BackupInfo, at: SystemTime) -> Vec<ObjectMeta> {
+        vec![
+            obj(layout::sentinel_key(&b.name).as_str(), 500, at),
+            obj(&format!("basebackups_005/{}/metadata.json", b.name), 300, at),
+            obj(&format!("basebackups_005/{}/tar_partitions/part_001.tar.lz4", b.name), 1000, at),
+            obj(&format!("basebackups_005/{}/tar_partitions/pg_control.tar.lz4", b.name), 100, at),
+        ]
+    }
+
+    /// Four backups, a promotion to timeline 2 at segment 6 (between the second and the
+    /// third), WAL 1..=5 on timeline 1 plus a stray 6 and 7 the old primary archived,
+    /// 6..=12 on timeline 2, backup history files, an unknown file and two gap records.
+    fn store(now: SystemTime) -> Inventory {
+        let old = now - 10 * DAY;
+        let mut backups = vec![
+            backup(1, 2, 2, "2026-11-20T10:00:00Z", false),
+            backup(1, 4, 4, "2026-11-21T10:00:00Z", false),
+            backup(2, 8, 8, "2026-11-22T10:00:00Z", false),
+            backup(2, 10, 11, "2026-11-23T10:00:00Z", false),
+        ];
+        crate::backup::catalog::sort(&mut backups);
+        let mut objects = Vec::new();
+        for b in &backups {
+            objects.extend(backup_objects(b, old));
+        }
+        for n in 1..=7 {
+            objects.push(obj(&seg_key(1, n), 16, old));
+        }
+        for n in 6..=12 {
+            objects.push(obj(&seg_key(2, n), 16, old));
+        }
+        objects.push(obj("wal_005/00000002.history.lz4", 40, old));
+        objects.push(obj("wal_005/000000010000000000000002.00000028.backup.lz4", 20, old));
+        objects.push(obj("wal_005/000000010000000000000004.00000028.backup.lz4", 20, old));
+        objects.push(obj("wal_005/README", 3, old));
+        objects.push(obj("walrs/gaps/000000010000000000000003.json", 60, old));
+        objects.push(obj("walrs/gaps/00000002000000000000000B.json", 60, old));
+        let mut histories = Histories::new();
+        histories.insert(TimelineId(2), parse_history("1\t0/6000000\tpromoted\n").unwrap());
+        Inventory { objects, backups, histories, segment_size: SEG }
+    }
+
+    fn keys(p: &Plan) -> Vec<&str> {
+        p.delete.iter().map(|d| d.key.as_str()).collect()
+    }
+
+    fn policy(now: SystemTime) -> Policy {
+        Policy { now, garbage_min_age: DAY }
+    }
+
+    #[test]
+    fn retain_two_across_a_timeline_switch() {
+        let now = SystemTime::now();
+        let inv = store(now);
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert_eq!(p.deleted_backups, ["base_000000010000000000000002", "base_000000010000000000000004"]);
+        assert_eq!(p.kept_backups, ["base_000000020000000000000008", "base_00000002000000000000000A"]);
+        assert_eq!(
+            keys(&p),
+            [
+                "basebackups_005/base_000000010000000000000002_backup_stop_sentinel.json",
+                "basebackups_005/base_000000010000000000000004_backup_stop_sentinel.json",
+                "basebackups_005/base_000000010000000000000002/metadata.json",
+                "basebackups_005/base_000000010000000000000002/tar_partitions/part_001.tar.lz4",
+                "basebackups_005/base_000000010000000000000002/tar_partitions/pg_control.tar.lz4",
+                "basebackups_005/base_000000010000000000000004/metadata.json",
+                "basebackups_005/base_000000010000000000000004/tar_partitions/part_001.tar.lz4",
+                "basebackups_005/base_000000010000000000000004/tar_partitions/pg_control.tar.lz4",
+                "wal_005/000000010000000000000001.lz4",
+                "wal_005/000000010000000000000002.lz4",
+                "wal_005/000000010000000000000003.lz4",
+                "wal_005/000000010000000000000004.lz4",
+                "wal_005/000000010000000000000005.lz4",
+                "wal_005/000000010000000000000006.lz4",
+                "wal_005/000000020000000000000006.lz4",
+                "wal_005/000000010000000000000007.lz4",
+                "wal_005/000000020000000000000007.lz4",
+                "wal_005/000000010000000000000002.00000028.backup.lz4",
+                "wal_005/000000010000000000000004.00000028.backup.lz4",
+                "walrs/gaps/000000010000000000000003.json",
+            ]
+        );
+        assert_eq!(p.wal_kept_from.as_deref(), Some("0/8000000"));
+        let totals = p.totals();
+        assert_eq!(totals[&Kind::Backup], (8, 2 * 1900));
+        assert_eq!(totals[&Kind::Wal], (11, 9 * 16 + 2 * 20));
+        assert!(!totals.contains_key(&Kind::History), "00000002.history describes kept WAL");
+    }
+
+    #[test]
+    fn order_is_by_finish_not_by_name() {
+        // The oldest backup by finish time has the name that sorts last.
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        inv.backups[0].name = "base_00000009000000000000000F".into();
+        inv.backups[0].sentinel.timeline = Some(9);
+        crate::backup::catalog::sort(&mut inv.backups);
+        let p = plan(&inv, &Request::Retain(3), &policy(now)).unwrap();
+        assert_eq!(p.deleted_backups, ["base_00000009000000000000000F"]);
+    }
+
+    #[test]
+    fn permanent_backups_and_their_wal_survive_everything_without_force() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        inv.backups[1].sentinel.is_permanent = true; // base ...04 on timeline 1
+        let p = plan(&inv, &Request::Everything { force: false }, &policy(now)).unwrap();
+        assert_eq!(p.kept_backups, ["base_000000010000000000000004"]);
+        assert_eq!(p.permanent_backups, ["base_000000010000000000000004"]);
+        let k = keys(&p);
+        assert!(!k.iter().any(|k| k.contains("base_000000010000000000000004")), "{k:?}");
+        assert!(!k.contains(&"wal_005/000000010000000000000004.lz4"), "the permanent backup's WAL went");
+        assert!(!k.contains(&"wal_005/000000010000000000000004.00000028.backup.lz4"));
+        assert!(k.contains(&"wal_005/000000010000000000000005.lz4"));
+        assert!(k.contains(&"wal_005/00000002000000000000000C.lz4"));
+        assert!(k.contains(&"wal_005/00000002.history.lz4"), "nothing on timeline 2 is kept");
+        assert!(!k.contains(&"wal_005/README"), "unknown objects are never deleted");
+
+        let forced = plan(&inv, &Request::Everything { force: true }, &policy(now)).unwrap();
+        assert!(forced.kept_backups.is_empty());
+        assert!(keys(&forced).contains(&"wal_005/000000010000000000000004.lz4"));
+        assert_eq!(forced.delete.len(), inv.objects.len() - 1, "all but README");
+    }
+
+    #[test]
+    fn a_permanent_backup_is_kept_by_retain_too() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        inv.backups[0].sentinel.is_permanent = true;
+        let p = plan(&inv, &Request::Retain(1), &policy(now)).unwrap();
+        assert_eq!(p.deleted_backups, ["base_000000010000000000000004", "base_000000020000000000000008"]);
+        let k = keys(&p);
+        assert!(!k.contains(&"wal_005/000000010000000000000002.lz4"), "pinned by the permanent backup");
+        assert!(k.contains(&"wal_005/000000010000000000000001.lz4"));
+        assert!(k.contains(&"wal_005/000000010000000000000003.lz4"));
+        assert!(!k.contains(&"wal_005/00000002000000000000000A.lz4"));
+    }
+
+    #[test]
+    fn before_name_and_before_time() {
+        let now = SystemTime::now();
+        let inv = store(now);
+        let p = plan(&inv, &Request::BeforeName("base_000000020000000000000008".into()), &policy(now)).unwrap();
+        assert_eq!(p.deleted_backups.len(), 2);
+        assert_eq!(
+            plan(&inv, &Request::BeforeName("base_nope".into()), &policy(now)).unwrap_err(),
+            PlanError::NoSuchBackup("base_nope".into())
+        );
+        // The newest backup finished by the time stays, so recovery to that time works.
+        let t = crate::backup::sentinel::parse_time("2026-11-22T12:00:00Z").unwrap();
+        let p = plan(&inv, &Request::BeforeTime(t), &policy(now)).unwrap();
+        assert_eq!(p.kept_backups[0], "base_000000020000000000000008");
+        let t = crate::backup::sentinel::parse_time("2026-01-01T00:00:00Z").unwrap();
+        assert!(plan(&inv, &Request::BeforeTime(t), &policy(now)).unwrap().deleted_backups.is_empty());
+    }
+
+    #[test]
+    fn garbage_spares_a_backup_push_in_progress() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        // A dead backup-push from last week, and one writing right now that started at
+        // segment 9 of timeline 2.
+        inv.objects.push(obj("basebackups_005/base_000000010000000000000003/tar_partitions/part_001.tar.lz4", 700, now - 7 * DAY));
+        inv.objects.push(obj("basebackups_005/base_000000020000000000000009/tar_partitions/part_001.tar.lz4", 900, now - 5 * DAY));
+        inv.objects.push(obj("basebackups_005/base_000000020000000000000009/tar_partitions/part_002.tar.lz4", 900, now));
+        let p = plan(&inv, &Request::Garbage, &policy(now)).unwrap();
+        assert!(p.deleted_backups.is_empty());
+        assert_eq!(p.in_progress, ["base_000000020000000000000009"]);
+        let k = keys(&p);
+        assert_eq!(k[0], "basebackups_005/base_000000010000000000000003/tar_partitions/part_001.tar.lz4");
+        assert_eq!(p.delete[0].kind, Kind::Garbage);
+        assert!(!k.iter().any(|k| k.contains("base_000000020000000000000009")));
+        // WAL before the oldest backup goes; the rest stays.
+        assert!(k.contains(&"wal_005/000000010000000000000001.lz4"));
+        assert!(!k.contains(&"wal_005/000000010000000000000002.lz4"));
+        // Even `everything` leaves the push in progress and its WAL alone.
+        let p = plan(&inv, &Request::Everything { force: true }, &policy(now)).unwrap();
+        let k = keys(&p);
+        assert!(!k.iter().any(|k| k.contains("base_000000020000000000000009")));
+        assert!(!k.contains(&"wal_005/000000020000000000000009.lz4"));
+        assert!(k.contains(&"wal_005/000000020000000000000008.lz4"));
+        assert!(!k.contains(&"wal_005/00000002.history.lz4"), "the push in progress is on timeline 2");
+        // Unknown write times count as young.
+        for o in inv.objects.iter_mut().filter(|o| o.key.as_str().contains("base_000000010000000000000003/")) {
+            o.modified = None;
+        }
+        let p = plan(&inv, &Request::Garbage, &policy(now)).unwrap();
+        assert_eq!(p.in_progress, ["base_000000010000000000000003", "base_000000020000000000000009"]);
+        assert!(!p.delete.iter().any(|d| d.kind == Kind::Garbage));
+    }
+
+    #[test]
+    fn no_backup_means_no_wal_goes_except_for_everything() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        inv.backups.clear();
+        inv.objects.retain(|o| !o.key.as_str().starts_with("basebackups_005"));
+        assert!(plan(&inv, &Request::Garbage, &policy(now)).unwrap().delete.is_empty());
+        assert!(plan(&inv, &Request::Retain(3), &policy(now)).unwrap().delete.is_empty());
+        let p = plan(&inv, &Request::Everything { force: false }, &policy(now)).unwrap();
+        assert_eq!(p.delete.len(), inv.objects.len() - 1);
+    }
+
+    #[test]
+    fn the_newest_timelines_history_stays() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        // An abandoned branch, timeline 3 from timeline 1 at segment 3, all of it old.
+        inv.objects.push(obj(&seg_key(3, 3), 16, now - 9 * DAY));
+        inv.objects.push(obj("wal_005/00000003.history.lz4", 40, now - 9 * DAY));
+        inv.histories.insert(TimelineId(3), parse_history("1\t0/3000000\tfork\n").unwrap());
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        let k = keys(&p);
+        assert!(k.contains(&"wal_005/000000030000000000000003.lz4"));
+        assert!(!k.contains(&"wal_005/00000003.history.lz4"), "timeline 3 is the newest ID: its history stays");
+    }
+
+    #[test]
+    fn wal_names_with_any_extension() {
+        assert_eq!(
+            wal_name_of("wal_005/000000010000000000000003.zst"),
+            WalFileName::parse("000000010000000000000003").ok()
+        );
+        assert_eq!(wal_name_of("wal_005/000000010000000000000003"), WalFileName::parse("000000010000000000000003").ok());
+        assert!(wal_name_of("wal_005/00000002.history.br").is_some());
+        assert!(wal_name_of("wal_005/notes.txt").is_none());
+        assert!(wal_name_of("basebackups_005/000000010000000000000003.lz4").is_none());
+    }
+}
