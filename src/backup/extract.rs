@@ -55,6 +55,12 @@ impl ExtractPlan {
     /// Where the entry at `rel` goes; `None` for the tablespace links themselves (made by the
     /// caller) and for entries that are not safe paths.
     pub fn target_of(&self, rel: &str) -> Result<Option<PathBuf>, ExtractError> {
+        Ok(self.locate(rel)?.map(|(_, target)| target))
+    }
+
+    /// The folder the entry at `rel` goes under (the destination or a tablespace's) and its
+    /// path there.
+    fn locate<'a>(&'a self, rel: &str) -> Result<Option<(&'a Path, PathBuf)>, ExtractError> {
         let rel = rel.trim_start_matches('/').trim_start_matches("./").trim_end_matches('/');
         if rel.is_empty() {
             return Ok(None);
@@ -66,11 +72,42 @@ impl ExtractPlan {
         if let Some(rest) = rel.strip_prefix("pg_tblspc/") {
             let (oid, inner) = rest.split_once('/').unwrap_or((rest, ""));
             if let Some(dir) = self.tablespaces.get(oid) {
-                return Ok(if inner.is_empty() { None } else { Some(dir.join(inner)) });
+                return Ok(if inner.is_empty() { None } else { Some((dir.as_path(), dir.join(inner))) });
             }
         }
-        Ok(Some(self.dest.join(path)))
+        Ok(Some((self.dest.as_path(), self.dest.join(path))))
     }
+}
+
+/// Refuses an entry that would be written through a symbolic link: a link restored earlier
+/// (by this partition or another) must never lead a later entry outside `root`. Checks every
+/// folder between `root` and `target`; the entry itself is checked by the caller.
+fn refuse_links_above(root: &Path, target: &Path, rel: &str) -> Result<(), ExtractError> {
+    let Ok(inner) = target.strip_prefix(root) else {
+        return Err(ExtractError::Bad(format!("unsafe path {rel:?} in the backup")));
+    };
+    let mut at = root.to_path_buf();
+    let mut parents = inner.components().collect::<Vec<_>>();
+    parents.pop();
+    for c in parents {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ExtractError::Bad(format!(
+                    "{rel:?} lies under the symbolic link {:?} in the backup: refused",
+                    at.strip_prefix(root).unwrap_or(&at)
+                )))
+            }
+            Ok(_) => {}
+            // Not there yet: it and everything below it is created as plain folders.
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 /// Extracts every entry of the tar stream `reader` according to `plan`. With `expected`,
@@ -87,13 +124,19 @@ pub fn extract<R: Read>(
     for entry in archive.entries().map_err(|e| bad("not a tar stream", e))? {
         let mut entry = entry.map_err(|e| bad("unreadable tar entry", e))?;
         let rel = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let Some(target) = plan.target_of(&rel)? else {
+        let Some((root, target)) = plan.locate(&rel)? else {
             continue;
         };
         let local = |source: io::Error| ExtractError::Local { path: target.display().to_string(), source };
         let mode = entry.header().mode().unwrap_or(0o600) & 0o7777;
+        refuse_links_above(root, &target, &rel)?;
         match entry.header().entry_type() {
             tar::EntryType::Directory => {
+                if is_symlink(&target) {
+                    return Err(ExtractError::Bad(format!(
+                        "{rel:?} is both a symbolic link and a folder in the backup: refused"
+                    )));
+                }
                 fs::create_dir_all(&target).map_err(local)?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).map_err(local)?;
             }
@@ -105,11 +148,17 @@ pub fn extract<R: Read>(
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 make_parent(&target).map_err(local)?;
+                // A file replaces a link of the same name (as tar does); it never writes
+                // through it.
+                if is_symlink(&target) {
+                    fs::remove_file(&target).map_err(local)?;
+                }
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .mode(if mode == 0 { 0o600 } else { mode })
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(&target)
                     .map_err(local)?;
                 let (got, size) = copy_hashed(&mut entry, &mut file, &mut buf).map_err(|e| match e {

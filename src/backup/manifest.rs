@@ -2,7 +2,7 @@
 //! restore (and `backup-verify`) can check each byte. WAL-G-written backups have none; they
 //! restore without per-file checks.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The manifest of one backup.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -20,7 +20,9 @@ pub struct Manifest {
 /// One tar partition.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PartitionEntry {
-    /// Object name inside `tar_partitions/`, e.g. `part_001.tar.lz4`.
+    /// Object name inside `tar_partitions/`, e.g. `part_001.tar.lz4`: a plain file name,
+    /// checked as the manifest is read (it becomes part of a store key).
+    #[serde(deserialize_with = "partition_name")]
     pub name: String,
     /// Bytes stored.
     pub stored_size: u64,
@@ -41,4 +43,32 @@ pub struct FileEntry {
     pub size: u64,
     /// sha256 of the bytes as backed up.
     pub sha256: String,
+}
+
+/// A partition name must name a file in the backup's `tar_partitions/` folder: not empty,
+/// not `.` or `..`, no `/` and no NUL. A damaged manifest is then refused when read, instead
+/// of naming an object elsewhere in the store (or no valid key at all).
+fn partition_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(serde::de::Error::custom(format!("{name:?} is not a partition file name")));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_must_be_file_names() {
+        let with = |name: &str| {
+            serde_json::json!({"version": 1, "backup": "b", "compression": "lz4", "partitions": [
+                {"name": name, "stored_size": 1, "stored_sha256": "", "tar_size": 1, "files": []}]})
+        };
+        assert!(serde_json::from_value::<Manifest>(with("part_001.tar.lz4")).is_ok());
+        for bad in ["", ".", "..", "../x", "a/b", "a\0b"] {
+            assert!(serde_json::from_value::<Manifest>(with(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
 }

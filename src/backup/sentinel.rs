@@ -109,7 +109,9 @@ pub struct Tablespace {
 }
 
 impl Sentinel {
-    /// The tablespaces the spec records.
+    /// The tablespaces the spec records. Only those PostgreSQL could have made are kept: a
+    /// decimal OID (it names the link made in `pg_tblspc`) and an absolute location (where
+    /// the files go); anything else in a damaged or forged sentinel is left out.
     pub fn tablespaces(&self) -> Vec<Tablespace> {
         let Some(spec) = &self.spec else {
             return Vec::new();
@@ -121,7 +123,8 @@ impl Sentinel {
             .filter_map(Value::as_str)
             .filter_map(|oid| {
                 let loc = spec.get(oid)?.get("loc")?.as_str()?;
-                Some(Tablespace { oid: oid.to_string(), location: loc.to_string() })
+                let safe = !oid.is_empty() && oid.bytes().all(|b| b.is_ascii_digit()) && loc.starts_with('/');
+                safe.then(|| Tablespace { oid: oid.to_string(), location: loc.to_string() })
             })
             .collect()
     }
@@ -188,5 +191,16 @@ mod tests {
         assert_eq!(s.tablespaces(), ts);
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""link":"pg_tblspc/16385""#), "{json}");
+    }
+
+    #[test]
+    fn tablespaces_that_would_escape_pg_tblspc_are_left_out() {
+        let s: Sentinel = serde_json::from_str(
+            r#"{"LSN":1,"Spec":{"tablespaces":["../x","/etc","","16390","16391"],
+                "../x":{"loc":"/a/"},"/etc":{"loc":"/b/"},"":{"loc":"/c/"},
+                "16390":{"loc":"relative/"},"16391":{"loc":"/d/"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.tablespaces(), vec![Tablespace { oid: "16391".into(), location: "/d/".into() }]);
     }
 }

@@ -32,8 +32,12 @@ pub struct SegmentId {
 
 impl SegmentId {
     /// The LSN at which this segment starts (`XLogSegNoOffsetToRecPtr` with offset 0).
+    ///
+    /// A name can say more than the LSN space holds (`seg` past the segments of one log, at
+    /// the last log): the result then wraps, as it always did in release builds, and never
+    /// panics; [`crate::wal::SegmentHeader::parse`] refuses such names.
     pub fn start_lsn(self, segment_size: u32) -> Lsn {
-        Lsn(((self.log as u64) << 32) + self.seg as u64 * segment_size as u64)
+        Lsn(((self.log as u64) << 32).wrapping_add(self.seg as u64 * segment_size as u64))
     }
 
     /// The segment that holds `lsn` (`XLByteToSeg` followed by `XLogFileName`'s split).
@@ -43,10 +47,10 @@ impl SegmentId {
         SegmentId { log: (segno / per_log) as u32, seg: (segno % per_log) as u32 }
     }
 
-    /// The segment after this one.
+    /// The segment after this one (after the last segment of the LSN space: the first).
     pub fn next(self, segment_size: u32) -> SegmentId {
         if (self.seg as u64) + 1 >= segments_per_log(segment_size) {
-            SegmentId { log: self.log + 1, seg: 0 }
+            SegmentId { log: self.log.wrapping_add(1), seg: 0 }
         } else {
             SegmentId { log: self.log, seg: self.seg + 1 }
         }
@@ -224,5 +228,12 @@ mod tests {
         assert_eq!(SegmentId { log: 0, seg: 3 }.next(1 << 30), SegmentId { log: 1, seg: 0 });
         assert_eq!(SegmentId::containing(Lsn(0x2000028), 16 << 20), SegmentId { log: 0, seg: 2 });
         assert_eq!(SegmentId::containing(Lsn(0x1_FF00_0000), 16 << 20), s);
+    }
+
+    #[test]
+    fn names_past_the_lsn_space_do_not_overflow() {
+        let last = SegmentId { log: u32::MAX, seg: u32::MAX };
+        let _ = last.start_lsn(1 << 30);
+        assert_eq!(SegmentId { log: u32::MAX, seg: 0xFF }.next(16 << 20), SegmentId { log: 0, seg: 0 });
     }
 }

@@ -192,5 +192,8 @@ pub(crate) mod tests {
         // seg 0x100 does not exist with 16 MiB segments: 256 per log.
         let past_end = pg15_first_page(1, 0x1_0000_0000, 1, SEG);
         assert!(SegmentHeader::parse(&past_end, t, SegmentId { log: 0, seg: 0x100 }).is_err());
+        // Nor past the end of the LSN space (this overflowed before it was refused).
+        let page = pg15_first_page(1, 0, 1, SEG);
+        assert!(SegmentHeader::parse(&page, t, SegmentId { log: u32::MAX, seg: u32::MAX }).is_err());
     }
 }
