@@ -3,11 +3,14 @@
 
 mod backup_fetch;
 mod backup_list;
+mod backup_mark;
 mod backup_push;
 mod common;
 mod config_cmd;
+mod delete;
 mod wal_fetch;
 mod wal_prefetch;
+mod wal_verify;
 mod wal_push;
 
 use std::time::Instant;
@@ -30,6 +33,9 @@ pub fn run(cli: Cli) -> u8 {
         Command::BackupPush { .. } => "backup-push",
         Command::BackupFetch { .. } => "backup-fetch",
         Command::BackupList { .. } => "backup-list",
+        Command::Delete { .. } => "delete",
+        Command::BackupMark { .. } => "backup-mark",
+        Command::WalVerify { .. } => "wal-verify",
     };
     let child_args = cli.overrides().map(|o| o.as_args()).unwrap_or_default();
     let config = match cli
@@ -50,6 +56,7 @@ pub fn run(cli: Cli) -> u8 {
     };
     log::set_level(config.log_level);
     crate::ratelimit::configure(config.rate.network, config.rate.disk);
+    crate::crypto::configure(config.encryption.clone());
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the async runtime");
     let started = Instant::now();
@@ -224,6 +231,55 @@ pub fn run(cli: Cli) -> u8 {
             Ok(_) => exit::OK,
             Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
         },
+        Command::Delete { what, confirm, json } => match runtime.block_on(delete::run(&config, &what, confirm, json)) {
+            Ok(r) => {
+                log::emit(
+                    Level::Info,
+                    &[
+                        ("op", &op),
+                        ("mode", &r.mode),
+                        ("objects", &r.objects),
+                        ("bytes", &r.bytes),
+                        ("ms", &started.elapsed().as_millis()),
+                        ("outcome", &if r.confirmed { "deleted" } else { "dry-run" }),
+                    ],
+                );
+                exit::OK
+            }
+            Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+        },
+        Command::BackupMark { name, unmark } => match runtime.block_on(backup_mark::run(&config, &name, !unmark)) {
+            Ok(changed) => {
+                log::emit(
+                    Level::Info,
+                    &[
+                        ("op", &op),
+                        ("backup", &name),
+                        ("permanent", &!unmark),
+                        ("outcome", &if changed { "marked" } else { "unchanged" }),
+                    ],
+                );
+                exit::OK
+            }
+            Err(e) => fail(op, &name, started, &e, exit::code_of(&e)),
+        },
+        Command::WalVerify { json, pg_url } => {
+            match runtime.block_on(wal_verify::run(&config, json, pg_url.as_deref())) {
+                Ok(r) => {
+                    log::emit(
+                        Level::Info,
+                        &[
+                            ("op", &op),
+                            ("segments", &r.segments_checked),
+                            ("ms", &started.elapsed().as_millis()),
+                            ("outcome", &"complete"),
+                        ],
+                    );
+                    exit::OK
+                }
+                Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+            }
+        }
     };
     // Work abandoned at a deadline may still sit in blocking threads: do not wait for it.
     // Nothing half-done is ever visible (temporary files, unfinished multipart uploads).
@@ -244,7 +300,12 @@ async fn within_deadline<T>(
         Err(_) => Err(Error::Store(crate::store::StoreError::Unavailable {
             op,
             key: path.display().to_string(),
-            detail: format!("not finished within {} s (retry_deadline_secs)", config.retry.deadline.as_secs()),
+            detail: format!(
+                "not finished within {} s (retry_deadline_secs) with the store {}{}",
+                config.retry.deadline.as_secs(),
+                config.store.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                config.s3.endpoint.as_ref().map(|e| format!(" at {e}")).unwrap_or_default()
+            ),
         })),
     }
 }

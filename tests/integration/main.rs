@@ -6,6 +6,9 @@
 //! - `wal_core`: a primary archives through archive_command; a copy restored from a base
 //!   backup recovers through restore_command to the same table checksums (both stores).
 //! - `timeline`: a promoted copy archives timeline 2; a second recovery follows it.
+//! - `bad_input`: over 60 kinds of bad input (arguments, files, configuration, stores,
+//!   credentials, backups, another cluster or version), each one logfmt line, its
+//!   documented exit code, and nothing lost.
 //! - `failures`: direct CLI calls for every documented failure and its exit code.
 //! - `backups`: backup-push, backup-list and backup-fetch of real clusters: point-in-time
 //!   restores, a follower that forks, tablespaces, a killed backup-push, refusals and
@@ -22,6 +25,7 @@
 mod harness;
 
 mod backups;
+mod bad_input;
 mod compat;
 mod failures;
 mod faults;
