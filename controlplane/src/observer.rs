@@ -92,7 +92,7 @@ async fn observe(ctx: &Ctx, h: &Handle, last_backup: Option<String>) -> Value {
     }
     let sql = "select pg_is_in_recovery(),
                       case when pg_is_in_recovery() then pg_last_wal_replay_lsn()::text else pg_current_wal_lsn()::text end,
-                      extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
+                      case when pg_is_in_recovery() then extract(epoch from now() - pg_last_xact_replay_timestamp())::float8 end,
                       a.last_archived_wal, extract(epoch from now() - a.last_archived_time)::float8, a.failed_count,
                       (select count(*) from pg_stat_replication)
                from pg_stat_archiver a";

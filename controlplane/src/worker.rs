@@ -34,7 +34,9 @@ pub async fn run(ctx: Arc<Ctx>, n: usize) {
 pub async fn tick(ctx: &Arc<Ctx>, worker: &str) -> Result<bool> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let Some(job) = queue::dequeue(&c, worker, ctx.cfg.lease()).await? else { return Ok(false) };
-    crate::info!("event" = "job_started", "worker" = worker, "job" = job.id, "kind" = job.kind, "target" = job.target, "attempt" = job.attempts);
+    if job.kind == "server" {
+        crate::info!("event" = "job_started", "worker" = worker, "job" = job.id, "kind" = job.kind, "target" = job.target, "attempt" = job.attempts);
+    }
     match job.kind.as_str() {
         "server" => run_server_job(ctx, &mut c, &job).await?,
         "resource" => {

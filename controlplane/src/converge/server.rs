@@ -25,7 +25,11 @@ pub async fn step(ctx: &Ctx, db: &impl GenericClient, s: &Server) -> Result<Outc
             let handle = ctx.provider.create(&s.id).await?;
             Ok(Outcome::To { state: "restoring", handle: Some(handle), backup: None })
         }
-        "restoring" => restore(ctx, db, s, &h()?).await.map(|()| Outcome::to("starting")),
+        "restoring" => {
+            let h = h()?;
+            ensure_store(ctx, &h, &s.store).await?;
+            restore(ctx, db, s, &h).await.map(|()| Outcome::to("starting"))
+        }
         "starting" => {
             let h = h()?;
             write_conf(ctx, db, s, &h).await?;
@@ -50,6 +54,7 @@ pub async fn step(ctx: &Ctx, db: &impl GenericClient, s: &Server) -> Result<Outc
         }
         "promoting" => {
             let h = h()?;
+            ensure_store(ctx, &h, &s.store).await?;
             // The new timeline's archive_command first, so the first file of the new
             // PostgreSQL timeline already goes to the new store.
             write_conf(ctx, db, s, &h).await?;
@@ -96,7 +101,7 @@ async fn restore(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) -> 
     let listing = ctx.provider.run(h, &["ls".into(), "-A".into(), h.pgdata.clone()], &[]).await?;
     if listing.code == 0 && !listing.stdout.trim().is_empty() {
         let files = listing.stdout.lines().count();
-        crate::warn!("event" = "action", "action" = "wipe", "server" = s.id, "reason" = "half_restored_folder", "entries" = files);
+        crate::warn!("event" = "action", "action" = "wipe", "server" = s.id, "reason" = "folder_not_empty", "entries" = files);
     }
     ctx.provider.run(h, &["rm".into(), "-rf".into(), h.pgdata.clone()], &[]).await?.ok("removing PGDATA")?;
     match &s.spec {
@@ -170,13 +175,12 @@ async fn archive_parent(ctx: &Ctx, db: &impl GenericClient, tl: &str, commit: bo
 /// postgresql.auto.conf: a backup of this server would otherwise carry it to its followers
 /// and forks, which would stop replaying at this server's old target.
 async fn forget_recovery_target(h: &Handle) -> Result<()> {
-    pgconn::query(
-        h,
-        "alter system reset recovery_target_time; alter system reset recovery_target_action; \
-         alter system reset recovery_target_timeline; select pg_reload_conf()",
-    )
-    .await
-    .context("resetting the recovery target")?;
+    // One statement per query: ALTER SYSTEM refuses to run in the implicit transaction of a
+    // multi-statement query.
+    for setting in ["recovery_target_time", "recovery_target_action", "recovery_target_timeline"] {
+        pgconn::query(h, &format!("alter system reset {setting}")).await.context("resetting the recovery target")?;
+    }
+    pgconn::query(h, "select pg_reload_conf()").await?;
     Ok(())
 }
 
@@ -214,6 +218,15 @@ async fn write_conf(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) 
         p = h.pgdata
     );
     ctx.provider.run(h, &["sh".into(), "-c".into(), include], &[]).await?.ok("including walrs_control.conf")?;
+    Ok(())
+}
+
+/// Creates a local directory store (wal-rs refuses a store that does not exist); S3
+/// prefixes need nothing.
+async fn ensure_store(ctx: &Ctx, h: &Handle, store: &str) -> Result<()> {
+    if let Some(dir) = store.strip_prefix("file://") {
+        ctx.provider.run(h, &["mkdir".into(), "-p".into(), dir.into()], &[]).await?.ok("creating the timeline's store")?;
+    }
     Ok(())
 }
 
