@@ -9,7 +9,7 @@ S3S_FS_VERSION := 0.14.1
 
 export WALRS_S3S_FS := $(S3S_FS)
 
-.PHONY: build test unit integration tools demo bench lint fmt clean
+.PHONY: build test unit integration tools demo bench lint fmt clean fuzz
 
 # The workspace's binaries: wal-rs, wal-rs-control, and the fault proxy the tests use.
 build:
@@ -40,6 +40,27 @@ bench: build tools
 	bash bench/run.sh
 	bash bench/backup.sh
 	bash bench/throughput.sh
+
+# Coverage-guided fuzzing (cargo-fuzz, nightly Rust; not part of `make test`): each target
+# runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target>/. A crash lands in
+# fuzz/artifacts/<target>/: add it to fuzz/regressions/<target>/ so tests/fuzz_regressions.rs
+# keeps replaying it. FUZZ_TARGETS picks some; FUZZ_FLAGS adds libFuzzer flags.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= wal_name page_header sentinel manifest metadata tar_partition decode
+FUZZ_FLAGS ?=
+
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz build -O --debug-assertions
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  (cd fuzz && $(CARGO) +nightly fuzz run -O --debug-assertions $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 $(FUZZ_FLAGS)) \
+	    || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: findings in$$failed (see fuzz/artifacts/)"; exit 1; fi
 
 lint:
 	$(CARGO) fmt --all -- --check
