@@ -9,7 +9,7 @@ S3S_FS_VERSION := 0.14.1
 
 export WALRS_S3S_FS := $(S3S_FS)
 
-.PHONY: build test unit integration tools demo bench lint fmt clean fuzz
+.PHONY: build test unit integration soak tools demo bench lint fmt clean fuzz
 
 # The workspace's binaries: wal-rs, wal-rs-control, and the fault proxy the tests use.
 build:
@@ -30,6 +30,13 @@ unit:
 
 integration: build tools
 	$(CARGO) test --release --test integration
+
+# Reliability scenarios (issue 6): archiving and recovery through injected faults, kill -9
+# at random moments, black holes, full disks. Seeded (WALRS_SOAK_SEED replays a run); each
+# writes target/soak-results/<scenario>.json, rendered into docs/reliability.md.
+soak: build tools
+	$(CARGO) test --release --test soak -- --test-threads=1
+	python3 scripts/soak-report.py
 
 demo: build
 	bash scripts/demo.sh
