@@ -50,7 +50,12 @@ pub async fn tick(ctx: &Ctx, n: u64) -> Result<()> {
         )
         .await?;
     for r in repairs {
-        crate::warn!("event" = "enqueue", "object" = "server", "id" = r.get::<_, String>(0), "reason" = "observed_unreachable");
+        crate::warn!(
+            "event" = "enqueue",
+            "object" = "server",
+            "id" = r.get::<_, String>(0),
+            "reason" = "observed_unreachable"
+        );
     }
     c.execute("DELETE FROM observations WHERE at < now() - interval '10 minutes'", &[]).await?;
     if n % 10 == 0 {

@@ -140,7 +140,10 @@ async fn parse_at(c: &impl GenericClient, at: &str) -> ApiResult<String> {
 /// The live resource named `name`: (id, state, leader_id, timeline_id).
 async fn find(c: &impl GenericClient, name: &str) -> ApiResult<(String, String, Option<String>, String)> {
     let row = c
-        .query_opt("SELECT id, state, leader_id, timeline_id FROM resources WHERE name = $1 AND state <> 'destroyed'", &[&name])
+        .query_opt(
+            "SELECT id, state, leader_id, timeline_id FROM resources WHERE name = $1 AND state <> 'destroyed'",
+            &[&name],
+        )
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no database named {name:?}")))?;
     Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
@@ -254,19 +257,20 @@ async fn unfollow(
         .query_opt("SELECT role, state, timeline_id, resource_id FROM servers WHERE id = $1 FOR UPDATE", &[&sid])
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no server {sid:?}")))?;
-    let (role, state, tl, old_resource): (String, String, String, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (role, state, tl, old_resource): (String, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     if role != "follower" || state != "available" {
-        return Err(ApiError::Conflict(format!("server {sid} is a {role} in state {state}; only an available follower can unfollow")));
+        return Err(ApiError::Conflict(format!(
+            "server {sid} is a {role} in state {state}; only an available follower can unfollow"
+        )));
     }
     let lsn: Option<String> = tx
-        .query_opt(
-            "SELECT facts->>'lsn' FROM observations WHERE server_id = $1 ORDER BY at DESC LIMIT 1",
-            &[&sid],
-        )
+        .query_opt("SELECT facts->>'lsn' FROM observations WHERE server_id = $1 ORDER BY at DESC LIMIT 1", &[&sid])
         .await?
         .and_then(|r| r.get(0));
     let new_tl = new_timeline(&tx, &ctx.store_root, Some(&tl), None, lsn.as_deref()).await?;
-    let id = insert_resource(&tx, &b.name, "local", &json!({ "unfollowed_from": old_resource }), &new_tl, "creating").await?;
+    let id = insert_resource(&tx, &b.name, "local", &json!({ "unfollowed_from": old_resource }), &new_tl, "creating")
+        .await?;
     tx.execute(
         "UPDATE servers SET resource_id = $2, role = 'leader', timeline_id = $3, state = 'promoting', updated_at = now()
          WHERE id = $1",
@@ -274,7 +278,14 @@ async fn unfollow(
     )
     .await?;
     tx.execute("UPDATE resources SET leader_id = $2 WHERE id = $1", &[&id, &sid]).await?;
-    crate::info!("event" = "transition", "object" = "server", "id" = sid, "from" = state, "to" = "promoting", "resource" = id);
+    crate::info!(
+        "event" = "transition",
+        "object" = "server",
+        "id" = sid,
+        "from" = state,
+        "to" = "promoting",
+        "resource" = id
+    );
     queue::enqueue(&tx, "server", &sid).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(view(&c, &id).await?)))
@@ -284,8 +295,11 @@ async fn destroy(State(ctx): State<Arc<Ctx>>, Path(name): Path<String>) -> ApiRe
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
     let (id, state, _, _) = find(&tx, &name).await?;
-    tx.execute("UPDATE resources SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1", &[&id])
-        .await?;
+    tx.execute(
+        "UPDATE resources SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
     crate::info!("event" = "transition", "object" = "resource", "id" = id, "from" = state, "to" = "destroying");
     let servers = tx
         .query(

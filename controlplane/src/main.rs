@@ -49,7 +49,8 @@ async fn run(mut cli: Cli) -> Result<()> {
     if cli.process == Process::StopAll {
         provider.stop_all().await?;
         let pgdata = data.join("state").display().to_string();
-        let argv = [sys::pg_tool("pg_ctl"), "-D".into(), pgdata, "-m".into(), "fast".into(), "-w".into(), "stop".into()];
+        let argv =
+            [sys::pg_tool("pg_ctl"), "-D".into(), pgdata, "-m".into(), "fast".into(), "-w".into(), "stop".into()];
         let _ = sys::run_as_postgres(&argv, &[]).await?;
         info!("event" = "stopped_all", "data" = data.display());
         return Ok(());
@@ -127,9 +128,10 @@ fn install_walrs(bin: &Path, data: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let dest = dir.join("wal-rs");
-    let same = std::fs::metadata(&dest).ok().zip(std::fs::metadata(bin).ok()).is_some_and(|(a, b)| {
-        a.len() == b.len() && a.modified().ok() >= b.modified().ok()
-    });
+    let same = std::fs::metadata(&dest)
+        .ok()
+        .zip(std::fs::metadata(bin).ok())
+        .is_some_and(|(a, b)| a.len() == b.len() && a.modified().ok() >= b.modified().ok());
     if !same {
         let tmp = dir.join(format!(".wal-rs.{}", std::process::id()));
         std::fs::copy(bin, &tmp).with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;

@@ -119,7 +119,13 @@ pub async fn new_timeline(
 }
 
 /// Inserts a server in `provisioning` and enqueues its first step.
-pub async fn new_server(c: &impl GenericClient, resource: &str, role: &str, timeline: &str, spec: &Spec) -> Result<String> {
+pub async fn new_server(
+    c: &impl GenericClient,
+    resource: &str,
+    role: &str,
+    timeline: &str,
+    spec: &Spec,
+) -> Result<String> {
     let id = crate::db::new_id("srv");
     c.execute(
         "INSERT INTO servers (id, resource_id, role, state, timeline_id, spec) VALUES ($1, $2, $3, 'provisioning', $4, $5)",
@@ -127,7 +133,13 @@ pub async fn new_server(c: &impl GenericClient, resource: &str, role: &str, time
     )
     .await?;
     crate::queue::enqueue(c, "server", &id).await?;
-    crate::info!("event" = "server_created", "server" = id, "resource" = resource, "role" = role, "timeline" = timeline);
+    crate::info!(
+        "event" = "server_created",
+        "server" = id,
+        "resource" = resource,
+        "role" = role,
+        "timeline" = timeline
+    );
     Ok(id)
 }
 

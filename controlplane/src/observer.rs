@@ -32,7 +32,7 @@ pub async fn tick(ctx: &Arc<Ctx>) -> Result<()> {
         .query(
             "SELECT s.id, s.role, s.handle, s.spec->>'leader',
                     (SELECT b.name || ' ' || coalesce(b.info->>'finish_time', '') FROM backups b
-                      WHERE b.timeline_id = s.timeline_id ORDER BY b.info->>'finish_time' DESC NULLS LAST LIMIT 1)
+                      WHERE b.timeline_id = s.timeline_id ORDER BY b.name DESC LIMIT 1)
              FROM servers s
              WHERE s.handle IS NOT NULL AND s.state IN ('starting', 'recovering', 'promoting', 'backing_up', 'available')
              ORDER BY s.role = 'follower', s.id",

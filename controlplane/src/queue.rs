@@ -77,7 +77,8 @@ pub async fn renew(c: &impl GenericClient, job: &Job, lease: Duration) -> Result
 /// state change must commit only then, or a worker that lost its lease could undo the work
 /// of the one that took over.
 pub async fn hold(c: &impl GenericClient, job: &Job) -> Result<bool> {
-    let row = c.query_opt("SELECT 1 FROM jobs WHERE id = $1 AND locked_by = $2 FOR UPDATE", &[&job.id, &job.worker]).await?;
+    let row =
+        c.query_opt("SELECT 1 FROM jobs WHERE id = $1 AND locked_by = $2 FOR UPDATE", &[&job.id, &job.worker]).await?;
     Ok(row.is_some())
 }
 

@@ -35,7 +35,14 @@ pub async fn tick(ctx: &Arc<Ctx>, worker: &str) -> Result<bool> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let Some(job) = queue::dequeue(&c, worker, ctx.cfg.lease()).await? else { return Ok(false) };
     if job.kind == "server" {
-        crate::info!("event" = "job_started", "worker" = worker, "job" = job.id, "kind" = job.kind, "target" = job.target, "attempt" = job.attempts);
+        crate::info!(
+            "event" = "job_started",
+            "worker" = worker,
+            "job" = job.id,
+            "kind" = job.kind,
+            "target" = job.target,
+            "attempt" = job.attempts
+        );
     }
     match job.kind.as_str() {
         "server" => run_server_job(ctx, &mut c, &job).await?,
@@ -105,7 +112,14 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
                 )
                 .await?;
             if n == 1 {
-                crate::info!("event" = "transition", "object" = "server", "id" = server.id, "from" = from, "to" = state, "job" = job.id);
+                crate::info!(
+                    "event" = "transition",
+                    "object" = "server",
+                    "id" = server.id,
+                    "from" = from,
+                    "to" = state,
+                    "job" = job.id
+                );
                 if let Some(b) = backup.filter(|b| b["name"].is_string()) {
                     let name = b["name"].as_str().unwrap_or_default().to_string();
                     tx.execute(
@@ -135,7 +149,14 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
                     &[&server.id, &from, &msg],
                 )
                 .await?;
-                crate::warn!("event" = "transition", "object" = "server", "id" = server.id, "from" = from, "to" = "failed", "error" = msg);
+                crate::warn!(
+                    "event" = "transition",
+                    "object" = "server",
+                    "id" = server.id,
+                    "from" = from,
+                    "to" = "failed",
+                    "error" = msg
+                );
                 queue::enqueue(&tx, "resource", &server.resource_id).await?;
                 queue::complete(&tx, job).await?;
             } else if server_restartable(from) && job.attempts >= RESTART_AFTER_FAILURES {
@@ -144,11 +165,26 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
                     &[&server.id, &from, &msg],
                 )
                 .await?;
-                crate::warn!("event" = "transition", "object" = "server", "id" = server.id, "from" = from, "to" = "restoring", "reason" = "step_kept_failing", "error" = msg);
+                crate::warn!(
+                    "event" = "transition",
+                    "object" = "server",
+                    "id" = server.id,
+                    "from" = from,
+                    "to" = "restoring",
+                    "reason" = "step_kept_failing",
+                    "error" = msg
+                );
                 queue::again(&tx, job, Duration::ZERO).await?;
             } else {
                 tx.execute("UPDATE servers SET error = $2 WHERE id = $1", &[&server.id, &msg]).await?;
-                crate::warn!("event" = "step_failed", "object" = "server", "id" = server.id, "state" = from, "attempt" = job.attempts, "error" = msg);
+                crate::warn!(
+                    "event" = "step_failed",
+                    "object" = "server",
+                    "id" = server.id,
+                    "state" = from,
+                    "attempt" = job.attempts,
+                    "error" = msg
+                );
                 queue::fail(&tx, job, &msg).await?;
             }
         }

@@ -230,7 +230,8 @@ fn url_of(v: &Value) -> String {
 /// Kills the postmaster of server `s` with SIGKILL, as a crash would.
 fn kill_postgres(s: &Value) {
     let pgdata = Path::new(s["pgdata"].as_str().unwrap());
-    let pid: i32 = fs::read_to_string(pgdata.join("postmaster.pid")).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    let pid: i32 =
+        fs::read_to_string(pgdata.join("postmaster.pid")).unwrap().lines().next().unwrap().trim().parse().unwrap();
     let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
     assert!(ok, "kill -9 {pid}");
 }
@@ -277,8 +278,9 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     eprintln!("control-plane test: follower facts {facts}");
 
     // --- fork at time T: exactly the rows of T.
-    let at = one(&leader_url, "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
-        .unwrap();
+    let at =
+        one(&leader_url, "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            .unwrap();
     sql(&leader_url, "insert into t select generate_series(21, 30)").unwrap();
     let t = Instant::now();
     cp.call("POST", "/databases/app/forks", Some(json!({ "name": "app-fork", "at": at })), 201);
@@ -369,7 +371,9 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
         cp.call("DELETE", &format!("/databases/{name}"), None, 202);
     }
     for name in ["app", "app-fork", "app-copy"] {
-        wait_for(&format!("{name} to be gone"), CONVERGE, || (cp.http("GET", &format!("/databases/{name}"), None).0 == 404).then_some(()));
+        wait_for(&format!("{name} to be gone"), CONVERGE, || {
+            (cp.http("GET", &format!("/databases/{name}"), None).0 == 404).then_some(())
+        });
     }
     stamp("destroy", t);
     for p in pgdatas {

@@ -72,10 +72,19 @@ async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &st
     )
     .await?;
     if let Some(old) = old {
-        tx.execute("UPDATE servers SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1", &[&old])
-            .await?;
+        tx.execute(
+            "UPDATE servers SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1",
+            &[&old],
+        )
+        .await?;
         queue::enqueue(tx, "server", old).await?;
-        crate::info!("event" = "transition", "object" = "server", "id" = old, "to" = "destroying", "reason" = "replaced_by_rollback");
+        crate::info!(
+            "event" = "transition",
+            "object" = "server",
+            "id" = old,
+            "to" = "destroying",
+            "reason" = "replaced_by_rollback"
+        );
     }
     let followers = tx
         .query(
@@ -88,7 +97,13 @@ async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &st
     for f in followers {
         let fid: String = f.get(0);
         queue::enqueue(tx, "server", &fid).await?;
-        crate::info!("event" = "transition", "object" = "server", "id" = fid, "to" = "restoring", "reason" = "leader_rolled_back");
+        crate::info!(
+            "event" = "transition",
+            "object" = "server",
+            "id" = fid,
+            "to" = "restoring",
+            "reason" = "leader_rolled_back"
+        );
     }
     Ok(())
 }

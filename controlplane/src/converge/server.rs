@@ -70,15 +70,27 @@ pub async fn step(ctx: &Ctx, db: &impl GenericClient, s: &Server) -> Result<Outc
         "backing_up" => {
             let h = h()?;
             ctx.provider.start(&h).await?;
-            let out = walrs(ctx, &h, &s.store, &["backup-push", &h.pgdata, "--fast", "--json", "--pg-url", &h.url()]).await?;
+            let out =
+                walrs(ctx, &h, &s.store, &["backup-push", &h.pgdata, "--fast", "--json", "--pg-url", &h.url()]).await?;
             let info: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or(serde_json::Value::Null);
-            crate::info!("event" = "action", "action" = "backup_pushed", "server" = s.id, "timeline" = s.timeline_id, "backup" = info["name"].as_str().unwrap_or("?"));
+            crate::info!(
+                "event" = "action",
+                "action" = "backup_pushed",
+                "server" = s.id,
+                "timeline" = s.timeline_id,
+                "backup" = info["name"].as_str().unwrap_or("?")
+            );
             Ok(Outcome::To { state: "available", handle: None, backup: Some(info) })
         }
         "available" => {
             let h = h()?;
             if !ctx.provider.is_running(&h).await? {
-                crate::warn!("event" = "action", "action" = "restart", "server" = s.id, "reason" = "postgres_not_running");
+                crate::warn!(
+                    "event" = "action",
+                    "action" = "restart",
+                    "server" = s.id,
+                    "reason" = "postgres_not_running"
+                );
                 write_conf(ctx, db, s, &h).await?;
                 ctx.provider.start(&h).await?;
             }
@@ -101,14 +113,21 @@ async fn restore(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) -> 
     let listing = ctx.provider.run(h, &["ls".into(), "-A".into(), h.pgdata.clone()], &[]).await?;
     if listing.code == 0 && !listing.stdout.trim().is_empty() {
         let files = listing.stdout.lines().count();
-        crate::warn!("event" = "action", "action" = "wipe", "server" = s.id, "reason" = "folder_not_empty", "entries" = files);
+        crate::warn!(
+            "event" = "action",
+            "action" = "wipe",
+            "server" = s.id,
+            "reason" = "folder_not_empty",
+            "entries" = files
+        );
     }
     ctx.provider.run(h, &["rm".into(), "-rf".into(), h.pgdata.clone()], &[]).await?.ok("removing PGDATA")?;
     match &s.spec {
         Spec::Initdb => {
-            let mut argv: Vec<String> = ["initdb", "-D", &h.pgdata, "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C"]
-                .map(String::from)
-                .to_vec();
+            let mut argv: Vec<String> =
+                ["initdb", "-D", &h.pgdata, "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C"]
+                    .map(String::from)
+                    .to_vec();
             if ctx.cfg.unsafe_no_fsync {
                 argv.push("--no-sync".into());
             }
@@ -129,7 +148,12 @@ async fn restore(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) -> 
             walrs(ctx, h, &parent_store, &args).await?;
         }
     }
-    crate::info!("event" = "action", "action" = "restored", "server" = s.id, "source" = serde_json::to_value(&s.spec)?["source"].as_str().unwrap_or("?"));
+    crate::info!(
+        "event" = "action",
+        "action" = "restored",
+        "server" = s.id,
+        "source" = serde_json::to_value(&s.spec)?["source"].as_str().unwrap_or("?")
+    );
     Ok(())
 }
 
@@ -225,7 +249,10 @@ async fn write_conf(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) 
 /// prefixes need nothing.
 async fn ensure_store(ctx: &Ctx, h: &Handle, store: &str) -> Result<()> {
     if let Some(dir) = store.strip_prefix("file://") {
-        ctx.provider.run(h, &["mkdir".into(), "-p".into(), dir.into()], &[]).await?.ok("creating the timeline's store")?;
+        ctx.provider
+            .run(h, &["mkdir".into(), "-p".into(), dir.into()], &[])
+            .await?
+            .ok("creating the timeline's store")?;
     }
     Ok(())
 }

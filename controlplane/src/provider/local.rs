@@ -55,7 +55,8 @@ impl Provider for Local {
             Some(p) => p,
             None => {
                 let p = free_port()?;
-                std::fs::write(&port_file, p.to_string()).with_context(|| format!("writing {}", port_file.display()))?;
+                std::fs::write(&port_file, p.to_string())
+                    .with_context(|| format!("writing {}", port_file.display()))?;
                 p
             }
         };
@@ -75,7 +76,8 @@ impl Provider for Local {
         let out = self.pg_ctl(h, &["-l", &log, "-w", "-t", "120", "start"]).await?;
         if out.code != 0 && !self.is_running(h).await? {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let last = tail.lines().rev().find(|l| l.contains("FATAL") || l.contains("PANIC")).unwrap_or("").to_string();
+            let last =
+                tail.lines().rev().find(|l| l.contains("FATAL") || l.contains("PANIC")).unwrap_or("").to_string();
             anyhow::bail!("pg_ctl start of {} exited {}: {last}", h.provider_id, out.code);
         }
         Ok(())

@@ -53,7 +53,8 @@ pub trait Provider: Send + Sync {
     fn destroy(&self, h: &Handle) -> impl Future<Output = Result<()>> + Send;
     /// Runs `argv` on the server as the database's OS user. `argv[0] == "wal-rs"` runs the
     /// wal-rs installed on the server.
-    fn run(&self, h: &Handle, argv: &[String], env: &[(String, String)]) -> impl Future<Output = Result<Output>> + Send;
+    fn run(&self, h: &Handle, argv: &[String], env: &[(String, String)])
+        -> impl Future<Output = Result<Output>> + Send;
     /// Replaces the file `rel` (relative to PGDATA) with `content`, atomically.
     fn write_file(&self, h: &Handle, rel: &str, content: &str) -> impl Future<Output = Result<()>> + Send;
     /// Bytes used by PGDATA.
