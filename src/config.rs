@@ -10,9 +10,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::Compression;
+use crate::crypto::{Key, KeyRing};
 use crate::log::Level;
 use crate::store::s3::S3Settings;
 
@@ -162,6 +164,24 @@ pub const SETTINGS: &[Setting] = &[
         help: "KMS key id for aws:kms",
     },
     Setting {
+        key: "encryption_key",
+        env: &["WALRS_ENCRYPTION_KEY"],
+        default: None,
+        help: "client-side encryption key, 64 hex digits or base64 of 32 bytes (`openssl rand -hex 32`); never shown",
+    },
+    Setting {
+        key: "encryption_key_file",
+        env: &["WALRS_ENCRYPTION_KEY_FILE"],
+        default: None,
+        help: "file of encryption keys, one per line: the first seals new objects, all open them (rotation)",
+    },
+    Setting {
+        key: "encryption_allow_plaintext",
+        env: &["WALRS_ENCRYPTION_ALLOW_PLAINTEXT"],
+        default: Some("false"),
+        help: "with a key set, also read objects that are not encrypted (stored before encryption was turned on)",
+    },
+    Setting {
         key: "s3_part_size_mib",
         env: &["WALRS_S3_PART_SIZE_MIB"],
         default: Some("8"),
@@ -172,6 +192,12 @@ pub const SETTINGS: &[Setting] = &[
         env: &["WALRS_S3_UPLOAD_CONCURRENCY"],
         default: Some("2"),
         help: "parts of one object uploaded at once",
+    },
+    Setting {
+        key: "delete_garbage_min_age_secs",
+        env: &["WALRS_DELETE_GARBAGE_MIN_AGE_SECS"],
+        default: Some("86400"),
+        help: "delete leaves an unfinished backup's objects alone until nothing was written to them for this long (a backup-push may be running)",
     },
 ];
 
@@ -296,6 +322,10 @@ pub struct Config {
     pub prefetch: PrefetchSettings,
     /// Rate limits.
     pub rate: RateSettings,
+    /// Retention settings.
+    pub retention: RetentionSettings,
+    /// Client-side encryption keys; `None` when objects are stored in clear.
+    pub encryption: Option<Arc<KeyRing>>,
     /// Every setting's raw value and source, for `wal-rs config`.
     pub report: Vec<(&'static Setting, Option<String>, Source)>,
     /// The config file read, if any.
@@ -333,6 +363,13 @@ pub struct PrefetchSettings {
     pub concurrency: usize,
     /// Folder; `None` for the default beside the destination.
     pub dir: Option<PathBuf>,
+}
+
+/// Retention (`wal-rs delete`) settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionSettings {
+    /// How long after its last write an unfinished backup counts as garbage.
+    pub garbage_min_age: Duration,
 }
 
 /// Rate limits, in bytes per second; 0 is unlimited.
@@ -516,12 +553,44 @@ impl Config {
                 network: number("network_rate_limit_bytes", 0, u64::MAX)?,
                 disk: number("disk_rate_limit_bytes", 0, u64::MAX)?,
             },
+            retention: RetentionSettings {
+                garbage_min_age: Duration::from_secs(number("delete_garbage_min_age_secs", 0, 10 * 365 * 86400)?),
+            },
+            encryption: Self::key_ring(get("encryption_key"), get("encryption_key_file"), &named)?
+                .map(|r| boolean("encryption_allow_plaintext").map(|allow| Arc::new(r.allow_plaintext(allow))))
+                .transpose()?,
             report,
             file,
         })
     }
 
-    /// The store URL, or the one-line error saying how to set it.
+    /// The key ring from `encryption_key` or `encryption_key_file` (not both: which key seals
+/// would be ambiguous). Errors name the setting, never the key.
+fn key_ring(
+    key: Option<&str>,
+    file: Option<&str>,
+    named: &dyn Fn(&str) -> String,
+) -> Result<Option<KeyRing>, String> {
+    match (key, file) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(format!(
+            "{} and {} are both set: keep the keys in the file (the first line seals new objects)",
+            named("encryption_key"),
+            named("encryption_key_file")
+        )),
+        (Some(k), None) => {
+            let key = Key::parse(k).map_err(|e| format!("{}: {e}", named("encryption_key")))?;
+            Ok(KeyRing::new(vec![key]))
+        }
+        (None, Some(path)) => {
+            let what = named("encryption_key_file");
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?;
+            KeyRing::parse_file(&text, &format!("{what} ({path})")).map(Some)
+        }
+    }
+}
+
+/// The store URL, or the one-line error saying how to set it.
     pub fn require_store(&self) -> Result<&StoreUrl, String> {
         self.store.as_ref().ok_or_else(|| {
             "WALRS_STORE is not set: set it to file:///absolute/dir or s3://bucket/prefix (or pass --store, or set store in the config file)".to_string()

@@ -89,6 +89,15 @@ pub enum Error {
         /// The object.
         key: String,
     },
+    /// An encrypted object cannot be opened with the configured keys (or an object is not
+    /// encrypted when encryption is required).
+    #[error("cannot open {key}: {detail}")]
+    Key {
+        /// The object.
+        key: String,
+        /// What is wrong, naming key ids (never keys).
+        detail: String,
+    },
     /// The thing to create exists already.
     #[error("{0}")]
     AlreadyExists(String),

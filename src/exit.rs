@@ -36,9 +36,11 @@ pub const LOCAL_IO: u8 = 11;
 pub const NOT_FOUND: u8 = 12;
 /// Something did not happen in time (a backup's WAL never reached the store).
 pub const TIMEOUT: u8 = 13;
+/// An encrypted object cannot be opened: no key configured, or not the key that sealed it.
+pub const KEY: u8 = 14;
 /// Every failure code below 126, for the tests that check the table and its docs.
 #[cfg(test)]
-const FAILURE_CODES: [u8; 12] = [
+const FAILURE_CODES: [u8; 13] = [
     USAGE,
     CONFIG,
     INVALID_INPUT,
@@ -51,6 +53,7 @@ const FAILURE_CODES: [u8; 12] = [
     LOCAL_IO,
     NOT_FOUND,
     TIMEOUT,
+    KEY,
 ];
 
 /// Added to a wal-fetch failure's code outside a standby, to make PostgreSQL abort recovery.
@@ -76,6 +79,7 @@ pub fn code_of(err: &Error) -> u8 {
         Error::Corrupt { .. } | Error::Unsupported { .. } => CORRUPT,
         Error::LocalIo { .. } => LOCAL_IO,
         Error::Timeout(_) => TIMEOUT,
+        Error::Key { .. } => KEY,
     }
 }
 

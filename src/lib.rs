@@ -3,6 +3,7 @@
 //! The modules, from PostgreSQL's formats outwards:
 //! - [`wal`]: WAL file names, LSNs and page headers (no I/O).
 //! - [`codec`]: compression, sha256 and the integrity trailer.
+//! - [`crypto`]: client-side encryption of stored objects (sealing after compression).
 //! - [`store`]: the storage interface and its backends (local directory, S3).
 //! - [`layout`]: the WAL-G-compatible key layout.
 //! - [`identity`]: which cluster owns a store prefix.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod codec;
 pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod exit;
 pub mod identity;

@@ -2,7 +2,41 @@
 //! restore (and `backup-verify`) can check each byte. WAL-G-written backups have none; they
 //! restore without per-file checks.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::crypto;
+use crate::error::Error;
+use crate::layout;
+use crate::store::{Metadata, PutMode, PutOptions, Store};
+
+/// The manifest's file name inside the backup's folder.
+pub const MANIFEST_FILE: &str = "walrs_manifest.json";
+
+/// Stores `manifest` for `backup`, sealed when encryption is configured (it lists every
+/// file name of the database).
+pub async fn store_manifest(store: &Arc<Store>, backup: &str, manifest: &Manifest) -> Result<(), Error> {
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+    let key = layout::backup_file_key(backup, MANIFEST_FILE);
+    let bytes = crypto::seal_bytes(crypto::sealing_key().as_ref(), &json)
+        .map_err(|e| Error::local("encrypt", std::path::Path::new(key.as_str()), e))?;
+    store.put_bytes(&key, bytes, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() }).await?;
+    Ok(())
+}
+
+/// Reads and opens the manifest of `backup`.
+pub async fn load_manifest(store: &Arc<Store>, backup: &str) -> Result<Manifest, Error> {
+    let key = layout::backup_file_key(backup, MANIFEST_FILE);
+    let describe = format!("{}/{key}", store.url());
+    let stored = store.get_bytes(&key).await?;
+    let bytes = crypto::open_bytes(crypto::ring().as_deref(), &stored).map_err(|e| match e {
+        crypto::OpenError::BadHeader(detail) => Error::Corrupt { key: describe.clone(), detail },
+        other => Error::Key { key: describe.clone(), detail: other.to_string() },
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Corrupt { key: describe, detail: format!("not a wal-rs manifest: {e}") })
+}
 
 /// The manifest of one backup.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

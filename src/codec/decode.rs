@@ -8,6 +8,7 @@ use super::encode::read_full;
 use super::hasher::BackgroundHasher;
 use super::holdback::HoldBack;
 use super::{Compression, Sha256, Trailer};
+use crate::crypto::{self, KeyRing, OpenError};
 
 /// What one decode did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,16 +37,47 @@ pub enum DecodeError {
     /// Writing the original bytes failed.
     #[error("writing failed: {0}")]
     Sink(#[source] io::Error),
+    /// The object is encrypted and no configured key opens it (or it is not encrypted and
+    /// encryption is required).
+    #[error("{0}")]
+    Key(String),
+}
+
+impl DecodeError {
+    fn from_open(e: OpenError) -> DecodeError {
+        match e {
+            OpenError::Source(e) => DecodeError::Source(e),
+            OpenError::BadHeader(d) => DecodeError::Corrupt(d),
+            other => DecodeError::Key(other.to_string()),
+        }
+    }
 }
 
 /// Reads a stored object from `src` and writes the original bytes to `sink`, checking the
-/// trailer when there is one.
-pub fn decode<R: Read, W: Write>(src: R, hint: Compression, mut sink: W) -> Result<DecodeSummary, DecodeError> {
+/// trailer when there is one. Encrypted objects are opened with the configured keys.
+pub fn decode<R: Read, W: Write>(src: R, hint: Compression, sink: W) -> Result<DecodeSummary, DecodeError> {
+    decode_with(src, hint, crypto::ring().as_deref(), sink)
+}
+
+/// [`decode`] with the keys in `ring` instead of the configured ones.
+pub fn decode_with<R: Read, W: Write>(
+    src: R,
+    hint: Compression,
+    ring: Option<&KeyRing>,
+    mut sink: W,
+) -> Result<DecodeSummary, DecodeError> {
     let source_failed = Rc::new(Cell::new(false));
     let bytes_in = Rc::new(Cell::new(0u64));
-    let mut tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
-    let (compression, magic) = detect(&mut tagged, hint).map_err(DecodeError::Source)?;
-    let tagged = io::Cursor::new(magic).chain(tagged);
+    let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
+    let mut opened = crypto::stream::unseal(tagged, ring).map_err(DecodeError::from_open)?;
+    let (compression, magic) = detect(&mut opened, hint).map_err(|e| {
+        if source_failed.get() {
+            DecodeError::Source(e)
+        } else {
+            DecodeError::Corrupt(e.to_string())
+        }
+    })?;
+    let tagged = io::Cursor::new(magic).chain(opened);
     let mut decoder = Decoder::new(compression, tagged).map_err(|e| {
         if source_failed.get() {
             DecodeError::Source(e)
@@ -94,7 +126,12 @@ pub fn decode<R: Read, W: Write>(src: R, hint: Compression, mut sink: W) -> Resu
 
 /// A streaming decompressor over `src`, for readers that need the original bytes as a
 /// stream (tar partitions). A trailer, when present, is stepped over.
-pub fn decompressor<R: Read + Send + 'static>(hint: Compression, mut src: R) -> io::Result<Box<dyn Read + Send>> {
+pub fn decompressor<R: Read + Send + 'static>(hint: Compression, src: R) -> io::Result<Box<dyn Read + Send>> {
+    let ring = crypto::ring();
+    let mut src = crypto::stream::unseal(src, ring.as_deref()).map_err(|e| match e {
+        OpenError::Source(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    })?;
     let (compression, magic) = detect(&mut src, hint)?;
     Ok(Box::new(Decoder::new(compression, io::Cursor::new(magic).chain(src))?))
 }

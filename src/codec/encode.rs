@@ -8,6 +8,7 @@ use super::lz4_parallel::{frame_info, ParallelLz4};
 
 use super::hasher::BackgroundHasher;
 use super::{Compression, Sha256, Trailer};
+use crate::crypto::{self, Key, Sealing};
 
 /// What one encode did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,19 +24,31 @@ pub struct EncodeSummary {
 /// Reads `src` to its end and writes it, compressed and followed by its trailer, to `sink`.
 ///
 /// `level` applies to zstd only. The sha256 runs on a second thread, so on two cores the
-/// hash costs no time next to compression.
+/// hash costs no time next to compression. When encryption is configured the whole stream,
+/// trailer included, is sealed with the active key.
 pub fn encode<R: Read, W: Write>(
-    mut src: R,
+    src: R,
     compression: Compression,
     level: i32,
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
+    encode_sealed(src, compression, level, crypto::sealing_key().as_ref(), sink)
+}
+
+/// [`encode`], sealing with `key` when one is given instead of the configured key.
+pub fn encode_sealed<R: Read, W: Write>(
+    mut src: R,
+    compression: Compression,
+    level: i32,
+    key: Option<&Key>,
+    sink: W,
+) -> Result<EncodeSummary, EncodeError> {
     use EncodeError::{Sink, Source};
-    let counting = Counting { inner: sink, count: 0 };
+    let sealed = Sealing::new(key, Counting { inner: sink, count: 0 }).map_err(Sink)?;
     // lz4, the default and the hot path of wal-push, compresses on two cores.
     let mut out = match compression {
-        Compression::Lz4 => ChunkEncoder::Lz4(ParallelLz4::new(counting)),
-        other => ChunkEncoder::Stream(Encoder::new(other, level, counting).map_err(Sink)?),
+        Compression::Lz4 => ChunkEncoder::Lz4(ParallelLz4::new(sealed)),
+        other => ChunkEncoder::Stream(Encoder::new(other, level, sealed).map_err(Sink)?),
     };
     let mut hasher = BackgroundHasher::new();
     let mut bytes_in = 0u64;
@@ -50,10 +63,11 @@ pub fn encode<R: Read, W: Write>(
         bytes_in += n as u64;
     }
     let sha256 = hasher.finish();
-    let mut sink = out.finish().map_err(Sink)?;
+    let mut sealed = out.finish().map_err(Sink)?;
     if compression.has_trailer() {
-        sink.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
+        sealed.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
     }
+    let mut sink = sealed.finish().map_err(Sink)?;
     sink.flush().map_err(Sink)?;
     Ok(EncodeSummary { bytes_in, bytes_out: sink.count, sha256 })
 }
@@ -137,18 +151,20 @@ impl<W: Write> ChunkEncoder<W> {
 }
 
 /// A streaming compressor: write original bytes, `finish` to end the frame. Used for tar
-/// partitions, which carry no trailer (their checksums are in the backup manifest).
-pub struct Compressor<W: Write>(Encoder<W>);
+/// partitions, which carry no trailer (their checksums are in the backup manifest). Sealed
+/// with the configured key, when there is one.
+pub struct Compressor<W: Write>(Encoder<Sealing<W>>);
 
 impl<W: Write> Compressor<W> {
     /// A compressor writing to `sink`.
     pub fn new(compression: Compression, level: i32, sink: W) -> io::Result<Self> {
-        Encoder::new(compression, level, sink).map(Compressor)
+        let sealed = Sealing::new(crypto::sealing_key().as_ref(), sink)?;
+        Encoder::new(compression, level, sealed).map(Compressor)
     }
 
     /// Ends the stream and returns the sink.
     pub fn finish(self) -> io::Result<W> {
-        self.0.finish()
+        self.0.finish()?.finish()
     }
 }
 

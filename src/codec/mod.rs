@@ -18,8 +18,8 @@ pub mod trailer;
 use std::fmt;
 use std::str::FromStr;
 
-pub use decode::{decode, decompressor, DecodeSummary};
-pub use encode::{encode, sha256_of, Compressor, EncodeError, EncodeSummary};
+pub use decode::{decode, decode_with, decompressor, DecodeSummary};
+pub use encode::{encode, encode_sealed, sha256_of, Compressor, EncodeError, EncodeSummary};
 pub use trailer::Trailer;
 
 /// How an object's bytes are compressed. The store key's extension says which, as in
@@ -132,6 +132,37 @@ mod tests {
         }
         assert!("gzip".parse::<Compression>().is_err());
         assert_eq!(Compression::from_extension("br"), None);
+    }
+
+    #[test]
+    fn sealed_objects_round_trip_and_refuse_the_wrong_key_and_tampering() {
+        use crate::crypto::{Key, KeyRing};
+        let original: Vec<u8> = (0..400_000u32).flat_map(|i| (i / 5).to_le_bytes()).collect();
+        let key = Key::from_bytes([5; 32]);
+        let ring = KeyRing::new(vec![key.clone()]).unwrap();
+        let wrong = KeyRing::new(vec![Key::from_bytes([6; 32])]).unwrap();
+        for c in Compression::ALL {
+            let mut stored = Vec::new();
+            let enc = encode_sealed(&original[..], c, 1, Some(&key), &mut stored).unwrap();
+            assert_eq!(enc.bytes_out, stored.len() as u64);
+            assert_eq!(&stored[..8], b"WALRSENC");
+            let mut restored = Vec::new();
+            let dec = decode_with(&stored[..], c, Some(&ring), &mut restored).unwrap();
+            assert_eq!(restored, original, "{c}");
+            assert_eq!(dec.sha256, enc.sha256);
+            assert_eq!(dec.bytes_in, stored.len() as u64);
+            assert!(matches!(decode_with(&stored[..], c, Some(&wrong), std::io::sink()), Err(decode::DecodeError::Key(_))));
+            assert!(matches!(decode_with(&stored[..], c, None, std::io::sink()), Err(decode::DecodeError::Key(_))));
+            let mut flipped = stored.clone();
+            let mid = flipped.len() / 2;
+            flipped[mid] ^= 1;
+            assert!(matches!(
+                decode_with(&flipped[..], c, Some(&ring), std::io::sink()),
+                Err(decode::DecodeError::Corrupt(_))
+            ));
+            let cut = &stored[..stored.len() - 20];
+            assert!(matches!(decode_with(cut, c, Some(&ring), std::io::sink()), Err(decode::DecodeError::Corrupt(_))));
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
-use super::backup_push::MANIFEST_FILE;
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract::{self, ExtractError, ExtractPlan};
@@ -181,12 +180,7 @@ async fn partitions_of(
     backup: &BackupInfo,
 ) -> Result<(Option<Manifest>, Vec<PartitionEntry>), Error> {
     if backup.sentinel.manifest.is_some() {
-        let key = layout::backup_file_key(&backup.name, MANIFEST_FILE);
-        let bytes = store.get_bytes(&key).await?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-            key: format!("{}/{key}", store.url()),
-            detail: format!("not a wal-rs manifest: {e}"),
-        })?;
+        let manifest = crate::backup::manifest::load_manifest(store, &backup.name).await?;
         let parts = manifest.partitions.clone();
         return Ok((Some(manifest), parts));
     }

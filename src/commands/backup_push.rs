@@ -173,11 +173,11 @@ pub(super) async fn run(
         is_permanent: false,
         timeline: Some(timeline.0),
         wal_segment_size: Some(info.wal_segment_size),
-        manifest: Some(MANIFEST_FILE.into()),
+        manifest: Some(crate::backup::manifest::MANIFEST_FILE.into()),
     };
     let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
     store.put_bytes(&layout::backup_file_key(&name, "metadata.json"), to_json(&metadata), overwrite.clone()).await?;
-    store.put_bytes(&layout::backup_file_key(&name, MANIFEST_FILE), to_json(&manifest), overwrite).await?;
+    crate::backup::manifest::store_manifest(&store, &name, &manifest).await?;
     let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
     if store.put_bytes(&layout::sentinel_key(&name), to_json(&sentinel), create).await? == PutOutcome::AlreadyExists {
         return Err(Error::AlreadyExists(format!(
@@ -198,7 +198,6 @@ pub(super) async fn run(
 }
 
 /// The manifest's file name in the backup's folder.
-pub(crate) const MANIFEST_FILE: &str = "walrs_manifest.json";
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("backup documents serialise")

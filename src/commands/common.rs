@@ -47,6 +47,7 @@ pub(crate) async fn stored_sha256(
         .map(|s| s.sha256)
         .map_err(|e| match e {
             codec::decode::DecodeError::Corrupt(detail) => Error::Corrupt { key: describe, detail },
+            codec::decode::DecodeError::Key(detail) => Error::Key { key: describe, detail },
             codec::decode::DecodeError::Source(e) if crate::store::is_checksum_mismatch(&e) => {
                 Error::Corrupt { key: describe, detail: crate::store::error_chain(&e) }
             }

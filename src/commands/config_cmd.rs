@@ -16,6 +16,11 @@ pub(super) fn run(config: &Config, as_json: bool) {
         .map(|(setting, value, source)| {
             let shown = match value {
                 Some(v) if setting.key == "s3_endpoint" || setting.key == "store" => redact_url(v),
+                // The key itself is never shown: its id tells keys apart.
+                Some(_) if setting.key == "encryption_key" => match &config.encryption {
+                    Some(ring) => format!("(set, key id {})", ring.active().id()),
+                    None => "(set)".to_string(),
+                },
                 Some(v) => v.clone(),
                 None => "(not set)".to_string(),
             };
@@ -28,6 +33,7 @@ pub(super) fn run(config: &Config, as_json: bool) {
             rows.iter().map(|(k, v, s)| (k.to_string(), json!({ "value": v, "source": s }))).collect();
         let out = json!({
             "config_file": config.file.as_ref().map(|p| p.display().to_string()),
+            "encryption_key_ids": config.encryption.as_ref().map(|r| r.ids().iter().map(|i| i.to_string()).collect::<Vec<_>>()),
             "settings": settings,
             "s3_credentials": credentials,
         });
@@ -43,6 +49,10 @@ pub(super) fn run(config: &Config, as_json: bool) {
         println!("{k:width$}  {v:vwidth$}  ({s})");
     }
     println!("{:width$}  {credentials}", "s3_credentials");
+    if let Some(ring) = &config.encryption {
+        let ids: Vec<String> = ring.ids().iter().map(|i| i.to_string()).collect();
+        println!("{:width$}  {} (the first seals new objects)", "encryption_key_ids", ids.join(", "));
+    }
 }
 
 /// Where aws-config's chain will find credentials, with the key id shortened and secrets

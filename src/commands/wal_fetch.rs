@@ -170,6 +170,7 @@ fn restore(
             Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: error_chain(&e) })
         }
         DecodeError::Corrupt(detail) => corrupt(detail),
+        DecodeError::Key(detail) => Error::Key { key: describe.to_string(), detail },
         DecodeError::Sink(e) => Error::local("write", dest, e),
     })?;
     if summary.bytes_in != expected_size {
