@@ -131,6 +131,46 @@ pub enum Command {
         #[arg(long)]
         detail: bool,
     },
+    /// Retention: delete old backups and the WAL nothing kept needs. A dry run unless --confirm.
+    ///
+    /// `retain N` keeps the N newest backups; `before NAME` deletes the backups older than
+    /// NAME; `before TIME` (RFC 3339) keeps the newest backup finished by TIME and later ones;
+    /// `everything` deletes every backup but permanent ones (`everything FORCE`: those too);
+    /// `garbage` deletes unfinished backups and WAL older than the oldest backup. Backups are
+    /// ordered by finish time, never by name; permanent backups (backup-mark) and their WAL stay.
+    Delete {
+        /// retain N | before NAME|TIME | everything [FORCE] | garbage
+        #[arg(required = true, num_args = 1..=2, value_name = "WHAT")]
+        what: Vec<String>,
+        /// Delete: without it, only list what would go.
+        #[arg(long)]
+        confirm: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a backup permanent (never deleted by retention, nor its WAL), or --unmark it.
+    BackupMark {
+        /// The backup's name (see backup-list).
+        name: String,
+        /// Make it ordinary again.
+        #[arg(long)]
+        unmark: bool,
+    },
+    /// Check that the archive holds every WAL segment recovery needs, across timelines.
+    ///
+    /// Walks from the oldest backup's start to the newest segment along the timelines leading
+    /// to the newest one and reports missing ranges; exit 12 when recovery from some backup to
+    /// the newest WAL is impossible. With --pg-url or PG* environment, also checks that the
+    /// store holds no newer timeline than the cluster's (exit 5).
+    WalVerify {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Connection string of the cluster, instead of the PG* environment.
+        #[arg(long, value_name = "URL")]
+        pg_url: Option<String>,
+    },
     /// Background prefetcher started by wal-fetch (internal).
     #[command(hide = true)]
     WalPrefetch {

@@ -18,6 +18,9 @@
 //! - `throughput`: pushing ready segments ahead (each archived once, forged records not
 //!   trusted) and WAL prefetch (exact names, timeline switches, a vanished folder).
 //! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
+//! - `retention`: `delete retain 2` across a timeline switch removes exactly what the rules
+//!   say and both kept backups restore; `wal-verify` names a deleted segment; a permanent
+//!   backup survives `delete everything`; batched deletes on S3.
 //!
 //! Run with `cargo test --release --test integration` (`make integration` installs s3s-fs
 //! first). Set `WALRS_IT_KEEP=1` to keep each test's work directory for inspection.
@@ -29,6 +32,7 @@ mod bad_input;
 mod compat;
 mod failures;
 mod faults;
+mod retention;
 mod throughput;
 mod timeline;
 mod wal_core;
