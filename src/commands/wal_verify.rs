@@ -290,9 +290,8 @@ pub(super) fn verify(inv: &Inventory) -> Report {
         });
     }
     // Every missing segment lies after the oldest backup's start, so it fails that backup.
-    report.recoverable = report.missing.is_empty()
-        && report.missing_history.is_empty()
-        && report.backups.iter().all(|b| b.recoverable);
+    report.recoverable =
+        report.missing.is_empty() && report.missing_history.is_empty() && report.backups.iter().all(|b| b.recoverable);
     report
 }
 
@@ -302,8 +301,13 @@ fn range(tli: TimelineId, a: u64, b: u64, seg: u32) -> MissingRange {
 
 fn print_text(r: &Report) {
     let path: Vec<String> = r.timeline_path.iter().map(u32::to_string).collect();
-    println!("store {}: timelines {} (newest {}), segment size {}", r.store, path.join(" -> "),
-        r.newest_timeline.map(|t| t.to_string()).unwrap_or_else(|| "none".into()), r.segment_size);
+    println!(
+        "store {}: timelines {} (newest {}), segment size {}",
+        r.store,
+        path.join(" -> "),
+        r.newest_timeline.map(|t| t.to_string()).unwrap_or_else(|| "none".into()),
+        r.segment_size
+    );
     match (&r.from, &r.to) {
         (Some(f), Some(t)) => println!("walked {f} .. {t}: {} segments", r.segments_checked),
         _ => println!("no WAL to walk"),

@@ -192,7 +192,11 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
                 in_progress_starts.push(segno(seg, seg_size));
             }
         } else if matches!(request, Request::Garbage | Request::Everything { .. }) {
-            garbage.extend(objects.iter().map(|o| Doomed { key: o.key.to_string(), size: o.size, kind: Kind::Garbage }));
+            garbage.extend(objects.iter().map(|o| Doomed {
+                key: o.key.to_string(),
+                size: o.size,
+                kind: Kind::Garbage,
+            }));
         }
     }
 
@@ -395,7 +399,10 @@ mod tests {
         s.finish_time = finish.to_string();
         s.is_permanent = permanent;
         s.timeline = Some(tli);
-        let name = format!("base_{}", WalFileName::Segment(TimelineId(tli), super::super::timelines::segment_of(start_seg, SEG)));
+        let name = format!(
+            "base_{}",
+            WalFileName::Segment(TimelineId(tli), super::super::timelines::segment_of(start_seg, SEG))
+        );
         BackupInfo { name, sentinel: s }
     }
 
@@ -569,9 +576,21 @@ mod tests {
         let mut inv = store(now);
         // A dead backup-push from last week, and one writing right now that started at
         // segment 9 of timeline 2.
-        inv.objects.push(obj("basebackups_005/base_000000010000000000000003/tar_partitions/part_001.tar.lz4", 700, now - 7 * DAY));
-        inv.objects.push(obj("basebackups_005/base_000000020000000000000009/tar_partitions/part_001.tar.lz4", 900, now - 5 * DAY));
-        inv.objects.push(obj("basebackups_005/base_000000020000000000000009/tar_partitions/part_002.tar.lz4", 900, now));
+        inv.objects.push(obj(
+            "basebackups_005/base_000000010000000000000003/tar_partitions/part_001.tar.lz4",
+            700,
+            now - 7 * DAY,
+        ));
+        inv.objects.push(obj(
+            "basebackups_005/base_000000020000000000000009/tar_partitions/part_001.tar.lz4",
+            900,
+            now - 5 * DAY,
+        ));
+        inv.objects.push(obj(
+            "basebackups_005/base_000000020000000000000009/tar_partitions/part_002.tar.lz4",
+            900,
+            now,
+        ));
         let p = plan(&inv, &Request::Garbage, &policy(now)).unwrap();
         assert!(p.deleted_backups.is_empty());
         assert_eq!(p.in_progress, ["base_000000020000000000000009"]);
@@ -630,7 +649,10 @@ mod tests {
             wal_name_of("wal_005/000000010000000000000003.zst"),
             WalFileName::parse("000000010000000000000003").ok()
         );
-        assert_eq!(wal_name_of("wal_005/000000010000000000000003"), WalFileName::parse("000000010000000000000003").ok());
+        assert_eq!(
+            wal_name_of("wal_005/000000010000000000000003"),
+            WalFileName::parse("000000010000000000000003").ok()
+        );
         assert!(wal_name_of("wal_005/00000002.history.br").is_some());
         assert!(wal_name_of("wal_005/notes.txt").is_none());
         assert!(wal_name_of("basebackups_005/000000010000000000000003.lz4").is_none());

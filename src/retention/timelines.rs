@@ -169,10 +169,7 @@ mod tests {
 
     #[test]
     fn stretches_switch_at_the_segment_holding_the_switchpoint() {
-        let path = TimelinePath::new(
-            TimelineId(3),
-            parse_history("1\t0/5000000\ta\n2\t0/90000A8\tb\n").unwrap(),
-        );
+        let path = TimelinePath::new(TimelineId(3), parse_history("1\t0/5000000\ta\n2\t0/90000A8\tb\n").unwrap());
         let s = path.stretches(SEG);
         assert_eq!(
             s,
