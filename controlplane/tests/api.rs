@@ -236,6 +236,20 @@ fn kill_postgres(s: &Value) {
     assert!(ok, "kill -9 {pid}");
 }
 
+/// Command lines of the processes that mention `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(raw) = fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
 fn stamp(phase: &str, since: Instant) {
     eprintln!("control-plane test: {phase} in {:.1} s", since.elapsed().as_secs_f64());
 }
@@ -317,6 +331,12 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     let t = Instant::now();
     assert_eq!(cp.server(&f2)["state"], "restoring", "the restore finished before the worker was killed");
     assert!(!pgdata.join("global/pg_control").exists(), "a half-restored folder already has pg_control");
+    // The killed worker's backup-fetch dies with it (parent-death signal through runuser), so
+    // nothing keeps writing into the folder the next worker wipes.
+    let needle = pgdata.display().to_string();
+    wait_for("the killed worker's backup-fetch to exit", Duration::from_secs(20), || {
+        (!processes_mentioning(&needle).iter().any(|c| c.contains("backup-fetch"))).then_some(())
+    });
     cp.spawn("worker-2", &["worker"], &[]);
     let f2_view = cp.wait_server(&f2, "available");
     wait_rows("the follower whose restore was interrupted", &url_of(&f2_view), (31, 31));
@@ -339,9 +359,9 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     let new_url = url_of(&rolled);
     assert_eq!(rows(&new_url), Some((20, 20)), "after the rollback to {at}");
     assert_eq!(rolled["timeline"]["parent"], app["timeline"]["id"]);
-    cp.wait_server(&old_leader, "destroyed");
-    // The followers are rebuilt from the new leader.
+    // The followers are rebuilt from the new leader; the old leader goes.
     let t = Instant::now();
+    cp.wait_server(&old_leader, "destroyed");
     for f in [&f1, &f2] {
         let s = cp.wait_server(f, "available");
         wait_rows("a follower after the rollback", &url_of(&s), (20, 20));
