@@ -87,7 +87,7 @@ impl Proxy {
         assert!(bin.exists(), "{} is missing: run `make build`", bin.display());
         let mut child = Command::new(bin)
             .args(["--upstream", &format!("127.0.0.1:{}", s3.port), "--control", "--seed", &seed.to_string()])
-            .args(["--delay-ms", "0"])
+            .args(if args.contains(&"--delay-ms") { &[][..] } else { &["--delay-ms", "0"][..] })
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -153,7 +153,12 @@ fn crash_wal_push() {
             interrupted += 1;
         } else {
             finished += 1;
-            assert_eq!(code, Some(0), "trial {trial}: wal-push ended by itself but failed: {}", fs::read_to_string(&log).unwrap());
+            assert_eq!(
+                code,
+                Some(0),
+                "trial {trial}: wal-push ended by itself but failed: {}",
+                fs::read_to_string(&log).unwrap()
+            );
         }
         // The store: nothing partial visible, every object whole.
         let check = walrs_of(check_store);
@@ -163,7 +168,9 @@ fn crash_wal_push() {
         bytes_verified += verified;
         // The rerun, as PostgreSQL retries: every segment pushed, and right.
         for (name, bytes) in &segs {
-            walrs.push(&pg_wal.join(name)).expect_code(0, &format!("trial {trial} ({kind}, seed {seed}): rerun of {name}"));
+            walrs
+                .push(&pg_wal.join(name))
+                .expect_code(0, &format!("trial {trial} ({kind}, seed {seed}): rerun of {name}"));
             reruns += 1;
             let dest = wd.dir("fetched").join("RECOVERYXLOG");
             check.fetch(name, &dest).expect_code(0, "fetch after the rerun");
@@ -276,7 +283,8 @@ fn crash_backups() {
         for name in listed(&walrs) {
             if verified.insert(name.clone()) {
                 let dest = wd.join(&format!("verify-{trial}"));
-                files_verified += fetch_ok(&walrs, &dest, &name, &format!("restore of {name}, listed after kill {trial}"));
+                files_verified +=
+                    fetch_ok(&walrs, &dest, &name, &format!("restore of {name}, listed after kill {trial}"));
                 restores_verified += 1;
                 remove(&dest);
             }
@@ -359,7 +367,8 @@ fn crash_backups() {
             assert_eq!(code, Some(0), "backup-fetch {trial} failed by itself: {}", fs::read_to_string(&log).unwrap());
         }
         remove(&dest);
-        files_verified += fetch_ok(&walrs, &dest, &latest, &format!("backup-fetch rerun after kill {trial} (seed {seed})"));
+        files_verified +=
+            fetch_ok(&walrs, &dest, &latest, &format!("backup-fetch rerun after kill {trial} (seed {seed})"));
         if trial + 1 < trials {
             remove(&dest);
         }

@@ -24,7 +24,8 @@ use crate::harness::s3::S3Server;
 use crate::harness::{segment_name, wait_until, StoreEnv, WorkDir};
 
 /// The fault mix: 2.5% each, 10% of all requests.
-const MIX: &[&str] = &["--rate-500", "0.025", "--rate-503", "0.025", "--rate-reset", "0.025", "--rate-truncate", "0.025"];
+const MIX: &[&str] =
+    &["--rate-500", "0.025", "--rate-503", "0.025", "--rate-reset", "0.025", "--rate-truncate", "0.025"];
 
 fn scale() -> u64 {
     std::env::var("WALRS_SOAK_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
@@ -142,12 +143,11 @@ fn faults_archive_300_segments() {
     let missing: Vec<_> = acked.keys().filter(|n| !by_name.contains_key(*n)).collect();
     assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
     let segments: BTreeSet<&String> = by_name.keys().filter(|n| n.len() == 24).collect();
-    let segno = |n: &str| u64::from_str_radix(&n[8..16], 16).unwrap() * 256 + u64::from_str_radix(&n[16..24], 16).unwrap();
+    let segno =
+        |n: &str| u64::from_str_radix(&n[8..16], 16).unwrap() * 256 + u64::from_str_radix(&n[16..24], 16).unwrap();
     let first = segno(segments.iter().next().unwrap());
-    let gaps: Vec<String> = (first..=segno(&last))
-        .map(|n| segment_name(1, n))
-        .filter(|n| !segments.contains(n))
-        .collect();
+    let gaps: Vec<String> =
+        (first..=segno(&last)).map(|n| segment_name(1, n)).filter(|n| !segments.contains(n)).collect();
     assert!(gaps.is_empty(), "segments missing from the store: {gaps:?}");
     assert!(segments.len() as u64 >= rounds, "only {} segments stored", segments.len());
 
@@ -168,6 +168,8 @@ fn faults_archive_300_segments() {
     add_injected(&mut injected, &archive_faults);
     let mut injected_restore = BTreeMap::new();
     add_injected(&mut injected_restore, &restore_faults);
+    injected.remove("blackhole");
+    injected_restore.remove("blackhole");
     assert!(injected.values().all(|n| *n > 0), "a fault kind was never injected while archiving: {injected:?}");
     let segments_total = segments.len();
     write_results(
@@ -203,7 +205,18 @@ fn faults_pitr() {
     let proxy = Proxy::start(
         &s3,
         seed,
-        &["--rate-500", "0.05", "--rate-503", "0.05", "--rate-reset", "0.05", "--rate-truncate", "0.05", "--only", "GET "],
+        &[
+            "--rate-500",
+            "0.05",
+            "--rate-503",
+            "0.05",
+            "--rate-reset",
+            "0.05",
+            "--rate-truncate",
+            "0.05",
+            "--only",
+            "GET ",
+        ],
     );
     let direct = s3.store("pitr");
     let faulty = proxy.store(&s3, "pitr");

@@ -12,7 +12,9 @@ use serde_json::json;
 
 use crate::common::{hidden_files, seed, write_results, Tmpfs};
 use crate::harness::pg::PgCluster;
-use crate::harness::{craft_incompressible_segment, files_under, read, segment_name, write_file, StoreEnv, WalRs, WorkDir};
+use crate::harness::{
+    craft_incompressible_segment, files_under, read, segment_name, write_file, StoreEnv, WalRs, WorkDir,
+};
 
 const SYSID: u64 = 7_300_000_000_000_000_801;
 
@@ -69,6 +71,7 @@ fn full_disk() {
     drop(small_store);
 
     // --- backup-fetch into a file system too small for the backup.
+    let store = StoreEnv::local(&wd.pg_dir("pg-store"));
     let primary = PgCluster::init(&wd, "primary");
     primary.archive_to(&store);
     primary.start();

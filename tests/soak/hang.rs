@@ -51,7 +51,8 @@ fn hang_black_holes() {
     let fetched_bytes = craft_segment(1, 3, SYSID, 3);
     direct_wal.push(&write_file(&src, &fetched_name, &fetched_bytes)).expect_code(0, "setup push");
 
-    let modes = [("all", "blackhole=1&only="), ("uploads", "blackhole=1&only=PUT+"), ("a third", "blackhole=0.3&only=")];
+    let modes =
+        [("all", "blackhole=1&only="), ("uploads", "blackhole=1&only=PUT+"), ("a third", "blackhole=0.3&only=")];
     let trials_per_mode = 3 * scale();
     let mut rows = Vec::new();
     let mut injected = BTreeMap::new();
@@ -59,6 +60,7 @@ fn hang_black_holes() {
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut segno = 10u64;
     let mut trials = 0u64;
+    let mut hung = Vec::new();
     for (mode, query) in modes {
         proxy.set(query);
         for _ in 0..trials_per_mode {
@@ -71,13 +73,19 @@ fn hang_black_holes() {
             let runs: Vec<(&str, Run, &[i32])> = vec![
                 ("wal-push", wal.push(&file), &[0, 7]),
                 ("wal-fetch", wal.fetch(&fetched_name, &dest), &[0, 207]),
-                ("backup-push", backup.run(&["backup-push", "--fast", primary.data.to_str().unwrap()]), &[0, 7, 13]),
+                ("backup-push", watched(&backup, &wd, &primary, &mut hung), &[0, 7, 13]),
             ];
             trials += 1;
             for (cmd, run, allowed) in runs {
                 // backup-push makes many requests, each bounded; the limit is its deadline
                 // per request plus the time to read the database.
                 let limit = Duration::from_secs(DEADLINE + if cmd == "backup-push" { 12 } else { 4 });
+                if run.code == -9 {
+                    // Recorded in `hung`, reported below with the figures.
+                    *outcomes.entry(format!("{cmd} killed after {} s, hung ({mode})", limit.as_secs())).or_default() +=
+                        1;
+                    continue;
+                }
                 assert!(run.elapsed < limit, "{cmd} with {mode} black-holed took {:?}: {run:#?}", run.elapsed);
                 assert!(allowed.contains(&run.code), "{cmd} with {mode} black-holed: {run:#?}");
                 if run.code != 0 {
@@ -93,7 +101,9 @@ fn hang_black_holes() {
                 let w = worst.entry(cmd).or_default();
                 *w = w.max(run.elapsed.as_secs_f64());
                 *outcomes.entry(format!("{cmd} exit {}", run.code)).or_default() += 1;
-                rows.push(json!({"mode": mode, "command": cmd, "exit": run.code, "seconds": run.elapsed.as_secs_f64()}));
+                rows.push(
+                    json!({"mode": mode, "command": cmd, "exit": run.code, "seconds": run.elapsed.as_secs_f64()}),
+                );
             }
             // What wal-push acknowledged is whole (checked without the proxy).
             let check = wd.dir("check").join("x");
@@ -117,7 +127,33 @@ fn hang_black_holes() {
             "faults_injected": injected,
             "slowest_seconds": worst,
             "outcomes": outcomes,
-            "failures": 0,
+            "failures": hung.len(),
+            "hung": hung,
         }),
     );
+    assert!(hung.is_empty(), "commands that never ended (killed by the test): {hung:?}");
+}
+
+/// backup-push, killed by the test if it runs past its deadline plus 12 s (a hang): then
+/// the run is reported with code -9 and added to `hung`.
+fn watched(walrs: &WalRs, wd: &WorkDir, primary: &PgCluster, hung: &mut Vec<String>) -> Run {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let log = wd.join(&format!("backup-push-{}.log", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let started = Instant::now();
+    let mut child = walrs.spawn(&["backup-push", "--fast", primary.data.to_str().unwrap()], &log);
+    let limit = Duration::from_secs(DEADLINE + 12);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        if started.elapsed() > limit + Duration::from_secs(5) {
+            let _ = child.kill();
+            let _ = child.wait();
+            hung.push(format!("backup-push: {}", std::fs::read_to_string(&log).unwrap_or_default().trim()));
+            break -9;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    Run { code, stdout: String::new(), stderr: output, elapsed: started.elapsed() }
 }
