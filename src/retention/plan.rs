@@ -273,11 +273,14 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
         .map(|n| n.timeline())
         .chain(inv.backups.iter().filter_map(backup_timeline))
         .max();
+    // A kept timeline whose own history file is not in the store hides which ancestors it
+    // has: then no history file goes.
+    let ancestry_known = kept_timelines.iter().all(|k| k.0 == 1 || inv.histories.contains_key(k));
     let mut histories = Vec::new();
     for (t, o) in history_files {
         let describes_kept = kept_timelines.iter().any(|&k| descends_from(&inv.histories, k, t));
         let newest = !everything && Some(t) == newest_timeline;
-        if prune_wal && !describes_kept && !newest {
+        if prune_wal && ancestry_known && !describes_kept && !newest {
             histories.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::History });
         }
     }
@@ -641,6 +644,18 @@ mod tests {
         let k = keys(&p);
         assert!(k.contains(&"wal_005/000000030000000000000003.lz4"));
         assert!(!k.contains(&"wal_005/00000003.history.lz4"), "timeline 3 is the newest ID: its history stays");
+
+        // Timeline 4 (from 2) comes: timeline 3's history describes nothing kept and goes.
+        inv.objects.push(obj(&seg_key(4, 12), 16, now));
+        inv.objects.push(obj("wal_005/00000004.history.lz4", 40, now));
+        inv.histories.insert(TimelineId(4), parse_history("1\t0/6000000\ta\n2\t0/C000000\tb\n").unwrap());
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(keys(&p).contains(&"wal_005/00000003.history.lz4"), "{:?}", keys(&p));
+        // Without timeline 4's history its ancestors are unknown: no history file goes.
+        inv.objects.retain(|o| o.key.as_str() != "wal_005/00000004.history.lz4");
+        inv.histories.remove(&TimelineId(4));
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(!p.delete.iter().any(|d| d.kind == Kind::History), "{:?}", keys(&p));
     }
 
     #[test]
