@@ -171,6 +171,36 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         pg_url: Option<String>,
     },
+    /// Re-read every object of a backup and check every checksum; or rehearse a restore.
+    ///
+    /// Checks each partition's stored sha256 and size, each file's sha256 inside it, and
+    /// that the WAL the backup needs is stored; writes nothing. Exit 10 when anything is
+    /// wrong, every problem listed. With --restore-drill: restores into a temporary folder,
+    /// starts PostgreSQL there (archiving off, Unix socket only), replays to consistency,
+    /// runs pg_amcheck when installed and a sanity query on every database, then removes
+    /// everything and reports pass or fail with timings.
+    BackupVerify {
+        /// Backup name or LATEST.
+        name: String,
+        /// Restore, start and check the backup instead of reading its objects.
+        #[arg(long)]
+        restore_drill: bool,
+        /// Folder to hold the drill's temporary copy (default: the system's temp folder).
+        #[arg(long, value_name = "DIR", requires = "restore_drill")]
+        drill_dir: Option<PathBuf>,
+        /// PostgreSQL binaries for the drill (default: found from the backup's version).
+        #[arg(long, value_name = "DIR", requires = "restore_drill")]
+        pg_bindir: Option<PathBuf>,
+        /// Seconds the drill's server may take to reach consistency.
+        #[arg(long, value_name = "SECS", default_value_t = 600, requires = "restore_drill")]
+        drill_timeout_secs: u64,
+        /// Keep the drill's folder for inspection.
+        #[arg(long, requires = "restore_drill")]
+        keep: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Background prefetcher started by wal-fetch (internal).
     #[command(hide = true)]
     WalPrefetch {

@@ -188,6 +188,59 @@ pub fn extract<R: Read>(
     Ok(summary)
 }
 
+/// What reading a partition without writing it found (`backup-verify`).
+#[derive(Debug, Default, Clone)]
+pub struct CheckSummary {
+    /// Regular files read.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Every file that is not as the manifest records (or missing from the partition).
+    pub problems: Vec<String>,
+}
+
+/// Reads every entry of the tar stream `reader` to its end, hashing each regular file and,
+/// with `expected`, comparing it with the manifest; files listed but absent are problems
+/// too. Only an unreadable stream is an error: file mismatches are all collected.
+pub fn check<R: Read>(reader: R, expected: Option<&HashMap<String, FileEntry>>) -> Result<CheckSummary, ExtractError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut summary = CheckSummary::default();
+    let mut seen = std::collections::HashSet::new();
+    let bad = |what: &str, e: io::Error| ExtractError::Bad(format!("{what}: {e}"));
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    for entry in archive.entries().map_err(|e| bad("not a tar stream", e))? {
+        let mut entry = entry.map_err(|e| bad("unreadable tar entry", e))?;
+        let rel = String::from_utf8_lossy(&entry.path_bytes()).trim_start_matches('/').to_string();
+        if !matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous) {
+            continue;
+        }
+        let (got, size) = copy_hashed(&mut entry, &mut io::sink(), &mut buf).map_err(|e| match e {
+            CopyError::Read(e) | CopyError::Write(e) => bad(&format!("reading {rel}"), e),
+        })?;
+        summary.files += 1;
+        summary.bytes += size;
+        if let Some(expected) = expected {
+            match expected.get(&rel) {
+                None => summary.problems.push(format!("{rel} is not in the manifest")),
+                Some(want) if want.size != size || want.sha256 != got.to_string() => summary.problems.push(format!(
+                    "{rel}: sha256 {got} ({size} bytes) but the manifest records {} ({} bytes)",
+                    want.sha256, want.size
+                )),
+                Some(_) => {}
+            }
+            seen.insert(rel);
+        }
+    }
+    if let Some(expected) = expected {
+        let mut missing: Vec<&String> = expected.keys().filter(|k| !seen.contains(*k)).collect();
+        missing.sort();
+        summary
+            .problems
+            .extend(missing.into_iter().map(|k| format!("{k} is in the manifest but not in the partition")));
+    }
+    Ok(summary)
+}
+
 enum CopyError {
     Read(io::Error),
     Write(io::Error),

@@ -5,13 +5,15 @@ mod backup_fetch;
 mod backup_list;
 mod backup_mark;
 mod backup_push;
+mod backup_verify;
 mod common;
 mod config_cmd;
 mod delete;
+mod restore_drill;
 mod wal_fetch;
 mod wal_prefetch;
-mod wal_verify;
 mod wal_push;
+mod wal_verify;
 
 use std::time::Instant;
 
@@ -36,6 +38,8 @@ pub fn run(cli: Cli) -> u8 {
         Command::Delete { .. } => "delete",
         Command::BackupMark { .. } => "backup-mark",
         Command::WalVerify { .. } => "wal-verify",
+        Command::BackupVerify { restore_drill: true, .. } => "restore-drill",
+        Command::BackupVerify { .. } => "backup-verify",
     };
     let child_args = cli.overrides().map(|o| o.as_args()).unwrap_or_default();
     let config = match cli
@@ -280,6 +284,25 @@ pub fn run(cli: Cli) -> u8 {
                 Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
             }
         }
+        Command::BackupVerify { name, restore_drill: false, json, .. } => {
+            match runtime.block_on(backup_verify::run(&config, &name)) {
+                Ok(r) => report_verify(op, &r, json),
+                Err(e) => fail(op, &name, started, &e, exit::code_of(&e)),
+            }
+        }
+        Command::BackupVerify { name, restore_drill: true, drill_dir, pg_bindir, drill_timeout_secs, keep, json } => {
+            let args = restore_drill::DrillArgs {
+                backup: name.clone(),
+                dir: drill_dir,
+                bindir: pg_bindir,
+                timeout: std::time::Duration::from_secs(drill_timeout_secs),
+                keep,
+            };
+            match runtime.block_on(restore_drill::run(&config, &args)) {
+                Ok(r) => report_drill(op, &r, json),
+                Err(e) => fail(op, &name, started, &e, exit::code_of(&e)),
+            }
+        }
     };
     // Work abandoned at a deadline may still sit in blocking threads: do not wait for it.
     // Nothing half-done is ever visible (temporary files, unfinished multipart uploads).
@@ -307,6 +330,93 @@ async fn within_deadline<T>(
                 config.s3.endpoint.as_ref().map(|e| format!(" at {e}")).unwrap_or_default()
             ),
         })),
+    }
+}
+
+/// backup-verify's result: a log line per problem and a summary; exit 10 when any.
+fn report_verify(op: &str, r: &backup_verify::VerifyReport, json: bool) -> u8 {
+    for p in &r.problems {
+        log::emit(Level::Error, &[("op", &op), ("backup", &r.backup), ("object", &p.object), ("problem", &p.detail)]);
+    }
+    log::emit(
+        if r.ok { Level::Info } else { Level::Error },
+        &[
+            ("op", &op),
+            ("backup", &r.backup),
+            ("partitions", &r.partitions),
+            ("files", &r.files),
+            ("bytes_stored", &r.bytes_stored),
+            ("bytes_out", &r.bytes_original),
+            ("wal_segments", &r.wal_segments),
+            ("problems", &r.problems.len()),
+            ("ms", &r.ms),
+            ("outcome", &if r.ok { "verified" } else { "damaged" }),
+        ],
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+    } else if r.ok {
+        println!(
+            "backup {} verified: {} partitions, {} files, {} bytes read, {} WAL segments present{}",
+            r.backup,
+            r.partitions,
+            r.files,
+            r.bytes_stored,
+            r.wal_segments,
+            if r.manifest { "" } else { " (no manifest: files not checked one by one)" }
+        );
+    } else {
+        println!("backup {} is damaged: {} problems:", r.backup, r.problems.len());
+        for p in &r.problems {
+            println!("  {}: {}", p.object, p.detail);
+        }
+    }
+    if r.ok {
+        exit::OK
+    } else {
+        exit::CORRUPT
+    }
+}
+
+/// The restore drill's result; exit 10 when it failed.
+fn report_drill(op: &str, r: &restore_drill::DrillReport, json: bool) -> u8 {
+    let failure = r.failure.clone().unwrap_or_default();
+    log::emit(
+        if r.passed { Level::Info } else { Level::Error },
+        &[
+            ("op", &op),
+            ("backup", &r.backup),
+            ("restore_ms", &r.restore_ms),
+            ("recovery_ms", &r.recovery_ms),
+            ("amcheck", &r.amcheck),
+            ("amcheck_ms", &r.amcheck_ms),
+            ("databases", &r.databases),
+            ("tables", &r.tables),
+            ("ms", &r.total_ms),
+            ("outcome", &if r.passed { "passed" } else { "failed" }),
+            ("error", &failure),
+        ],
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+    } else if r.passed {
+        println!(
+            "restore drill of {} passed in {:.1} s: restore {:.1} s, recovery {:.1} s, {} databases, {} tables, pg_amcheck {}",
+            r.backup,
+            r.total_ms as f64 / 1000.0,
+            r.restore_ms as f64 / 1000.0,
+            r.recovery_ms as f64 / 1000.0,
+            r.databases,
+            r.tables,
+            r.amcheck
+        );
+    } else {
+        println!("restore drill of {} FAILED: {failure}", r.backup);
+    }
+    if r.passed {
+        exit::OK
+    } else {
+        exit::CORRUPT
     }
 }
 

@@ -1,0 +1,301 @@
+//! `wal-rs backup-verify NAME|LATEST`: re-reads every object of a backup and checks every
+//! checksum, without writing anything: each partition's stored sha256 and size, each
+//! file's sha256 and size inside it, and that the WAL the backup needs to be consistent is
+//! in the store. Every problem is collected and reported, not just the first.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256 as Sha256Hasher};
+
+use super::common::open_store;
+use crate::backup::catalog::{self, BackupInfo, Selector};
+use crate::backup::extract;
+use crate::backup::manifest::{self, FileEntry, PartitionEntry};
+use crate::codec::{self, Sha256};
+use crate::config::Config;
+use crate::error::Error;
+use crate::layout;
+use crate::store::{Store, StoreError};
+use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
+
+/// Attempts per partition when the download breaks off.
+const ATTEMPTS: usize = 3;
+
+/// One thing found wrong.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct Problem {
+    /// The object (store key) or WAL range.
+    pub(super) object: String,
+    /// What is wrong.
+    pub(super) detail: String,
+}
+
+/// What backup-verify found.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct VerifyReport {
+    pub(super) backup: String,
+    pub(super) ok: bool,
+    /// Whether the backup has a manifest (wal-rs backups do; WAL-G's do not, and are only
+    /// checked to decompress and read as tar).
+    pub(super) manifest: bool,
+    pub(super) partitions: usize,
+    pub(super) files: u64,
+    pub(super) bytes_stored: u64,
+    pub(super) bytes_original: u64,
+    pub(super) wal_segments: u64,
+    pub(super) problems: Vec<Problem>,
+    pub(super) ms: u128,
+}
+
+/// Resolves NAME or LATEST to a complete backup.
+pub(super) async fn find_backup(store: &Arc<Store>, name: &str) -> Result<BackupInfo, Error> {
+    let backups = catalog::list(store).await?;
+    let selector =
+        if name.eq_ignore_ascii_case("LATEST") { Selector::Latest } else { Selector::Named(name.to_string()) };
+    catalog::select(&backups, &selector).cloned().ok_or_else(|| {
+        Error::NotFound(format!(
+            "no backup {name} in {} ({} complete backups): see `wal-rs backup-list`",
+            store.url(),
+            backups.len()
+        ))
+    })
+}
+
+pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Error> {
+    let started = Instant::now();
+    let store = open_store(config).await?;
+    let backup = find_backup(&store, name).await?;
+    let (has_manifest, parts) = match &backup.sentinel.manifest {
+        Some(_) => (true, manifest::load_manifest(&store, &backup.name).await?.partitions),
+        None => (false, list_partitions(&store, &backup.name).await?),
+    };
+    let mut problems = Vec::new();
+    let (files, bytes_stored, bytes_original) = {
+        let store = store.clone();
+        let backup_name = backup.name.clone();
+        let concurrency = config.backup.concurrency;
+        let handle = tokio::runtime::Handle::current();
+        let parts = parts.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            check_all(&store, &backup_name, &parts, has_manifest, concurrency, &handle)
+        })
+        .await
+        .expect("the verify task panicked");
+        problems.extend(checked.problems);
+        (checked.files, checked.bytes_stored, checked.bytes_original)
+    };
+    let (wal_segments, wal_problems) = check_wal(&store, &backup).await?;
+    problems.extend(wal_problems);
+    Ok(VerifyReport {
+        backup: backup.name,
+        ok: problems.is_empty(),
+        manifest: has_manifest,
+        partitions: parts.len(),
+        files,
+        bytes_stored,
+        bytes_original,
+        wal_segments,
+        problems,
+        ms: started.elapsed().as_millis(),
+    })
+}
+
+/// The partitions of a backup without a manifest, from a listing.
+async fn list_partitions(store: &Arc<Store>, backup: &str) -> Result<Vec<PartitionEntry>, Error> {
+    let prefix = format!("{}/{backup}/tar_partitions/", layout::BACKUP_DIR);
+    Ok(store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|o| PartitionEntry { name: o.key.file_name().to_string(), stored_size: o.size, ..Default::default() })
+        .collect())
+}
+
+#[derive(Default)]
+struct Checked {
+    files: u64,
+    bytes_stored: u64,
+    bytes_original: u64,
+    problems: Vec<Problem>,
+}
+
+/// Checks every partition on `concurrency` threads. Blocking.
+fn check_all(
+    store: &Arc<Store>,
+    backup: &str,
+    parts: &[PartitionEntry],
+    has_manifest: bool,
+    concurrency: usize,
+    handle: &tokio::runtime::Handle,
+) -> Checked {
+    let next = AtomicUsize::new(0);
+    let total = Mutex::new(Checked::default());
+    std::thread::scope(|s| {
+        for _ in 0..concurrency.clamp(1, parts.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(part) = parts.get(i) else { return };
+                let one = check_partition(store, backup, part, has_manifest, handle);
+                let mut t = total.lock().unwrap();
+                t.files += one.files;
+                t.bytes_stored += one.bytes_stored;
+                t.bytes_original += one.bytes_original;
+                t.problems.extend(one.problems);
+            });
+        }
+    });
+    let mut total = total.into_inner().unwrap();
+    total.problems.sort_by(|a, b| a.object.cmp(&b.object));
+    total
+}
+
+/// Reads one partition to its end: stored bytes hashed, opened, decompressed, every file
+/// hashed. Retries a broken download; reports anything else as a problem.
+fn check_partition(
+    store: &Arc<Store>,
+    backup: &str,
+    part: &PartitionEntry,
+    has_manifest: bool,
+    handle: &tokio::runtime::Handle,
+) -> Checked {
+    let key = layout::partition_key(backup, &part.name);
+    let object = key.to_string();
+    let problem =
+        |detail: String| Checked { problems: vec![Problem { object: object.clone(), detail }], ..Default::default() };
+    let Some(compression) = layout::partition_compression(&part.name) else {
+        return problem("a compression wal-rs cannot read".into());
+    };
+    let expected: Option<HashMap<String, FileEntry>> =
+        has_manifest.then(|| part.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+    let mut last = String::new();
+    for _ in 0..ATTEMPTS {
+        let reader = match handle.block_on(store.get(&key)) {
+            Ok(r) => r,
+            Err(StoreError::NotFound { .. }) => return problem("missing from the store".into()),
+            Err(e @ StoreError::Unavailable { .. }) => {
+                last = e.to_string();
+                continue;
+            }
+            Err(e) => return problem(e.to_string()),
+        };
+        let hashed = Arc::new(Mutex::new((Sha256Hasher::new(), 0u64, false)));
+        let source = HashingSource { inner: reader.body, state: hashed.clone() };
+        let result = codec::decompressor(compression, source).and_then(|mut stream| {
+            let summary =
+                extract::check(&mut stream, expected.as_ref()).map_err(|e| io::Error::other(e.to_string()))?;
+            io::copy(&mut stream, &mut io::sink())?;
+            Ok(summary)
+        });
+        let (hasher, stored, source_failed) = {
+            let s = hashed.lock().unwrap();
+            (s.0.clone(), s.1, s.2)
+        };
+        match result {
+            Err(e) if source_failed => last = e.to_string(),
+            Err(e) => return problem(format!("cannot be read: {e}")),
+            Ok(summary) => {
+                let mut out = Checked {
+                    files: summary.files,
+                    bytes_stored: stored,
+                    bytes_original: summary.bytes,
+                    problems: summary
+                        .problems
+                        .into_iter()
+                        .map(|detail| Problem { object: object.clone(), detail })
+                        .collect(),
+                };
+                let sha = Sha256(hasher.finalize().into()).to_string();
+                if has_manifest && (sha != part.stored_sha256 || stored != part.stored_size) {
+                    out.problems.push(Problem {
+                        object: object.clone(),
+                        detail: format!(
+                            "stored sha256 {sha} ({stored} bytes) but the manifest records {} ({} bytes)",
+                            part.stored_sha256, part.stored_size
+                        ),
+                    });
+                }
+                return out;
+            }
+        }
+    }
+    problem(format!("could not be read in {ATTEMPTS} attempts: {last}"))
+}
+
+/// Hashes and counts the stored bytes as they are read, and notes whether the store (not
+/// the content) failed.
+struct HashingSource {
+    inner: Box<dyn Read + Send>,
+    state: Arc<Mutex<(Sha256Hasher, u64, bool)>>,
+}
+
+impl Read for HashingSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                let mut s = self.state.lock().unwrap();
+                s.0.update(&buf[..n]);
+                s.1 += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.state.lock().unwrap().2 = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Checks that every WAL segment from the backup's start to its finish is in the store:
+/// without them the backup cannot be made consistent.
+async fn check_wal(store: &Arc<Store>, backup: &BackupInfo) -> Result<(u64, Vec<Problem>), Error> {
+    let s = &backup.sentinel;
+    let segment_size = s.wal_segment_size.unwrap_or(16 << 20);
+    let timeline = match s.timeline {
+        Some(t) => TimelineId(t),
+        None => match WalFileName::parse(backup.name.trim_start_matches("base_").get(..24).unwrap_or("")) {
+            Ok(n) => n.timeline(),
+            Err(_) => return Ok((0, Vec::new())),
+        },
+    };
+    // The record that ends the backup is the byte before its finish LSN.
+    let first = SegmentId::containing(Lsn(s.start_lsn), segment_size);
+    let last = SegmentId::containing(Lsn(s.finish_lsn.saturating_sub(1).max(s.start_lsn)), segment_size);
+    let stored: std::collections::HashSet<String> = store
+        .list(&format!("{}/", layout::WAL_DIR))
+        .await
+        .or_else(|e| if matches!(e, StoreError::NotFound { .. }) { Ok(Vec::new()) } else { Err(e) })?
+        .into_iter()
+        .filter_map(|o| o.key.file_name().get(..24).map(str::to_string))
+        .collect();
+    let mut missing = Vec::new();
+    let mut needed = 0u64;
+    let mut segment = first;
+    loop {
+        needed += 1;
+        let name = WalFileName::Segment(timeline, segment).to_string();
+        if !stored.contains(&name) {
+            missing.push(name);
+        }
+        if segment >= last || needed > 1 << 20 {
+            break;
+        }
+        segment = segment.next(segment_size);
+    }
+    let problems = if missing.is_empty() {
+        Vec::new()
+    } else {
+        vec![Problem {
+            object: format!("{}/{}..{}", layout::WAL_DIR, missing[0], missing[missing.len() - 1]),
+            detail: format!(
+                "{} of the {} WAL segments the backup needs to be consistent are missing: it cannot be restored",
+                missing.len(),
+                needed
+            ),
+        }]
+    };
+    Ok((needed, problems))
+}
