@@ -565,32 +565,32 @@ impl Config {
     }
 
     /// The key ring from `encryption_key` or `encryption_key_file` (not both: which key seals
-/// would be ambiguous). Errors name the setting, never the key.
-fn key_ring(
-    key: Option<&str>,
-    file: Option<&str>,
-    named: &dyn Fn(&str) -> String,
-) -> Result<Option<KeyRing>, String> {
-    match (key, file) {
-        (None, None) => Ok(None),
-        (Some(_), Some(_)) => Err(format!(
-            "{} and {} are both set: keep the keys in the file (the first line seals new objects)",
-            named("encryption_key"),
-            named("encryption_key_file")
-        )),
-        (Some(k), None) => {
-            let key = Key::parse(k).map_err(|e| format!("{}: {e}", named("encryption_key")))?;
-            Ok(KeyRing::new(vec![key]))
-        }
-        (None, Some(path)) => {
-            let what = named("encryption_key_file");
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?;
-            KeyRing::parse_file(&text, &format!("{what} ({path})")).map(Some)
+    /// would be ambiguous). Errors name the setting, never the key.
+    fn key_ring(
+        key: Option<&str>,
+        file: Option<&str>,
+        named: &dyn Fn(&str) -> String,
+    ) -> Result<Option<KeyRing>, String> {
+        match (key, file) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(format!(
+                "{} and {} are both set: keep the keys in the file (the first line seals new objects)",
+                named("encryption_key"),
+                named("encryption_key_file")
+            )),
+            (Some(k), None) => {
+                let key = Key::parse(k).map_err(|e| format!("{}: {e}", named("encryption_key")))?;
+                Ok(KeyRing::new(vec![key]))
+            }
+            (None, Some(path)) => {
+                let what = named("encryption_key_file");
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?;
+                KeyRing::parse_file(&text, &format!("{what} ({path})")).map(Some)
+            }
         }
     }
-}
 
-/// The store URL, or the one-line error saying how to set it.
+    /// The store URL, or the one-line error saying how to set it.
     pub fn require_store(&self) -> Result<&StoreUrl, String> {
         self.store.as_ref().ok_or_else(|| {
             "WALRS_STORE is not set: set it to file:///absolute/dir or s3://bucket/prefix (or pass --store, or set store in the config file)".to_string()

@@ -151,7 +151,10 @@ mod tests {
             assert_eq!(restored, original, "{c}");
             assert_eq!(dec.sha256, enc.sha256);
             assert_eq!(dec.bytes_in, stored.len() as u64);
-            assert!(matches!(decode_with(&stored[..], c, Some(&wrong), std::io::sink()), Err(decode::DecodeError::Key(_))));
+            assert!(matches!(
+                decode_with(&stored[..], c, Some(&wrong), std::io::sink()),
+                Err(decode::DecodeError::Key(_))
+            ));
             assert!(matches!(decode_with(&stored[..], c, None, std::io::sink()), Err(decode::DecodeError::Key(_))));
             let mut flipped = stored.clone();
             let mid = flipped.len() / 2;
