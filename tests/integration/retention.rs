@@ -250,7 +250,7 @@ fn local_store_retention_across_a_timeline_switch() {
         .iter()
         .map(|r| r["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, [b3.clone()], "only the permanent backup is left");
+    assert_eq!(names, std::slice::from_ref(&b3), "only the permanent backup is left");
     let left = objects(&store);
     assert!(!left.iter().any(|k| k.contains(&b4)), "b4's objects are left: {left:?}");
     let permanent = restore(&wd, &walrs, "permanent", &b3);
