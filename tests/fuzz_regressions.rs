@@ -188,3 +188,29 @@ fn ordinary_links_and_files_are_still_restored() {
     assert_eq!(fs::read(dest.join("base/1")).unwrap(), b"one");
     fs::remove_dir_all(&top).unwrap();
 }
+
+/// Writes the `decrypt` target's seeds (sealed objects, 1 KiB chunks so that a few hundred
+/// bytes span several): `cargo test --release --test fuzz_regressions -- --ignored
+/// write_decrypt_seeds`.
+#[test]
+#[ignore]
+fn write_decrypt_seeds() {
+    use wal_rs::crypto::{self, Header, Key};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decrypt");
+    fs::create_dir_all(&dir).unwrap();
+    let key = Key::from_bytes(harness::DECRYPT_KEY);
+    let header = Header { key_id: key.id(), chunk_log2: 10, nonce_prefix: [3; 19] };
+    for len in [0usize, 100, 1024, 1500, 2048, 3000] {
+        let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let body = (len.div_ceil(1024).max(1)) * 16 + len;
+        let sealed = harness::seal_with(&harness::DECRYPT_KEY, &header, &plain, body).unwrap();
+        assert_eq!(
+            crypto::open_bytes(Some(&crypto::KeyRing::new(vec![key.clone()]).unwrap()), &sealed).unwrap(),
+            plain
+        );
+        fs::write(dir.join(format!("seed-chunk1k-{len}")), sealed).unwrap();
+    }
+    // As wal-rs seals (64 KiB chunks, random nonce).
+    fs::write(dir.join("seed-sealer-300"), crypto::seal_bytes(Some(&key), &[9u8; 300]).unwrap()).unwrap();
+    fs::write(dir.join("seed-plain"), b"{\"version\":1}").unwrap();
+}

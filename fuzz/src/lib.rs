@@ -3,8 +3,8 @@
 //!
 //! The same file is compiled into `tests/fuzz_regressions.rs` (with `#[path]`), which replays
 //! `fuzz/regressions/<target>/*` through these functions on stable Rust: a crash the fuzzer
-//! found stays a test. Only `wal_rs`, `serde_json`, `sha2`, `tokio` and `xattr` are used, all
-//! of them dependencies of the root crate as well.
+//! found stays a test. Only `wal_rs`, `chacha20poly1305`, `serde_json`, `sha2`, `tokio` and
+//! `xattr` are used, all of them dependencies of the root crate as well.
 
 use std::collections::HashMap;
 use std::fs;
@@ -14,20 +14,27 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use chacha20poly1305::aead::stream::EncryptorBE32;
+use chacha20poly1305::aead::{KeyInit, Payload};
+use chacha20poly1305::XChaCha20Poly1305;
 use sha2::{Digest, Sha256 as Sha256Hasher};
 use wal_rs::backup::catalog::{self, BackupInfo};
 use wal_rs::backup::extract::{self, ExtractPlan};
 use wal_rs::backup::manifest::{FileEntry, Manifest};
 use wal_rs::backup::sentinel::{BackupMetadata, Sentinel};
 use wal_rs::codec::{self, trailer, Compression, Sha256, Trailer};
+use wal_rs::crypto::{self, Header, Key, KeyRing, HEADER_LEN, MAGIC};
 use wal_rs::identity::ClusterIdentity;
 use wal_rs::layout;
 use wal_rs::store::local::LocalStore;
 use wal_rs::store::{ObjectKey, Store};
 use wal_rs::wal::{Lsn, SegmentHeader, SegmentId, TimelineId, WalFileName};
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name, as `fuzz/regressions/<name>/` and `make fuzz` know them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("wal_name", wal_name),
     ("page_header", page_header),
     ("sentinel", sentinel),
@@ -35,6 +42,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("metadata", metadata),
     ("tar_partition", tar_partition),
     ("decode", decode),
+    ("decrypt", decrypt),
 ];
 
 /// WAL file names and LSNs: a name that parses prints back exactly (PostgreSQL's names are
@@ -248,6 +256,62 @@ pub fn decode(data: &[u8]) {
     if let Ok(mut r) = codec::decompressor(hint, io::Cursor::new(data.to_vec())) {
         let _ = io::copy(&mut Limit::new(&mut r), &mut io::sink());
     }
+}
+
+/// The key the `decrypt` target's seeds are sealed with.
+pub const DECRYPT_KEY: [u8; 32] = [0x5a; 32];
+
+/// The decryption reader (`crypto::open_bytes` and the streaming `unseal`), with a ring whose
+/// second key is [`DECRYPT_KEY`]: an object opens only if it is exactly what sealing its
+/// output with that key and its header's nonce gives (every chunk authentic, in order, the
+/// last one sealed as the last), and reads the same in small reads. With plaintext allowed,
+/// an object that is not sealed passes through unchanged.
+pub fn decrypt(data: &[u8]) {
+    let key = Key::from_bytes(DECRYPT_KEY);
+    let ring = KeyRing::new(vec![Key::from_bytes([0xa5; 32]), key.clone()]).unwrap();
+    if let Ok(out) = crypto::open_bytes(Some(&ring), data) {
+        let header = Header::decode(data).expect("an object opened without a valid header");
+        assert_eq!(header.key_id, key.id());
+        let resealed = seal_with(&DECRYPT_KEY, &header, &out, data.len() - HEADER_LEN);
+        assert!(resealed.as_deref() == Some(data), "an object opened that is not its output sealed whole and in order");
+        let mut r = crypto::stream::unseal(data, Some(&ring)).expect("opened once");
+        let (mut small, mut buf) = (Vec::new(), [0u8; 7]);
+        loop {
+            let n = r.read(&mut buf[..1 + small.len() % 7]).expect("opened once");
+            if n == 0 {
+                break;
+            }
+            small.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(small, out, "small reads open differently");
+    }
+    let lenient = ring.allow_plaintext(true);
+    if let Ok(out) = crypto::open_bytes(Some(&lenient), data) {
+        if data.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+            assert_eq!(out, data, "an object that is not sealed was changed");
+        }
+    }
+}
+
+/// `plaintext` sealed with `key` under `header`, cut into the chunks a sealed body of
+/// `body_len` bytes has (the last may be full): the one ciphertext that may open to it.
+/// `None` when `plaintext` cannot fill those chunks.
+pub fn seal_with(key: &[u8; 32], header: &Header, plaintext: &[u8], body_len: usize) -> Option<Vec<u8>> {
+    let (chunk, tag) = (header.chunk_size(), 16);
+    let pieces = body_len.div_ceil(chunk + tag).max(1);
+    if plaintext.len() < (pieces - 1) * chunk {
+        return None;
+    }
+    let aad = header.encode();
+    let mut enc = EncryptorBE32::from_aead(XChaCha20Poly1305::new(key.into()), (&header.nonce_prefix).into());
+    let mut out = aad.to_vec();
+    for i in 0..pieces - 1 {
+        let msg = &plaintext[i * chunk..(i + 1) * chunk];
+        out.extend(enc.encrypt_next(Payload { msg, aad: &aad }).ok()?);
+    }
+    let msg = &plaintext[(pieces - 1) * chunk..];
+    out.extend(enc.encrypt_last(Payload { msg, aad: &aad }).ok()?);
+    Some(out)
 }
 
 /// Hashes and counts what is written, and refuses more than [`MAX_OUTPUT`] (a small input
