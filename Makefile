@@ -53,7 +53,7 @@ bench: build tools
 # fuzz/artifacts/<target>/: add it to fuzz/regressions/<target>/ so tests/fuzz_regressions.rs
 # keeps replaying it. FUZZ_TARGETS picks some; FUZZ_FLAGS adds libFuzzer flags.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= wal_name page_header sentinel manifest metadata tar_partition decode
+FUZZ_TARGETS ?= wal_name page_header sentinel manifest metadata tar_partition decode decrypt
 FUZZ_FLAGS ?=
 
 fuzz:
