@@ -202,17 +202,18 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
 
     // Where WAL retention starts, and the ranges permanent backups pin.
     let everything = matches!(request, Request::Everything { .. });
-    let anchor_backups: Vec<u64> = kept
-        .iter()
-        .filter(|b| !b.sentinel.is_permanent)
-        .map(|b| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size))
-        .chain(in_progress_starts)
-        .collect();
-    let newest_permanent = kept.iter().rev().find(|b| b.sentinel.is_permanent);
-    let anchor: Option<u64> = match anchor_backups.iter().min() {
-        Some(&a) => Some(a),
-        None if everything => None,
-        None => newest_permanent.map(|b| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size)),
+    let start_of = |b: &BackupInfo| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size);
+    let oldest_kept = kept.iter().filter(|b| !b.sentinel.is_permanent).map(|b| start_of(b)).min();
+    let oldest_in_progress = in_progress_starts.iter().copied().min();
+    let newest_permanent = kept.iter().rev().find(|b| b.sentinel.is_permanent).map(|b| start_of(b));
+    // A backup-push in progress only ever moves the line earlier: alone, it is no reason to
+    // delete the WAL before it (it may fail), except for `everything`, which deletes all.
+    let earliest = |a: u64| Some(oldest_in_progress.map_or(a, |p| p.min(a)));
+    let anchor: Option<u64> = match (oldest_kept, newest_permanent) {
+        (Some(a), _) => earliest(a),
+        (None, _) if everything => oldest_in_progress,
+        (None, Some(p)) => earliest(p),
+        (None, None) => None,
     };
     // No anchor and not `everything`: no backup at all, so nothing says which WAL is old.
     let prune_wal = anchor.is_some() || everything;
@@ -628,6 +629,12 @@ mod tests {
         inv.objects.retain(|o| !o.key.as_str().starts_with("basebackups_005"));
         assert!(plan(&inv, &Request::Garbage, &policy(now)).unwrap().delete.is_empty());
         assert!(plan(&inv, &Request::Retain(3), &policy(now)).unwrap().delete.is_empty());
+        // A backup-push in progress is no reason to delete the WAL before it.
+        let mut with_push = inv.clone();
+        with_push.objects.push(obj("basebackups_005/base_000000020000000000000009/metadata.json", 9, now));
+        let p = plan(&with_push, &Request::Garbage, &policy(now)).unwrap();
+        assert_eq!(p.in_progress, ["base_000000020000000000000009"]);
+        assert!(p.delete.is_empty(), "{:?}", keys(&p));
         let p = plan(&inv, &Request::Everything { force: false }, &policy(now)).unwrap();
         assert_eq!(p.delete.len(), inv.objects.len() - 1);
     }

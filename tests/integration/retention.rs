@@ -286,3 +286,35 @@ fn s3_store_delete_everything_in_batches() {
     assert_eq!(json_of(&run)["totals"]["wal"]["objects"], 3);
     assert!(store.wal_objects().is_empty(), "{:?}", store.wal_objects());
 }
+
+/// An unfinished backup (objects, no sentinel) is left alone while it was written to within
+/// `delete_garbage_min_age_secs`: it may be a backup-push in progress. Past the age it is
+/// garbage. WAL is not touched when there is no backup to measure it against.
+#[test]
+fn local_store_garbage_spares_a_recent_unfinished_backup() {
+    let wd = WorkDir::new("retention-garbage");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let walrs = WalRs::new(&wd, &store);
+    let dir = wd.dir("segments");
+    for n in 1..=3 {
+        let f = write_file(&dir, &segment_name(1, n), &craft_segment(1, n, 7_000_000_000_000_000_002, n));
+        walrs.push(&f).expect_code(0, "wal-push");
+    }
+    let part = "basebackups_005/base_000000010000000000000002/tar_partitions/part_001.tar.lz4";
+    let part_dir = store.object_path(part).parent().unwrap().to_path_buf();
+    fs::create_dir_all(&part_dir).unwrap();
+    fs::write(store.object_path(part), b"a partition being written").unwrap();
+
+    let run = walrs.run(&["delete", "garbage", "--confirm"]);
+    run.expect_code(0, "delete garbage");
+    assert!(run.stdout.contains("base_000000010000000000000002"), "not reported as in progress: {run:#?}");
+    assert!(store.object_path(part).exists(), "a recent unfinished backup was deleted");
+
+    let run = walrs.run(&["delete", "garbage", "--confirm", "--json", "--set", "delete_garbage_min_age_secs=0"]);
+    run.expect_code(0, "delete garbage with no minimum age");
+    let plan = json_of(&run);
+    assert_eq!(plan["totals"]["garbage"]["objects"], 1, "{plan}");
+    assert!(plan["totals"].get("wal").is_none(), "WAL went with no backup to measure it: {plan}");
+    assert!(!store.object_path(part).exists(), "the old unfinished backup is still there");
+    assert_eq!(store.wal_objects().len(), 3);
+}
