@@ -121,9 +121,14 @@ pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) ->
             (None, Some(h)) => format!("{h} is missing"),
             (None, None) => "a backup is not on the newest timeline's path".to_string(),
         };
+        let failing = report.backups.iter().filter(|b| !b.recoverable).count();
+        let whom = if report.backups.is_empty() {
+            "across the archive (there is no backup)".to_string()
+        } else {
+            format!("from {failing} of {} backups", report.backups.len())
+        };
         return Err(Error::NotFound(format!(
-            "recovery to the newest WAL is impossible from {} backup(s) in {}: {what}: take a new base backup (wal-rs backup-push)",
-            report.backups.iter().filter(|b| !b.recoverable).count(),
+            "recovery to the newest WAL in {} is impossible {whom}: {what}: take a new base backup (wal-rs backup-push)",
             report.store
         )));
     }
