@@ -20,7 +20,8 @@
 //! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
 //! - `retention`: `delete retain 2` across a timeline switch removes exactly what the rules
 //!   say and both kept backups restore; `wal-verify` names a deleted segment; a permanent
-//!   backup survives `delete everything`; batched deletes on S3.
+//!   backup survives `delete everything`; a recent unfinished backup is left alone by
+//!   `delete garbage`; batched deletes on S3.
 //!
 //! Run with `cargo test --release --test integration` (`make integration` installs s3s-fs
 //! first). Set `WALRS_IT_KEEP=1` to keep each test's work directory for inspection.
