@@ -425,6 +425,10 @@ fn restore_command(config: &Config) -> String {
         "retry_attempts",
         "request_timeout_secs",
         "log_level",
+        // Where the keys are, never a key: WALRS_ENCRYPTION_KEY must be in the server's
+        // environment.
+        "encryption_key_file",
+        "encryption_allow_plaintext",
     ];
     for (setting, value, source) in &config.report {
         if !CARRIED.contains(&setting.key) || matches!(source, Source::Default | Source::File(_)) {

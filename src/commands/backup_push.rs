@@ -197,8 +197,6 @@ pub(super) async fn run(
     })
 }
 
-/// The manifest's file name in the backup's folder.
-
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("backup documents serialise")
 }

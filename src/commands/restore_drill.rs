@@ -71,9 +71,15 @@ pub(super) async fn run(config: &Config, args: &DrillArgs) -> Result<DrillReport
     };
     backup_fetch::run(config, &fetch).await?;
     report.restore_ms = t.elapsed().as_millis();
-    prepare(&data, &folder.path)?;
+    prepare(&data, &folder.socket, &[&folder.path, &folder.socket])?;
 
-    let server = Server { bindir: bindir.clone(), data: data.clone(), socket: folder.path.clone(), port: free_port() };
+    let server = Server {
+        bindir: bindir.clone(),
+        data: data.clone(),
+        socket: folder.socket.clone(),
+        log: folder.path.join("postgres.log"),
+        port: free_port(),
+    };
     let outcome = drill(&server, args.timeout, &mut report).await;
     server.stop();
     if let Err(failure) = outcome {
@@ -170,7 +176,7 @@ fn find_bindir(given: Option<&Path>, pg_version: u32) -> Result<PathBuf, Error> 
 /// Settings that make the restored copy safe to start here: no archiving into the store,
 /// no TCP, trust on its private socket, small memory. Later lines of postgresql.auto.conf
 /// win over anything the backup carried.
-fn prepare(data: &Path, socket: &Path) -> Result<(), Error> {
+fn prepare(data: &Path, socket: &Path, owned: &[&Path]) -> Result<(), Error> {
     let conf = data.join("postgresql.conf");
     if !conf.exists() {
         // Clusters configured under /etc (Debian) back up no postgresql.conf.
@@ -193,9 +199,10 @@ fn prepare(data: &Path, socket: &Path) -> Result<(), Error> {
     fs::write(&ident, b"").map_err(|e| Error::local("write", &ident, e))?;
     if is_root() {
         // PostgreSQL refuses to run as root: the copy belongs to the postgres user.
-        let parent = socket.to_path_buf();
-        run_tool(Command::new("chown").args(["-R", "postgres:", &parent.display().to_string()]))
-            .map_err(|e| Error::Config(format!("cannot give {} to the postgres user: {e}", parent.display())))?;
+        for dir in owned {
+            run_tool(Command::new("chown").args(["-R", "postgres:", &dir.display().to_string()]))
+                .map_err(|e| Error::Config(format!("cannot give {} to the postgres user: {e}", dir.display())))?;
+        }
     }
     Ok(())
 }
@@ -220,23 +227,29 @@ fn run_tool(cmd: &mut Command) -> Result<Output, String> {
     }
 }
 
-/// The temporary folder; removed when dropped unless kept.
+/// The temporary folder, and a short one for the server's socket (a Unix socket path must
+/// fit in 107 bytes, which a deep drill folder may not); removed when dropped unless kept.
 struct Folder {
     path: PathBuf,
+    socket: PathBuf,
     keep: bool,
 }
 
 impl Folder {
     fn create(parent: &Path, backup: &str, keep: bool) -> Result<Folder, Error> {
         let path = parent.join(format!("walrs-drill-{backup}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).map_err(|e| Error::local("create", &path, e))?;
-        Ok(Folder { path, keep })
+        let socket = std::env::temp_dir().join(format!("walrs-drill-{}", std::process::id()));
+        for dir in [&path, &socket] {
+            let _ = fs::remove_dir_all(dir);
+            fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
+        }
+        Ok(Folder { path, socket, keep })
     }
 }
 
 impl Drop for Folder {
     fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.socket);
         if !self.keep {
             let _ = fs::remove_dir_all(&self.path);
         }
@@ -248,6 +261,7 @@ struct Server {
     bindir: PathBuf,
     data: PathBuf,
     socket: PathBuf,
+    log: PathBuf,
     port: u16,
 }
 
@@ -256,7 +270,10 @@ impl Server {
     fn tool(&self, name: &str) -> Command {
         let program = self.bindir.join(name);
         let mut cmd = if is_root() {
-            let mut c = Command::new("runuser");
+            // runuser lives in sbin, which a minimal PATH (cron's, PostgreSQL's) may lack.
+            let runuser =
+                ["/usr/sbin/runuser", "/sbin/runuser"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("runuser");
+            let mut c = Command::new(runuser);
             c.args(["-u", "postgres", "--"]).arg(program);
             c
         } else {
@@ -267,7 +284,7 @@ impl Server {
     }
 
     fn log(&self) -> PathBuf {
-        self.socket.join("postgres.log")
+        self.log.clone()
     }
 
     fn start(&self, timeout: Duration) -> Result<(), String> {

@@ -69,7 +69,7 @@ impl Case {
         self.cwd = Some(dir.to_path_buf());
         self
     }
-    fn as_postgres(mut self) -> Case {
+    fn by_postgres(mut self) -> Case {
         self.as_postgres = true;
         self
     }
@@ -204,7 +204,7 @@ fn bad_input_gets_one_clear_line_a_documented_code_and_loses_nothing() {
     let old_version = identity("pg14-store", &sysid, 14);
     let not_pgdata = wd.pg_dir("not-pgdata");
     let libpq = |c: Case| {
-        c.env("PGHOST", "127.0.0.1").env("PGPORT", &pg.port.to_string()).env("PGUSER", "postgres").as_postgres()
+        c.env("PGHOST", "127.0.0.1").env("PGPORT", &pg.port.to_string()).env("PGUSER", "postgres").by_postgres()
     };
 
     let dest = p(&out.join("RECOVERYXLOG"));
@@ -235,7 +235,7 @@ fn bad_input_gets_one_clear_line_a_documented_code_and_loses_nothing() {
         case("a missing config file", 3, &["--config", &p(&configs.join("nope.toml")), "wal-push", &p(&archived)], &["nope.toml", "--config"]),
         case("a config file that is not TOML", 3, &["--config", &p(&bad_toml), "wal-push", &p(&archived)], &["bad.toml", "TOML"]),
         case("a config file with an unknown key", 3, &["--config", &p(&unknown_key), "wal-push", &p(&archived)], &["unknown.toml", "\\\"stor\\\""]),
-        case("an unreadable config file", 3, &["wal-push", &p(&archived)], &["secret.toml", "WALRS_CONFIG"]).env("WALRS_CONFIG", &p(&unreadable_toml)).as_postgres(),
+        case("an unreadable config file", 3, &["wal-push", &p(&archived)], &["secret.toml", "WALRS_CONFIG"]).env("WALRS_CONFIG", &p(&unreadable_toml)).by_postgres(),
         case("an unknown compression", 3, &["wal-push", &p(&archived)], &["WALRS_COMPRESSION", "gzip", "lz4"]).env("WALRS_COMPRESSION", "gzip"),
         case("a zstd level out of range", 3, &["wal-push", &p(&archived)], &["WALRS_ZSTD_LEVEL", "99", "1 to 19"]).env("WALRS_ZSTD_LEVEL", "99"),
         case("an unknown log level", 3, &["wal-push", &p(&archived)], &["WALRS_LOG_LEVEL", "loud"]).env("WALRS_LOG_LEVEL", "loud"),
@@ -257,16 +257,16 @@ fn bad_input_gets_one_clear_line_a_documented_code_and_loses_nothing() {
         case("a binary backup history file", 4, &["wal-push", &p(&binary_backup)], &[".backup", "text"]),
         case("a directory named like a segment", 11, &["wal-push", &p(&dir_as_segment)], &[&ws(&p(&dir_as_segment)), "directory"]),
         case("a path that does not exist", 11, &["wal-push", &p(&missing_segment)], &[&ws(&p(&missing_segment)), "No such file"]),
-        case("an unreadable segment", 11, &["wal-push", &p(&unreadable)], &[&ws(&p(&unreadable)), "Permission denied"]).as_postgres(),
+        case("an unreadable segment", 11, &["wal-push", &p(&unreadable)], &[&ws(&p(&unreadable)), "Permission denied"]).by_postgres(),
         // --- wal-fetch destinations: 204, 211 -------------------------------------------
         case("wal-fetch into a directory", 204, &["wal-fetch", &name3, &p(&out)], &[&ws(&p(&out)), "not a regular file"]),
         case("wal-fetch into a missing directory", 211, &["wal-fetch", &name3, &p(&out.join("no/dir/x"))], &[&ws(&p(&out.join("no/dir"))), "No such file"]),
-        case("wal-fetch into a folder it cannot write", 211, &["wal-fetch", &name3, &p(&locked.join("x"))], &[&ws(&p(&locked)), "Permission denied"]).as_postgres(),
+        case("wal-fetch into a folder it cannot write", 211, &["wal-fetch", &name3, &p(&locked.join("x"))], &[&ws(&p(&locked)), "Permission denied"]).by_postgres(),
         // --- stores: 7, 8, 9 --------------------------------------------------------------
         case("wal-push into a missing store directory", 9, &["wal-push", &p(&archived)], &["never-created", "create it"]).store(&missing_store),
         case("wal-fetch from a missing store directory", 209, &["wal-fetch", &name3, &dest], &["never-created", "create it"]).store(&missing_store),
         case("backup-list of a missing store directory", 9, &["backup-list"], &["never-created", "create it"]).store(&missing_store),
-        case("wal-push into a store it cannot write", 11, &["wal-push", &p(&seg("root-store-4", 1, 4, SYSID, 1))], &["root-store", "Permission denied"]).store(&root_store).as_postgres(),
+        case("wal-push into a store it cannot write", 11, &["wal-push", &p(&seg("root-store-4", 1, 4, SYSID, 1))], &["root-store", "Permission denied"]).store(&root_store).by_postgres(),
         case("S3 with a wrong secret key, wal-push", 8, &["wal-push", &p(&seg("s3-4", 1, 4, SYSID, 1))], &["credentials"]).store(&s3_store).env("AWS_SECRET_ACCESS_KEY", wrong_secret),
         case("S3 with a wrong secret key, wal-fetch", 208, &["wal-fetch", &name3, &dest], &["credentials"]).store(&s3_store).env("AWS_SECRET_ACCESS_KEY", wrong_secret),
         case("S3 with an unknown access key", 8, &["backup-list"], &["credentials"]).store(&s3_store).env("AWS_ACCESS_KEY_ID", "AKNOSUCHKEY"),

@@ -1,0 +1,251 @@
+//! Issue 5's safety checks on real clusters: client-side encryption end to end (every
+//! stored WAL object, partition and manifest sealed, nothing readable in them, a restore
+//! that reaches the primary's checksums, a wrong or missing key refused by id, tampered and
+//! truncated objects refused with nothing written), `backup-verify` naming a damaged
+//! partition and a missing WAL segment, and the restore drill passing on a good backup and
+//! failing on a damaged one.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::pg::PgCluster;
+use crate::harness::s3::S3Server;
+use crate::harness::workdir::chown_postgres;
+use crate::harness::{files_under, flip_middle_byte, read, sha256_hex, Run, StoreEnv, WalRs, WorkDir};
+
+const KEY_A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+const KEY_B: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// Exit of wal-fetch outside a standby for a key failure (200 + 14) and for corruption.
+const FETCH_KEY: i32 = 214;
+const FETCH_CORRUPT: i32 = 210;
+
+/// A key file readable by the postgres user (archive_command and restore_command run as it).
+fn key_file(wd: &WorkDir, name: &str, keys: &[&str]) -> PathBuf {
+    let path = wd.join(name);
+    fs::write(&path, keys.iter().map(|k| format!("{k}\n")).collect::<String>()).expect("writing a key file");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod key file");
+    chown_postgres(&path);
+    path
+}
+
+/// The id wal-rs shows for a key: the first 8 bytes of sha256("wal-rs key id v1\0" || key).
+fn key_id(hex_key: &str) -> String {
+    let mut bytes = b"wal-rs key id v1\0".to_vec();
+    bytes.extend(hex::decode(hex_key).expect("hex key"));
+    sha256_hex(&bytes)[..16].to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+#[track_caller]
+fn json_of(run: &Run) -> Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:#?}"))
+}
+
+/// wal-rs as the DBA runs backup commands against `c`.
+fn dba(wd: &WorkDir, store: &StoreEnv, c: &PgCluster) -> WalRs {
+    WalRs::new(wd, store)
+        .run_as_postgres()
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", &c.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+}
+
+/// The stored objects wal-rs must seal: WAL, partitions, manifests (not the readable
+/// sentinels, metadata.json and walrs/ records).
+fn sealed_objects(store: &StoreEnv) -> Vec<PathBuf> {
+    let root = &store.objects_root;
+    let mut out: Vec<PathBuf> = files_under(root)
+        .into_iter()
+        .filter(|rel| {
+            let s = rel.to_string_lossy();
+            let hidden = rel.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            !hidden
+                && (s.starts_with("wal_005/") || s.contains("/tar_partitions/") || s.ends_with("walrs_manifest.json"))
+        })
+        .map(|rel| root.join(rel))
+        .collect();
+    out.sort();
+    out
+}
+
+const ROWS: &str = "select count(*) || ':' || md5(string_agg(note, ',' order by id)) from secret";
+
+#[test]
+fn local_store_encrypted_archive_and_backup_round_trip() {
+    let wd = WorkDir::new("enc-local");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    encrypted_round_trip(&wd, &store);
+}
+
+#[test]
+fn s3_store_encrypted_archive_and_backup_round_trip() {
+    let wd = WorkDir::new("enc-s3");
+    let s3 = S3Server::start(&wd);
+    encrypted_round_trip(&wd, &s3.store("clusters/enc"));
+}
+
+fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
+    let keys = key_file(wd, "keys", &[KEY_A]);
+    let store = plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&keys));
+    let primary = PgCluster::init(wd, "primary");
+    primary.archive_to(&store);
+    primary.start();
+    primary.query("create table secret (id int primary key, note text not null)");
+    primary.query("insert into secret select g, 'TOPSECRET-' || g from generate_series(1, 5000) g");
+    let walrs = dba(wd, &store, &primary);
+    walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]).expect_code(0, "encrypted backup-push");
+    primary.query("insert into secret select g, 'TOPSECRET-after-' || g from generate_series(5001, 6000) g");
+    let expected = primary.one(ROWS);
+    primary.switch_wal_and_wait_archived();
+
+    // Every WAL object, partition and manifest is sealed, and no row text shows through.
+    let sealed = sealed_objects(&store);
+    assert!(sealed.len() >= 5, "too few objects to check: {sealed:?}");
+    for path in &sealed {
+        let bytes = read(path);
+        assert_eq!(&bytes[..8.min(bytes.len())], b"WALRSENC", "{} is not encrypted", path.display());
+        assert!(!bytes.windows(9).any(|w| w == b"TOPSECRET"), "{} shows row text", path.display());
+    }
+    // Sentinels stay readable: listing needs no key.
+    let listed = WalRs::new(wd, plain).run(&["backup-list", "--json"]);
+    listed.expect_code(0, "backup-list without the key");
+    assert_eq!(json_of(&listed).as_array().map(Vec::len), Some(1), "{listed:#?}");
+    // The key never shows; its id does.
+    let config = walrs.run(&["config"]);
+    config.expect_code(0, "config");
+    assert!(config.stdout.contains(&key_id(KEY_A)), "{config:#?}");
+    assert!(!config.stdout.contains(KEY_A) && !config.stderr.contains(KEY_A), "the key was printed: {config:#?}");
+
+    // A restore with the key reaches the primary's rows.
+    let dest = wd.join("restored");
+    let run = walrs.run(&["backup-fetch", path_str(&dest), "LATEST", "--json"]);
+    run.expect_code(0, "encrypted backup-fetch");
+    let copy = PgCluster::adopt(wd, "restored");
+    copy.set(&[("archive_mode", "off")]);
+    let server_env: Vec<(String, String)> = store
+        .vars
+        .iter()
+        .filter(|(k, _)| {
+            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"].contains(&k.as_str())
+        })
+        .cloned()
+        .collect();
+    copy.start_with_env(&server_env);
+    copy.wait_recovery_done(Duration::from_secs(120));
+    assert_eq!(copy.one(ROWS), expected, "the encrypted restore does not hold the primary's rows");
+    copy.stop();
+
+    // A wrong key and no key: refused by id, nothing written, no key printed.
+    let segment = store.wal_objects().into_iter().find(|n| n.len() == 28 && n.ends_with(".lz4")).expect("a segment");
+    let name = &segment[..24];
+    let target = wd.join("fetched");
+    let wrong = key_file(wd, "other-keys", &[KEY_B]);
+    let run = WalRs::new(wd, &plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&wrong))).fetch(name, &target);
+    run.expect_code(FETCH_KEY, "wal-fetch with the wrong key");
+    assert!(run.stderr.contains(&key_id(KEY_A)) && run.stderr.contains(&key_id(KEY_B)), "{run:#?}");
+    assert!(!run.stderr.contains(KEY_A) && !run.stderr.contains(KEY_B), "a key was printed: {run:#?}");
+    let run = WalRs::new(wd, plain).fetch(name, &target);
+    run.expect_code(FETCH_KEY, "wal-fetch with no key");
+    assert!(run.stderr.contains("WALRS_ENCRYPTION_KEY_FILE"), "{run:#?}");
+    let run = WalRs::new(wd, &plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&wrong))).run(&[
+        "backup-fetch",
+        path_str(&wd.join("wrong-key-restore")),
+        "LATEST",
+    ]);
+    run.expect_code(14, "backup-fetch with the wrong key");
+    assert!(!target.exists(), "a refused fetch wrote {}", target.display());
+
+    // Rotation: a new key first, the old one kept, opens the old objects.
+    let rotated = key_file(wd, "rotated-keys", &[KEY_B, KEY_A]);
+    let run = WalRs::new(wd, &plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&rotated))).fetch(name, &target);
+    run.expect_code(0, "wal-fetch after a key rotation");
+    fs::remove_file(&target).unwrap();
+
+    // Tampered and truncated ciphertext: refused as corrupt, nothing written.
+    let object = store.wal_object(name);
+    let original = read(&object);
+    flip_middle_byte(&object);
+    let run = WalRs::new(wd, &store).fetch(name, &target);
+    run.expect_code(FETCH_CORRUPT, "wal-fetch of a tampered object");
+    assert!(run.stderr.contains("authentication"), "{run:#?}");
+    assert!(!target.exists(), "a tampered object was restored");
+    fs::write(&object, &original[..original.len() - 1000]).unwrap();
+    let run = WalRs::new(wd, &store).fetch(name, &target);
+    run.expect_code(FETCH_CORRUPT, "wal-fetch of a truncated object");
+    assert!(!target.exists(), "a truncated object was restored");
+    fs::write(&object, &original).unwrap();
+    WalRs::new(wd, &store).fetch(name, &target).expect_code(0, "wal-fetch of the repaired object");
+}
+
+#[test]
+fn local_store_backup_verify_and_restore_drill_find_damage() {
+    let wd = WorkDir::new("verify-drill");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let primary = PgCluster::init(&wd, "primary");
+    primary.archive_to(&store);
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2", "-q"]);
+    let walrs = dba(&wd, &store, &primary);
+    let pushed = walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]);
+    pushed.expect_code(0, "backup-push");
+    let backup = json_of(&pushed)["name"].as_str().expect("a name").to_string();
+
+    let run = walrs.run(&["backup-verify", "LATEST", "--json"]);
+    run.expect_code(0, "backup-verify of a good backup");
+    let report = json_of(&run);
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(report["files"].as_u64().unwrap_or(0) > 500, "{report}");
+    assert!(report["wal_segments"].as_u64().unwrap_or(0) >= 1, "{report}");
+
+    // The drill runs as root here: it gives its copy to postgres and starts it as postgres.
+    let drills = wd.pg_dir("drills");
+    let as_root = WalRs::new(&wd, &store).env("PGUSER", "postgres");
+    let run = as_root.run(&["backup-verify", &backup, "--restore-drill", "--drill-dir", path_str(&drills), "--json"]);
+    run.expect_code(0, "restore drill of a good backup");
+    let drill = json_of(&run);
+    assert_eq!(drill["passed"], true, "{drill}");
+    assert!(drill["databases"].as_u64().unwrap_or(0) >= 2, "{drill}");
+    assert!(drill["tables"].as_u64().unwrap_or(0) >= 4, "pgbench's tables were not found: {drill}");
+    assert!(fs::read_dir(&drills).unwrap().next().is_none(), "the drill left its folder behind");
+
+    // A flipped byte in a data partition: backup-verify names it, the drill fails.
+    let parts = store.object_path(&format!("basebackups_005/{backup}/tar_partitions"));
+    let part = files_under(&parts)
+        .into_iter()
+        .map(|p| parts.join(p))
+        .filter(|p| !p.to_string_lossy().contains("pg_control"))
+        .max_by_key(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a data partition");
+    let part_name = part.file_name().unwrap().to_string_lossy().into_owned();
+    flip_middle_byte(&part);
+    let run = walrs.run(&["backup-verify", "LATEST", "--json"]);
+    run.expect_code(10, "backup-verify of a damaged backup");
+    let report = json_of(&run);
+    assert_eq!(report["ok"], false, "{report}");
+    let problems = report["problems"].as_array().expect("problems");
+    assert!(problems.iter().any(|p| p["object"].as_str().unwrap_or("").ends_with(&part_name)), "{report}");
+    let run = as_root.run(&["backup-verify", &backup, "--restore-drill", "--drill-dir", path_str(&drills), "--json"]);
+    run.expect_code(10, "restore drill of a damaged backup");
+    assert!(run.stderr.contains(&part_name), "the drill's error does not name the partition: {run:#?}");
+    assert!(fs::read_dir(&drills).unwrap().next().is_none(), "the failed drill left its folder behind");
+
+    // A missing WAL segment the backup needs: named as a range.
+    let needed = report["wal_segments"].as_u64().unwrap_or(0);
+    assert!(needed >= 1, "{report}");
+    let first = backup.trim_start_matches("base_").to_string();
+    fs::remove_file(store.wal_object(&first)).expect("removing the backup's first WAL segment");
+    let run = walrs.run(&["backup-verify", "LATEST", "--json"]);
+    run.expect_code(10, "backup-verify with a missing segment");
+    let report = json_of(&run);
+    let problems = report["problems"].as_array().expect("problems");
+    assert!(problems.iter().any(|p| p["object"].as_str().unwrap_or("").contains(&first)), "{report}");
+}
