@@ -245,7 +245,9 @@ struct DataJob {
 impl DataJob {
     fn run(self) -> Result<Vec<PartitionEntry>, Error> {
         let (tx, rx) = sync_channel(256);
-        let rx = Mutex::new(rx);
+        // The receiver is dropped once the workers stop, so a walker blocked on a full
+        // channel after a failure gets an error instead of waiting forever.
+        let rx = Mutex::new(Some(rx));
         let next_number = AtomicUsize::new(1);
         let failed = AtomicBool::new(false);
         let done = Mutex::new(Vec::new());
@@ -277,7 +279,7 @@ impl DataJob {
                 let _ = w.join();
             }
             // Workers stopped early: unblock the walker.
-            drop(rx.lock().unwrap());
+            drop(rx.lock().unwrap().take());
             let _ = walker.join();
         });
         if let Some(e) = first_error.into_inner().unwrap() {
@@ -290,7 +292,7 @@ impl DataJob {
 
     fn worker(
         &self,
-        rx: &Mutex<std::sync::mpsc::Receiver<walk::Entry>>,
+        rx: &Mutex<Option<std::sync::mpsc::Receiver<walk::Entry>>>,
         next_number: &AtomicUsize,
         failed: &AtomicBool,
         done: &Mutex<Vec<PartitionEntry>>,
@@ -300,9 +302,9 @@ impl DataJob {
             if failed.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let entry = match rx.lock().unwrap().recv() {
-                Ok(e) => e,
-                Err(_) => break,
+            let entry = match rx.lock().unwrap().as_ref().map(|r| r.recv()) {
+                Some(Ok(e)) => e,
+                _ => break,
             };
             if current.is_none() {
                 let number = next_number.fetch_add(1, Ordering::Relaxed);
@@ -320,11 +322,14 @@ impl DataJob {
             p.append(&entry).map_err(|e| partition_error(e, &self.name))?;
             self.progress.add(p.bytes_read - before);
             if p.tar_size() >= self.partition_size {
-                done.lock().unwrap().push(publish(current.take().unwrap(), &self.name)?);
+                // Published outside the lock: partitions upload in parallel.
+                let entry = publish(current.take().unwrap(), &self.name)?;
+                done.lock().unwrap().push(entry);
             }
         }
         if let Some(p) = current.take() {
-            done.lock().unwrap().push(publish(p, &self.name)?);
+            let entry = publish(p, &self.name)?;
+            done.lock().unwrap().push(entry);
         }
         Ok(())
     }

@@ -81,6 +81,16 @@ pub(super) async fn run(config: &Config, words: &[String], confirm: bool, as_jso
             store.delete_many(&phase).await?;
         }
     }
+    if request == Request::Garbage {
+        // Killed writers' temporary files are garbage too (never listed as objects).
+        let (files, bytes) = store.sweep_abandoned(policy.garbage_min_age, confirm).await?;
+        if files > 0 && !as_json {
+            println!(
+                "{} {files} abandoned temporary files ({bytes} bytes) of killed writers",
+                if confirm { "deleted" } else { "would delete" }
+            );
+        }
+    }
     Ok(outcome)
 }
 

@@ -133,6 +133,51 @@ impl LocalStore {
         }
     }
 
+    /// Writers' temporary files (`.<name>.tmp.<pid>.<n>`) not modified for `older_than`, in
+    /// the whole store; removed when `remove`. A writer still running touches its file as it
+    /// writes, so an old one belongs to a killed process.
+    pub(super) fn sweep_abandoned(
+        &self,
+        older_than: std::time::Duration,
+        remove: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut found = (0u64, 0u64);
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Self::io_err("list", &dir, e)),
+            };
+            for entry in entries.flatten() {
+                let Ok(ft) = entry.file_type() else { continue };
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if ft.is_dir() {
+                    pending.push(entry.path());
+                    continue;
+                }
+                if !(ft.is_file() && name.starts_with('.') && name.contains(".tmp.")) {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
+                if age < older_than {
+                    continue;
+                }
+                if remove {
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(Self::io_err("delete", &entry.path(), e)),
+                    }
+                }
+                found.0 += 1;
+                found.1 += meta.len();
+            }
+        }
+        Ok(found)
+    }
+
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         if !self.root.is_dir() {
             return Err(StoreError::StoreMissing { store: self.url() });
@@ -284,5 +329,32 @@ fn create_dirs_durably(root: &Path, dir: &Path) -> Result<(), StoreError> {
         Ok(()) => fsync_dir(dir.parent().unwrap_or(root)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(LocalStore::io_err("create directory", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn abandoned_temporary_files_are_swept_once_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        fs::create_dir_all(dir.path().join("wal_005")).unwrap();
+        let old = dir.path().join("wal_005/.000000010000000000000001.lz4.tmp.77.0");
+        let fresh = dir.path().join("wal_005/.000000010000000000000002.lz4.tmp.78.0");
+        let object = dir.path().join("wal_005/000000010000000000000001.lz4");
+        for p in [&old, &fresh, &object] {
+            fs::write(p, b"12345").unwrap();
+        }
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        fs::File::options().write(true).open(&old).unwrap().set_modified(hour_ago).unwrap();
+        fs::File::options().write(true).open(&object).unwrap().set_modified(hour_ago).unwrap();
+        let minute = Duration::from_secs(60);
+        assert_eq!(store.sweep_abandoned(minute, false).unwrap(), (1, 5));
+        assert!(old.exists(), "a dry run removed a file");
+        assert_eq!(store.sweep_abandoned(minute, true).unwrap(), (1, 5));
+        assert!(!old.exists() && fresh.exists() && object.exists());
     }
 }

@@ -249,6 +249,21 @@ impl Store {
         }
     }
 
+    /// Temporary files of writers that were killed before publishing (local stores only:
+    /// S3 never shows an unfinished upload as an object, and its abandoned multipart
+    /// uploads are the bucket lifecycle rule's job) untouched for `older_than`: counted, and
+    /// removed when `remove`. Returns (files, bytes).
+    pub async fn sweep_abandoned(
+        &self,
+        older_than: std::time::Duration,
+        remove: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        match self {
+            Store::Local(s) => s.sweep_abandoned(older_than, remove),
+            _ => Ok((0, 0)),
+        }
+    }
+
     /// Whether objects named exactly `keys[i]` exist: the first found, in the given order.
     /// Locally a few `stat`s; on S3 one listing of their common prefix, so that probing
     /// every compression costs one request, not one per extension.
