@@ -55,7 +55,12 @@ pub(super) struct FetchedBackup {
 }
 
 pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBackup, Error> {
-    refuse_non_empty(&args.dest)?;
+    // A rerun after an interrupted restore starts over in the same folders; anything else
+    // already there is never touched.
+    let resuming = is_interrupted_restore(&args.dest);
+    if !resuming {
+        refuse_non_empty(&args.dest)?;
+    }
     let store = open_store(config).await?;
     let backups = catalog::list(&store).await?;
     let selector = selector(args)?;
@@ -82,7 +87,9 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
             trimmed => trimmed,
         };
         let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(original));
-        refuse_non_empty(&dir)?;
+        if !(resuming && dir.join(INCOMPLETE_MARKER).exists()) {
+            refuse_non_empty(&dir)?;
+        }
         tablespaces.insert(ts.oid.clone(), dir);
     }
     for oid in remap.keys() {
@@ -93,11 +100,22 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
             )));
         }
     }
+    if resuming {
+        for dir in std::iter::once(&args.dest).chain(tablespaces.values()) {
+            log::emit(
+                Level::Warn,
+                &[("op", &"backup-fetch"), ("dir", &dir.display()), ("outcome", &"clearing an interrupted restore")],
+            );
+            clear_dir(dir)?;
+        }
+    }
     create_dir(&args.dest)?;
+    mark_incomplete(&args.dest)?;
     let tblspc = args.dest.join("pg_tblspc");
     create_dir(&tblspc)?;
     for (oid, dir) in &tablespaces {
         create_dir(dir)?;
+        mark_incomplete(dir)?;
         std::os::unix::fs::symlink(dir, tblspc.join(oid)).map_err(|e| Error::local("link", &tblspc.join(oid), e))?;
     }
     let plan = ExtractPlan { dest: args.dest.clone(), tablespaces: tablespaces.clone() };
@@ -136,6 +154,11 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         tokio::task::spawn_blocking(move || job.place_pg_control(&control))
             .await
             .expect("the pg_control task panicked")?;
+        // Complete: from here on the folders are a restored cluster, never cleared.
+        for dir in std::iter::once(&args.dest).chain(tablespaces.values()) {
+            let marker = dir.join(INCOMPLETE_MARKER);
+            fs::remove_file(&marker).map_err(|e| Error::local("remove", &marker, e))?;
+        }
     } else {
         return Err(Error::Corrupt {
             key: format!("{}/{}", store.url(), layout::backup_file_key(&backup.name, "tar_partitions")),
@@ -194,6 +217,39 @@ async fn partitions_of(
         .collect();
     parts.sort_by_key(|p| (p.name.starts_with("pg_control"), p.name.clone()));
     Ok((None, parts))
+}
+
+/// Written into DEST (and each tablespace folder) before anything else, removed once
+/// `global/pg_control` is in place: it marks folders a rerun may clear and restore again.
+const INCOMPLETE_MARKER: &str = ".walrs-restore-incomplete";
+
+/// Whether DEST holds a restore by wal-rs that never finished: the marker, and no
+/// `global/pg_control` (a folder with pg_control is a cluster and is never cleared).
+fn is_interrupted_restore(dest: &Path) -> bool {
+    dest.join(INCOMPLETE_MARKER).is_file() && !dest.join("global/pg_control").exists()
+}
+
+fn mark_incomplete(dir: &Path) -> Result<(), Error> {
+    let marker = dir.join(INCOMPLETE_MARKER);
+    fs::write(&marker, b"a wal-rs backup-fetch that has not finished; a rerun clears this folder\n")
+        .map_err(|e| Error::local("write", &marker, e))
+}
+
+/// Removes everything inside `dir` (not `dir` itself, which may be a mount point).
+fn clear_dir(dir: &Path) -> Result<(), Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::local("read", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::local("read", dir, e))?;
+        let path = entry.path();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        removed.map_err(|e| Error::local("remove", &path, e))?;
+    }
+    Ok(())
 }
 
 fn refuse_non_empty(dir: &Path) -> Result<(), Error> {

@@ -19,7 +19,8 @@
 //!   trusted) and WAL prefetch (exact names, timeline switches, a vanished folder).
 //! - `compat`: fetching from, and recovering a cluster from, a WAL-G-layout store.
 //! - `security`: client-side encryption end to end (sealed objects, wrong and missing keys,
-//!   rotation, tampering), `backup-verify` and the restore drill on good and damaged backups.
+//!   rotation, tampering), `backup-verify` and the restore drill on good and damaged backups,
+//!   a rerun of backup-fetch into an interrupted restore.
 //! - `retention`: `delete retain 2` across a timeline switch removes exactly what the rules
 //!   say and both kept backups restore; `wal-verify` names a deleted segment; a permanent
 //!   backup survives `delete everything`; a recent unfinished backup is left alone by

@@ -217,6 +217,25 @@ fn local_store_backup_verify_and_restore_drill_find_damage() {
     assert!(drill["tables"].as_u64().unwrap_or(0) >= 4, "pgbench's tables were not found: {drill}");
     assert!(fs::read_dir(&drills).unwrap().next().is_none(), "the drill left its folder behind");
 
+    // An interrupted restore (its marker, no pg_control) is cleared by the rerun; the same
+    // folder once restored is refused.
+    let resume = wd.pg_dir("resume");
+    fs::write(resume.join(".walrs-restore-incomplete"), b"").unwrap();
+    fs::create_dir_all(resume.join("base/1")).unwrap();
+    fs::write(resume.join("base/1/leftover"), b"half a file").unwrap();
+    for rel in [".walrs-restore-incomplete", "base", "base/1", "base/1/leftover"] {
+        chown_postgres(&resume.join(rel));
+    }
+    walrs
+        .run(&["backup-fetch", path_str(&resume), "LATEST"])
+        .expect_code(0, "backup-fetch into an interrupted restore");
+    assert!(!resume.join("base/1/leftover").exists(), "the interrupted restore's files were kept");
+    assert!(!resume.join(".walrs-restore-incomplete").exists(), "a finished restore kept its marker");
+    assert!(resume.join("global/pg_control").exists(), "the resumed restore has no pg_control");
+    let run = walrs.run(&["backup-fetch", path_str(&resume), "LATEST"]);
+    run.expect_code(4, "backup-fetch into a finished restore");
+    assert!(resume.join("global/pg_control").exists(), "a refused backup-fetch touched the folder");
+
     // A flipped byte in a data partition: backup-verify names it, the drill fails.
     let parts = store.object_path(&format!("basebackups_005/{backup}/tar_partitions"));
     let part = files_under(&parts)

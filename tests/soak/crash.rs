@@ -8,8 +8,10 @@
 //! three pushes are rerun and must all succeed with the right content.
 //!
 //! `crash_backups`: 10 kills of backup-push, then 10 of backup-fetch, of a live primary.
-//! After each, every backup backup-list shows restores and verifies, a rerun succeeds, and
-//! a half-restored folder has no pg_control and `pg_ctl start` refuses it.
+//! After each, every backup backup-list shows restores and verifies, a rerun succeeds, a
+//! half-restored folder has no pg_control and `pg_ctl start` refuses it, a rerun of
+//! backup-fetch into that folder clears it and restores, and one into a finished restore is
+//! refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -331,6 +333,7 @@ fn crash_backups() {
     let started = Instant::now();
     let latest = listed(&walrs).last().unwrap().clone();
     let (mut interrupted, mut start_refused, mut refused_rerun, mut files_verified) = (0u64, 0u64, 0u64, 0usize);
+    let mut resumed_in_place = 0u64;
     let mut last_dest = PathBuf::new();
     for trial in 0..trials {
         let dest = wd.join(&format!("restore-{trial}"));
@@ -356,19 +359,22 @@ fn crash_backups() {
                 }
                 start_refused += 1;
             }
-            // A rerun into the same folder is refused (it is not empty), naming it.
+            // A rerun into the same, half-restored folder clears it and restores.
             if dest.exists() && fs::read_dir(&dest).unwrap().next().is_some() {
-                let run = walrs.run(&["backup-fetch", p(&dest), &latest]);
-                run.expect_code(4, "backup-fetch into a half-restored folder");
-                assert!(run.stderr.contains(p(&dest)), "{run:#?}");
-                refused_rerun += 1;
+                resumed_in_place += 1;
             }
         } else {
             assert_eq!(code, Some(0), "backup-fetch {trial} failed by itself: {}", fs::read_to_string(&log).unwrap());
+            remove(&dest);
         }
-        remove(&dest);
         files_verified +=
             fetch_ok(&walrs, &dest, &latest, &format!("backup-fetch rerun after kill {trial} (seed {seed})"));
+        assert!(!dest.join(".walrs-restore-incomplete").exists(), "a finished restore kept its marker");
+        // A finished restore is a cluster: a rerun into it is refused, naming it.
+        let run = walrs.run(&["backup-fetch", p(&dest), &latest]);
+        run.expect_code(4, "backup-fetch into a restored folder");
+        assert!(run.stderr.contains(p(&dest)), "{run:#?}");
+        refused_rerun += 1;
         if trial + 1 < trials {
             remove(&dest);
         }
@@ -396,7 +402,8 @@ fn crash_backups() {
             "killed_mid_restore": interrupted,
             "finished_before_kill": trials - interrupted,
             "start_refused": start_refused,
-            "rerun_into_same_folder_refused": refused_rerun,
+            "reruns_into_the_half_restored_folder": resumed_in_place,
+            "rerun_into_a_restored_folder_refused": refused_rerun,
             "reruns_succeeded": trials,
             "files_verified": files_verified,
             "kill_window_ms": fetch_window,
