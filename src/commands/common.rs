@@ -13,6 +13,47 @@ use crate::store::{ObjectKey, Store};
 /// Metadata key holding the sha256 of an uncompressed object's bytes.
 pub(crate) const SHA256_METADATA: &str = "sha256";
 
+/// Runs `attempt` again after transient storage failures (a dropped connection, a cut
+/// response, 5xx) with backoff from 100 ms to 5 s, until `deadline` has passed since the
+/// first try; any other outcome is returned as is. Each retry is a warning line. The
+/// operations retried are idempotent: a create-only upload repeated after a lost answer
+/// finds its own object and compares content.
+pub(crate) async fn retry_transient<T, F, Fut>(
+    op: &str,
+    file: &dyn std::fmt::Display,
+    deadline: std::time::Duration,
+    mut attempt: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    use crate::log::{self, Level};
+    let until = std::time::Instant::now() + deadline;
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() && std::time::Instant::now() + delay < until => {
+                log::emit(
+                    Level::Warn,
+                    &[
+                        ("op", &op),
+                        ("file", &file),
+                        ("attempt", &n),
+                        ("retry_in_ms", &delay.as_millis()),
+                        ("error", &e),
+                    ],
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                n += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<Store>, Error> {
     let store = match config.require_store().map_err(Error::Config)? {

@@ -13,15 +13,15 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::common::{open_store, SHA256_METADATA};
+use super::common::{open_store, retry_transient, SHA256_METADATA};
 use super::wal_prefetch::Prefetch;
 use crate::codec::{self, decode::DecodeError, Compression, Sha256};
 use crate::config::{Config, FetchMode};
 use crate::error::Error;
 use crate::layout;
-use crate::log::{self, Level};
+
 use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
 use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
@@ -73,29 +73,10 @@ pub(crate) async fn fetch_with_retry(
     config: &Config,
     durable: bool,
 ) -> Result<FetchReport, Error> {
-    let deadline = Instant::now() + config.retry.deadline;
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        match fetch_once(store, name, dest, config.compression, durable).await {
-            Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
-                log::emit(
-                    Level::Warn,
-                    &[
-                        ("op", &"wal-fetch"),
-                        ("file", &name),
-                        ("attempt", &attempt),
-                        ("retry_in_ms", &delay.as_millis()),
-                        ("error", &e),
-                    ],
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    retry_transient("wal-fetch", name, config.retry.deadline, || {
+        fetch_once(store, name, dest, config.compression, durable)
+    })
+    .await
 }
 
 async fn fetch_once(

@@ -50,7 +50,9 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
     let permits = Arc::new(tokio::sync::Semaphore::new(config.archive.concurrency.max(1)));
     let main = async {
         let _permit = permits.acquire().await.expect("the semaphore is never closed");
-        push_file(&ctx, path).await
+        // PostgreSQL would retry a failed archive_command too, but only after a pause and
+        // with a failure in its log: a cut response or a 5xx is retried here first.
+        super::common::retry_transient("wal-push", &name, config.retry.deadline, || push_file(&ctx, path)).await
     };
     let (pg_wal, name) = (&pg_wal, &name);
     let ahead_pushes = futures_util::future::join_all(others.iter().map(|other| {
