@@ -198,7 +198,7 @@ pub(super) fn parse_target_time(text: &str) -> Result<time::OffsetDateTime, Erro
 }
 
 /// The manifest (wal-rs backups) and the partitions to restore, `pg_control` last.
-async fn partitions_of(
+pub(super) async fn partitions_of(
     store: &Arc<Store>,
     backup: &BackupInfo,
 ) -> Result<(Option<Manifest>, Vec<PartitionEntry>), Error> {

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract;
-use crate::backup::manifest::{self, FileEntry, PartitionEntry};
+use crate::backup::manifest::{FileEntry, PartitionEntry};
 use crate::codec::{self, Sha256};
 use crate::config::Config;
 use crate::error::Error;
@@ -69,10 +69,8 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
     let started = Instant::now();
     let store = open_store(config).await?;
     let backup = find_backup(&store, name).await?;
-    let (has_manifest, parts) = match &backup.sentinel.manifest {
-        Some(_) => (true, manifest::load_manifest(&store, &backup.name).await?.partitions),
-        None => (false, list_partitions(&store, &backup.name).await?),
-    };
+    let (manifest, parts) = super::backup_fetch::partitions_of(&store, &backup).await?;
+    let has_manifest = manifest.is_some();
     let mut problems = Vec::new();
     let (files, bytes_stored, bytes_original) = {
         let store = store.clone();
@@ -102,17 +100,6 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
         problems,
         ms: started.elapsed().as_millis(),
     })
-}
-
-/// The partitions of a backup without a manifest, from a listing.
-async fn list_partitions(store: &Arc<Store>, backup: &str) -> Result<Vec<PartitionEntry>, Error> {
-    let prefix = format!("{}/{backup}/tar_partitions/", layout::BACKUP_DIR);
-    Ok(store
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .map(|o| PartitionEntry { name: o.key.file_name().to_string(), stored_size: o.size, ..Default::default() })
-        .collect())
 }
 
 #[derive(Default)]
