@@ -23,7 +23,8 @@ use serde_json::Value;
 use crate::harness::pg::{as_postgres, run_ok, PgCluster, Rows};
 use crate::harness::s3::S3Server;
 use crate::harness::{
-    files_under, flip_middle_byte, lz4_cli_decompress, read, wait_until, Run, StoreEnv, WalRs, WorkDir,
+    files_under, flip_middle_byte, json_of, lz4_cli_decompress, path_str, read, wait_until, walrs_for, StoreEnv, WalRs,
+    WorkDir,
 };
 
 /// The exit codes of src/exit.rs the tests expect.
@@ -41,17 +42,6 @@ const RECOVERY: Duration = Duration::from_secs(120);
 
 // --- helpers ---------------------------------------------------------------------------------
 
-/// wal-rs as the DBA runs the backup commands: the postgres user, `store`, and libpq's
-/// environment pointing at `c`.
-fn walrs_for(wd: &WorkDir, store: &StoreEnv, c: &PgCluster) -> WalRs {
-    WalRs::new(wd, store)
-        .run_as_postgres()
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", &c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
-}
-
 /// What the PostgreSQL server of a restored copy needs in its environment for the
 /// restore_command backup-fetch wrote: the S3 credentials, which wal-rs never writes into
 /// postgresql.auto.conf. Nothing else: the store URL, endpoint, region and path style must
@@ -65,15 +55,6 @@ fn server_env(store: &StoreEnv) -> Vec<(String, String)> {
         })
         .cloned()
         .collect()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-#[track_caller]
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:#?}"))
 }
 
 /// `backup-push --fast --json PGDATA`; returns the backup's name.

@@ -7,14 +7,13 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::harness::pg::PgCluster;
 use crate::harness::s3::S3Server;
-use crate::harness::{craft_segment, segment_name, write_file, Run, StoreEnv, WalRs, WorkDir, SEG_SIZE};
+use crate::harness::{
+    craft_segment, json_of, path_str, segment_name, walrs_for, write_file, StoreEnv, WalRs, WorkDir, SEG_SIZE,
+};
 
 /// The exit codes of src/exit.rs these tests expect.
 const NOT_FOUND: i32 = 12;
@@ -22,24 +21,6 @@ const CONFLICT: i32 = 5;
 
 /// How long a restored cluster may take to replay the archive and promote.
 const RECOVERY: Duration = Duration::from_secs(120);
-
-fn walrs_for(wd: &WorkDir, store: &StoreEnv, c: &PgCluster) -> WalRs {
-    WalRs::new(wd, store)
-        .run_as_postgres()
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", &c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-#[track_caller]
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:#?}"))
-}
 
 #[track_caller]
 fn backup_push(walrs: &WalRs, c: &PgCluster) -> String {

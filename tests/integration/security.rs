@@ -7,15 +7,15 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::harness::pg::PgCluster;
 use crate::harness::s3::S3Server;
 use crate::harness::workdir::chown_postgres;
-use crate::harness::{files_under, flip_middle_byte, read, sha256_hex, Run, StoreEnv, WalRs, WorkDir};
+use crate::harness::{
+    files_under, flip_middle_byte, json_of, path_str, read, sha256_hex, walrs_for, StoreEnv, WalRs, WorkDir,
+};
 
 const KEY_A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const KEY_B: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
@@ -38,25 +38,6 @@ fn key_id(hex_key: &str) -> String {
     let mut bytes = b"wal-rs key id v1\0".to_vec();
     bytes.extend(hex::decode(hex_key).expect("hex key"));
     sha256_hex(&bytes)[..16].to_string()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-#[track_caller]
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:#?}"))
-}
-
-/// wal-rs as the DBA runs backup commands against `c`.
-fn dba(wd: &WorkDir, store: &StoreEnv, c: &PgCluster) -> WalRs {
-    WalRs::new(wd, store)
-        .run_as_postgres()
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", &c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
 }
 
 /// The stored objects wal-rs must seal: WAL, partitions, manifests (not the readable
@@ -101,7 +82,7 @@ fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
     primary.start();
     primary.query("create table secret (id int primary key, note text not null)");
     primary.query("insert into secret select g, 'TOPSECRET-' || g from generate_series(1, 5000) g");
-    let walrs = dba(wd, &store, &primary);
+    let walrs = walrs_for(wd, &store, &primary);
     walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]).expect_code(0, "encrypted backup-push");
     primary.query("insert into secret select g, 'TOPSECRET-after-' || g from generate_series(5001, 6000) g");
     let expected = primary.one(ROWS);
@@ -194,7 +175,7 @@ fn local_store_backup_verify_and_restore_drill_find_damage() {
     primary.archive_to(&store);
     primary.start();
     primary.pgbench(&["-i", "-s", "2", "-q"]);
-    let walrs = dba(&wd, &store, &primary);
+    let walrs = walrs_for(&wd, &store, &primary);
     let pushed = walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]);
     pushed.expect_code(0, "backup-push");
     let backup = json_of(&pushed)["name"].as_str().expect("a name").to_string();

@@ -206,12 +206,7 @@ fn crash_wal_push() {
 // --- backups ---------------------------------------------------------------------------------
 
 fn walrs_for(wd: &WorkDir, store: &StoreEnv, c: &PgCluster) -> WalRs {
-    WalRs::new(wd, store)
-        .run_as_postgres()
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", &c.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", "postgres")
+    crate::harness::walrs_for(wd, store, c)
         .env("WALRS_BACKUP_PARTITION_SIZE_MIB", "4")
         .env("WALRS_RETRY_DEADLINE_SECS", "60")
 }

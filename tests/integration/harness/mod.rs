@@ -361,3 +361,25 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A path as a command-line argument.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// What a `--json` run printed on stdout.
+#[track_caller]
+pub fn json_of(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:#?}"))
+}
+
+/// wal-rs as a DBA runs the backup commands: the postgres user, `store`, and libpq's
+/// environment pointing at `c`.
+pub fn walrs_for(wd: &WorkDir, store: &StoreEnv, c: &pg::PgCluster) -> WalRs {
+    WalRs::new(wd, store)
+        .run_as_postgres()
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", &c.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+}
