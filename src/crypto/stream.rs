@@ -8,6 +8,7 @@ use chacha20poly1305::XChaCha20Poly1305;
 
 use super::format::{Header, CHUNK_LOG2, HEADER_LEN, MAGIC, NONCE_PREFIX_LEN, TAG_LEN};
 use super::keys::{Key, KeyId, KeyRing};
+use crate::codec::encode::read_full;
 
 /// Why a sealed object cannot be opened before reading its body.
 #[derive(Debug, thiserror::Error)]
@@ -191,16 +192,9 @@ impl<R: Read> Opener<R> {
         self.buf.extend(self.carry.take());
         // Read one byte more than a full chunk: whether it comes says if this is the last.
         let want = sealed_len + 1;
-        let mut filled = self.buf.len();
+        let start = self.buf.len();
         self.buf.resize(want, 0);
-        while filled < want {
-            match self.src.read(&mut self.buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = start + read_full(&mut self.src, &mut self.buf[start..])?;
         self.buf.truncate(filled);
         if filled == want {
             self.carry = self.buf.pop();
@@ -262,7 +256,7 @@ impl<R: Read> Read for Unsealed<R> {
 /// `ring`, anything else passes through unchanged.
 pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>) -> Result<Unsealed<R>, OpenError> {
     let mut head = vec![0u8; MAGIC.len()];
-    let n = read_up_to(&mut src, &mut head).map_err(OpenError::Source)?;
+    let n = read_full(&mut src, &mut head).map_err(OpenError::Source)?;
     head.truncate(n);
     if head != MAGIC {
         return match ring {
@@ -271,7 +265,7 @@ pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>) -> Result<Unsealed<R>
         };
     }
     head.resize(HEADER_LEN, 0);
-    let n = read_up_to(&mut src, &mut head[MAGIC.len()..]).map_err(OpenError::Source)?;
+    let n = read_full(&mut src, &mut head[MAGIC.len()..]).map_err(OpenError::Source)?;
     let header = Header::decode(&head[..MAGIC.len() + n]).map_err(OpenError::BadHeader)?;
     let ring = ring.ok_or(OpenError::NoKey(header.key_id))?;
     let key = ring.find(header.key_id).ok_or_else(|| OpenError::UnknownKey {
@@ -279,19 +273,6 @@ pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>) -> Result<Unsealed<R>
         have: ring.ids().iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", "),
     })?;
     Ok(Unsealed::Sealed(Box::new(Opener::new(key, header, src))))
-}
-
-fn read_up_to<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match src.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Seals a small object held in memory (a manifest) when `key` is given.
