@@ -65,6 +65,33 @@ pub async fn tick(ctx: &Arc<Ctx>, worker: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Moves a server whose step failed from `from` to `to`, keeping the error, and logs the
+/// transition.
+async fn fail_into(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: &str,
+    from: &str,
+    to: &str,
+    reason: &str,
+    msg: &str,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE servers SET state = $4, error = $3, updated_at = now() WHERE id = $1 AND state = $2",
+        &[&id, &from, &msg, &to],
+    )
+    .await?;
+    crate::warn!(
+        "event" = "transition",
+        "object" = "server",
+        "id" = id,
+        "from" = from,
+        "to" = to,
+        "reason" = reason,
+        "error" = msg
+    );
+    Ok(())
+}
+
 async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &queue::Job) -> Result<()> {
     let Some(server) = model::load_server(&*c, &job.target).await? else {
         queue::complete(&*c, job).await?;
@@ -144,36 +171,11 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
         Err(e) => {
             let msg = format!("{e:#}");
             if e.downcast_ref::<Fatal>().is_some() {
-                tx.execute(
-                    "UPDATE servers SET state = 'failed', error = $3, updated_at = now() WHERE id = $1 AND state = $2",
-                    &[&server.id, &from, &msg],
-                )
-                .await?;
-                crate::warn!(
-                    "event" = "transition",
-                    "object" = "server",
-                    "id" = server.id,
-                    "from" = from,
-                    "to" = "failed",
-                    "error" = msg
-                );
+                fail_into(&tx, &server.id, from, "failed", "step_failed_for_good", &msg).await?;
                 queue::enqueue(&tx, "resource", &server.resource_id).await?;
                 queue::complete(&tx, job).await?;
             } else if server_restartable(from) && job.attempts >= RESTART_AFTER_FAILURES {
-                tx.execute(
-                    "UPDATE servers SET state = 'restoring', error = $3, updated_at = now() WHERE id = $1 AND state = $2",
-                    &[&server.id, &from, &msg],
-                )
-                .await?;
-                crate::warn!(
-                    "event" = "transition",
-                    "object" = "server",
-                    "id" = server.id,
-                    "from" = from,
-                    "to" = "restoring",
-                    "reason" = "step_kept_failing",
-                    "error" = msg
-                );
+                fail_into(&tx, &server.id, from, "restoring", "step_kept_failing", &msg).await?;
                 queue::again(&tx, job, Duration::ZERO).await?;
             } else {
                 tx.execute("UPDATE servers SET error = $2 WHERE id = $1", &[&server.id, &msg]).await?;
