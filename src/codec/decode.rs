@@ -7,6 +7,7 @@ use std::rc::Rc;
 use super::encode::read_full;
 use super::hasher::BackgroundHasher;
 use super::holdback::HoldBack;
+use super::lz4_blocks::Lz4Blocks;
 use super::{Compression, Sha256, Trailer};
 use crate::crypto::{self, KeyRing, OpenError};
 
@@ -86,7 +87,8 @@ pub fn decode_with<R: Read, W: Write>(
         }
     })?;
 
-    let mut hasher = BackgroundHasher::new();
+    // One lz4 block per chunk: see `BackgroundHasher::with_chunk`.
+    let mut hasher = BackgroundHasher::with_chunk(Default::default(), DECODE_CHUNK);
     let mut bytes_out = 0u64;
     loop {
         let mut buf = hasher.buffer();
@@ -123,6 +125,9 @@ pub fn decode_with<R: Read, W: Write>(
     }
     Ok(DecodeSummary { bytes_in: bytes_in.get(), bytes_out, sha256, trailer })
 }
+
+/// Bytes decoded at a time: one lz4 block, which `Lz4Blocks` decodes in place.
+const DECODE_CHUNK: usize = super::lz4_parallel::BLOCK;
 
 /// A streaming decompressor over `src`, for readers that need the original bytes as a
 /// stream (tar partitions). A trailer, when present, is stepped over.
@@ -183,7 +188,7 @@ impl<R: Read> Read for Tagged<R> {
 
 enum Decoder<R: Read> {
     Plain(R),
-    Lz4(lz4_flex::frame::FrameDecoder<HoldBack<R>>),
+    Lz4(Lz4Blocks<HoldBack<R>>),
     Zstd(zstd::stream::read::Decoder<'static, io::BufReader<HoldBack<R>>>),
 }
 
@@ -191,7 +196,7 @@ impl<R: Read> Decoder<R> {
     fn new(compression: Compression, src: R) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Decoder::Plain(src),
-            Compression::Lz4 => Decoder::Lz4(lz4_flex::frame::FrameDecoder::new(HoldBack::new(src))),
+            Compression::Lz4 => Decoder::Lz4(Lz4Blocks::new(HoldBack::new(src))),
             Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(HoldBack::new(src))?),
         })
     }

@@ -9,14 +9,15 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use super::{Sha256, CHUNK_SIZE};
 
-/// Chunks waiting to be hashed; with one being hashed and one being filled, this bounds the
-/// memory at `(IN_FLIGHT + 2) * CHUNK_SIZE`.
-const IN_FLIGHT: usize = 2;
+/// Bytes waiting to be hashed; with one chunk being hashed and one being filled, this bounds
+/// the memory at `IN_FLIGHT_BYTES + 2 * chunk size`.
+const IN_FLIGHT_BYTES: usize = 2 * CHUNK_SIZE;
 
 pub(crate) struct BackgroundHasher {
     to_hash: Option<SyncSender<(Vec<u8>, usize)>>,
     returned: Receiver<Vec<u8>>,
     worker: Option<JoinHandle<Sha256>>,
+    chunk: usize,
 }
 
 impl BackgroundHasher {
@@ -26,7 +27,14 @@ impl BackgroundHasher {
 
     /// Continues a digest already fed with the start of the stream.
     pub(crate) fn continuing(start: Sha256Hasher) -> Self {
-        let (to_hash, chunks) = mpsc::sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
+        Self::with_chunk(start, CHUNK_SIZE)
+    }
+
+    /// Hands over buffers of `chunk` bytes. Smaller chunks start the hash sooner and leave
+    /// less of it to finish after the last chunk, which matters when the hash is the
+    /// longest stage (wal-fetch).
+    pub(crate) fn with_chunk(start: Sha256Hasher, chunk: usize) -> Self {
+        let (to_hash, chunks) = mpsc::sync_channel::<(Vec<u8>, usize)>((IN_FLIGHT_BYTES / chunk).max(2));
         let (give_back, returned) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("sha256".into())
@@ -40,12 +48,13 @@ impl BackgroundHasher {
                 Sha256(hasher.finalize().into())
             })
             .expect("spawning the sha256 thread");
-        BackgroundHasher { to_hash: Some(to_hash), returned, worker: Some(worker) }
+        BackgroundHasher { to_hash: Some(to_hash), returned, worker: Some(worker), chunk }
     }
 
-    /// A buffer of `CHUNK_SIZE` bytes to fill: a returned one when there is one.
+    /// A buffer of the chunk size to fill: a returned one when there is one.
     pub(crate) fn buffer(&mut self) -> Vec<u8> {
-        self.returned.try_recv().unwrap_or_else(|_| vec![0; CHUNK_SIZE])
+        let chunk = self.chunk;
+        self.returned.try_recv().unwrap_or_else(|_| vec![0; chunk])
     }
 
     /// Hashes `buf[..len]` in the background; the buffer comes back through [`Self::buffer`].

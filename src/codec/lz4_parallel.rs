@@ -21,6 +21,14 @@ pub(crate) fn frame_info() -> FrameInfo {
     FrameInfo::new().block_size(BlockSize::Max256KB).block_mode(BlockMode::Independent)
 }
 
+/// The frame header for [`frame_info`].
+pub(crate) fn header() -> io::Result<Vec<u8>> {
+    // An empty frame from lz4_flex is its header and the 4-byte end mark.
+    let mut empty = FrameEncoder::with_frame_info(frame_info(), Vec::new()).finish().map_err(io::Error::other)?;
+    empty.truncate(empty.len() - 4);
+    Ok(empty)
+}
+
 /// Writes one lz4 frame, compressing the blocks of each chunk in parallel.
 pub(crate) struct ParallelLz4<W: Write> {
     sink: W,
@@ -33,17 +41,10 @@ impl<W: Write> ParallelLz4<W> {
         ParallelLz4 { sink, outs: Vec::new(), header_written: false }
     }
 
-    fn header() -> io::Result<Vec<u8>> {
-        // An empty frame from lz4_flex is its header and the 4-byte end mark.
-        let mut empty = FrameEncoder::with_frame_info(frame_info(), Vec::new()).finish().map_err(io::Error::other)?;
-        empty.truncate(empty.len() - 4);
-        Ok(empty)
-    }
-
     /// Compresses `chunk` as `ceil(len / BLOCK)` blocks, half of them on a second thread.
     pub(crate) fn write_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
         if !self.header_written {
-            self.sink.write_all(&Self::header()?)?;
+            self.sink.write_all(&header()?)?;
             self.header_written = true;
         }
         let blocks: Vec<&[u8]> = chunk.chunks(BLOCK).collect();
@@ -81,7 +82,7 @@ impl<W: Write> ParallelLz4<W> {
     /// Writes the end mark and returns the sink.
     pub(crate) fn finish(mut self) -> io::Result<W> {
         if !self.header_written {
-            self.sink.write_all(&Self::header()?)?;
+            self.sink.write_all(&header()?)?;
         }
         self.sink.write_all(&0u32.to_le_bytes())?;
         Ok(self.sink)

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod encode;
 pub(crate) mod hasher;
 mod holdback;
+mod lz4_blocks;
 mod lz4_parallel;
 pub mod trailer;
 
