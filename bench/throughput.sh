@@ -28,6 +28,9 @@
 #   THROUGHPUT_WAIT_QUIET         before each timed phase, wait up to this many seconds for
 #                       the rest of the machine to pause (default 30; 0: do not wait)
 #   THROUGHPUT_STRICT=1 exit 3 when a target is missed (default: report only)
+#   THROUGHPUT_PHASES   which of "archive recovery daemon" to run (default all three; the
+#                       daemon decision uses the recovery run's WAL); the report leaves out
+#                       what was not run
 #   WALRS_BIN, WALRS_FAULTPROXY_BIN, WALRS_S3S_FS   binaries (defaults under target/release
 #                       and .cache/tools/bin)
 set -euo pipefail
@@ -44,6 +47,8 @@ rec_segments="${THROUGHPUT_RECOVERY_SEGMENTS:-220}"
 daemon_reps="${THROUGHPUT_DAEMON_REPS:-10}"
 quiet_wait="${THROUGHPUT_WAIT_QUIET:-30}"
 rounds="${THROUGHPUT_RESTORE_ROUNDS:-2}"
+phases=" ${THROUGHPUT_PHASES:-archive recovery daemon} "
+runs_phase() { [[ "$phases" == *" $1 "* ]]; }
 walrs_src="${WALRS_BIN:-$repo/target/release/wal-rs}"
 proxy_src="${WALRS_FAULTPROXY_BIN:-$repo/target/release/walrs-faultproxy}"
 s3s_fs="${WALRS_S3S_FS:-$repo/.cache/tools/bin/s3s-fs}"
@@ -269,9 +274,13 @@ JSON
     rm -rf "$dir"
 }
 
-archive_phase walrs
-archive_phase pgbackrest
+if runs_phase archive; then
+    archive_phase walrs
+    archive_phase pgbackrest
+fi
 
+# Not indented, for the here-documents' sake.
+if runs_phase recovery || runs_phase daemon; then
 step "recovery: base backup, then >= $rec_segments segments archived by wal-rs and pgBackRest"
 rec_cmd="$(walrs_env rec) $walrs wal-push %p && $pgbr --stanza=rec archive-push %p && cp %p $root/rec-wal/.%f.tmp && mv -f $root/rec-wal/.%f.tmp $root/rec-wal/%f"
 # Checkpoints every ~250 MB of WAL, as on a busy primary: the transactions then write page
@@ -379,10 +388,12 @@ JSON
 }
 # Rounds of the five restores, interleaved, so that a burst of other work on the shared
 # machine does not land on one tool only.
-for round in $(seq 1 "$rounds"); do
+runs_phase recovery && for round in $(seq 1 "$rounds"); do
     for v in local local-archive local-cp walrs pgbackrest; do restore_phase "$v" "$round"; done
 done
+fi
 
+if runs_phase daemon; then
 step "daemon decision: single wal-push processes, $daemon_reps of each case"
 # Real segments of the recovery run (its transaction part), pushed into a fresh prefix.
 mapfile -t dsegs < <(ls "$root/rec-wal" | grep -E '^[0-9A-F]{24}$' | sort | grep -v "$last_seg" | tail -n $((daemon_reps * 3 + 1)))
@@ -396,6 +407,7 @@ JSON
 chmod 644 "$root/daemon.spec.json"
 as_pg "${tool[@]}" daemon "$root/daemon.spec.json" "$root/daemon/result.json"
 cp "$root/daemon/result.json" "$root/results/daemon.json"
+fi
 
 step "results"
 uptime_after="$(uptime | sed 's/^ *//')"

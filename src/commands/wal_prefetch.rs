@@ -1,11 +1,13 @@
 //! WAL prefetch for recovery: while PostgreSQL replays one segment, the next ones are
 //! already downloading.
 //!
-//! After each successful wal-fetch of a segment, a detached background process
-//! (`wal-rs wal-prefetch NAME DIR`) fetches the next `prefetch_count` segments of the same
-//! timeline into the prefetch folder (`walrs_prefetch` beside the destination, inside
+//! The first successful wal-fetch of a segment starts a detached background process
+//! (`wal-rs wal-prefetch NAME DIR SIZE`) that keeps the next `prefetch_count` segments of the
+//! same timeline in the prefetch folder (`walrs_prefetch` beside the destination, inside
 //! pg_wal, by default): decompressed, verified, fsynced, and only then renamed to the
-//! segment's name. A later wal-fetch of exactly that name is a local rename.
+//! segment's name. A later wal-fetch of exactly that name is a local rename, and tells the
+//! prefetcher (through `.prefetcher.sock` in the folder) to move its window on. One
+//! prefetcher serves the whole recovery.
 //!
 //! Rules that keep recovery correct:
 //! - a file in the folder under a segment's name is complete and verified (nothing else is
@@ -17,20 +19,31 @@
 //!   are temporary files of prefetchers that died;
 //! - if the folder disappears, wal-fetch simply fetches from the store.
 
+use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::{FutureExt, LocalBoxFuture};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
 
 use super::common::open_store;
 use super::wal_fetch::{fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::{self, Level};
+use crate::store::Store;
 use crate::wal::{SegmentId, WalFileName};
 
+/// Suffix (after a dot and the segment's name) of a prefetched file already served: a second
+/// link to what PostgreSQL got, for the prefetcher to drop (see [`Prefetch::take`]).
+const SERVED: &str = ".served";
+/// The prefetcher's nice value (0 is normal priority, 19 the lowest).
+const PREFETCH_NICE: libc::c_int = 10;
 /// Default folder name, beside the destination (inside pg_wal).
 const DEFAULT_DIR: &str = "walrs_prefetch";
 /// Temporary files and claims older than this belong to a prefetcher that died.
@@ -70,7 +83,16 @@ impl Prefetch {
             Some(b"none") => "none",
             _ => "unknown",
         };
-        match fs::rename(&path, dest) {
+        // Out of the servable names first, so it is never served twice (PostgreSQL may keep
+        // the file it gets, and later recycle it by writing over it), then a second link as
+        // DEST. PostgreSQL deletes the restored file before it asks for the next one;
+        // dropping the last link of a 16 MiB file (freeing its pages and blocks) takes
+        // milliseconds of replay's time, so the prefetcher drops this one later, in the
+        // background. Where links cannot be made, the file itself is renamed into place.
+        let served = self.dir.join(format!(".{name}{SERVED}"));
+        let result = fs::rename(&path, &served)
+            .and_then(|()| fs::hard_link(&served, dest).or_else(|_| fs::rename(&served, dest)));
+        match result {
             Ok(()) => Some(FetchReport { bytes_stored: 0, bytes_out: size, verified, prefetched: true }),
             Err(e) => {
                 // Another file system, say: fetch from the store instead.
@@ -89,7 +111,12 @@ impl Prefetch {
         if self.count == 0 || !size.is_power_of_two() {
             return;
         }
-        self.clean(name.timeline().0, segment);
+        // The recovery's prefetcher moves its window on (and cleans up, in the background);
+        // only without one is the folder cleaned here and a prefetcher started.
+        if tell_prefetcher(&self.dir, name, size) {
+            return;
+        }
+        clean(&self.dir, name.timeline().0, segment);
         let wanted = next_segments(*name, self.count, size);
         if wanted.iter().all(|n| self.dir.join(n.to_string()).exists()) {
             return;
@@ -98,12 +125,23 @@ impl Prefetch {
         let mut cmd = Command::new(exe);
         cmd.args(child_args).arg("wal-prefetch").arg(name.to_string()).arg(&self.dir).arg(size.to_string());
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        if stderr_is_a_pipe() {
+            // The prefetcher outlives this process by up to `IDLE_EXIT`: holding a pipe open
+            // that long would make whoever reads our stderr to its end (a script, a test
+            // harness) wait for it. Its warnings are lost there; wal-fetch reports any
+            // failure that matters itself.
+            cmd.stderr(Stdio::null());
+        }
         // Its own session: PostgreSQL's signals to the restore_command's group are not for it.
+        // And a lower CPU priority: replay is one process on one core, and the prefetcher's
+        // decompression and hashing should use only what replay leaves idle, not take turns
+        // with it.
         use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        // SAFETY: setsid and setpriority are async-signal-safe and touch no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
                 libc::setsid();
+                libc::setpriority(libc::PRIO_PROCESS, 0, PREFETCH_NICE);
                 Ok(())
             });
         }
@@ -114,28 +152,40 @@ impl Prefetch {
             );
         }
     }
+}
 
-    /// Removes prefetched segments of other timelines or before `segment`, and leftovers of
-    /// prefetchers that died.
-    fn clean(&self, timeline: u32, segment: SegmentId) {
-        let Ok(entries) = fs::read_dir(&self.dir) else { return };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let file = entry.file_name();
-            let Some(file) = file.to_str() else { continue };
-            let stale = match WalFileName::parse(file) {
-                Ok(WalFileName::Segment(t, s)) => t.0 != timeline || s < segment,
-                Ok(_) => true,
-                Err(_) => entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
-                    .unwrap_or(true),
-            };
-            if stale {
-                let _ = fs::remove_file(entry.path());
-            }
+/// Removes prefetched (and served) segments of other timelines or before `segment`, and
+/// leftovers of prefetchers that died.
+fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let name = file.strip_prefix('.').and_then(|f| f.strip_suffix(SERVED)).unwrap_or(file);
+        let stale = match WalFileName::parse(name) {
+            Ok(WalFileName::Segment(t, s)) => t.0 != timeline || s < segment,
+            Ok(_) => true,
+            Err(_) if file == SOCKET => false,
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
+                .unwrap_or(true),
+        };
+        if stale {
+            let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// Whether this process's stderr is a pipe or socket (rather than a file or terminal).
+fn stderr_is_a_pipe() -> bool {
+    // SAFETY: fstat only writes the struct it is given.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
 }
 
 /// Whether a claim belongs to a prefetcher that is still running (its PID is in the claim):
@@ -158,59 +208,310 @@ fn next_segments(name: WalFileName, count: u32, segment_size: u32) -> Vec<WalFil
         .collect()
 }
 
-/// The background prefetcher: `wal-rs wal-prefetch NAME DIR`.
+/// The background prefetcher: `wal-rs wal-prefetch NAME DIR SIZE`.
+///
+/// It keeps the `prefetch_count` segments after the last one served in the folder, for as
+/// long as the recovery goes on: each wal-fetch that is served tells it, through the
+/// socket in the folder, which segment PostgreSQL took, and the window moves on. One
+/// process for the whole recovery, with its store connections kept warm, instead of one per
+/// segment. It exits once no wal-fetch has called for `IDLE_EXIT`, when the server it
+/// works for has stopped, or when its folder or socket is gone (a new prefetcher took over). Where the socket cannot be made (a path
+/// too long for a Unix socket), it fetches one window and exits, as a one-shot helper.
 pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: u32) -> Result<u32, Error> {
     let after = WalFileName::parse(after).map_err(|e| Error::Usage(e.to_string()))?;
     if !segment_size.is_power_of_two() {
         return Err(Error::Usage(format!("segment size {segment_size} is not a power of two")));
     }
     fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
+    let socket = match bind(dir, &after, segment_size) {
+        Bound::Listening(socket) => Some(socket),
+        Bound::OtherIsRunning => return Ok(0),
+        Bound::Unavailable => None,
+    };
     let store = open_store(config).await?;
-    let names = next_segments(after, config.prefetch.count, segment_size);
-    let permits = Arc::new(tokio::sync::Semaphore::new(config.prefetch.concurrency.max(1)));
-    let ended = AtomicBool::new(false);
-    let fetched = std::sync::atomic::AtomicU32::new(0);
-    futures_util::future::join_all(names.iter().map(|name| {
-        let (store, permits, ended, fetched) = (&store, &permits, &ended, &fetched);
-        async move {
-            let _permit = permits.acquire().await.expect("never closed");
-            let target = dir.join(name.to_string());
-            if ended.load(Ordering::Relaxed) || target.exists() {
-                return;
-            }
-            // One prefetcher per segment: the claim is created exclusively.
-            let claim = dir.join(format!(".{name}.claim"));
-            if !claim_is_live(&claim) {
-                // Left by a prefetcher that died: take it over.
-                let _ = fs::remove_file(&claim);
-            }
-            match OpenOptions::new().write(true).create_new(true).open(&claim) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    let _ = write!(f, "{}", std::process::id());
+    let mut window = Window {
+        position: after,
+        segment_size,
+        count: config.prefetch.count,
+        concurrency: config.prefetch.concurrency.max(1),
+        stopped: false,
+        in_flight: HashSet::new(),
+        tasks: FuturesUnordered::new(),
+        elsewhere: HashSet::new(),
+        fetched: 0,
+    };
+    window.schedule(&store, dir, config);
+    let Some(socket) = socket else {
+        while window.next_done(dir).await {
+            window.schedule(&store, dir, config);
+        }
+        return Ok(window.fetched);
+    };
+    let server = ServerWatch::new();
+    let mut last_call = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            accepted = socket.listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    if let Some(name) = read_position(stream, segment_size).await {
+                        last_call = Instant::now();
+                        window.move_to(name);
+                        window.schedule(&store, dir, config);
+                        if let Some(segment) = name.wal_segment() {
+                            clean(dir, name.timeline().0, segment);
+                        }
+                    }
                 }
-                Err(_) => return,
             }
-            let result = fetch_with_retry(store, name, &target, config, true).await;
-            let _ = fs::remove_file(&claim);
-            match result {
-                Ok(_) => {
-                    fetched.fetch_add(1, Ordering::Relaxed);
+            true = window.next_done(dir) => window.schedule(&store, dir, config),
+            _ = tick.tick() => {
+                if !socket.is_ours() {
+                    break;
                 }
-                // The end of the archive, for now: stop, remember nothing.
-                Err(Error::WalNotFound { .. }) => ended.store(true, Ordering::Relaxed),
-                Err(e) => {
-                    ended.store(true, Ordering::Relaxed);
-                    log::emit(
-                        Level::Warn,
-                        &[("op", &"wal-prefetch"), ("file", name), ("outcome", &"error"), ("error", &e)],
-                    );
+                if server.has_stopped() {
+                    window.drop_unserved(dir);
+                    break;
+                }
+                if window.in_flight.is_empty() && last_call.elapsed() >= IDLE_EXIT {
+                    window.drop_unserved(dir);
+                    break;
                 }
             }
         }
-    }))
-    .await;
-    Ok(fetched.into_inner())
+    }
+    // Downloads under way are dropped with their temporary files (and claims, left to go
+    // stale: their PID is gone with this process).
+    Ok(window.fetched)
+}
+
+/// A prefetcher with no wal-fetch calling for this long exits (and removes what it fetched
+/// that was never served): the recovery has ended, or is paused.
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+/// The prefetcher's socket, in the prefetch folder (dot prefix: never served).
+const SOCKET: &str = ".prefetcher.sock";
+
+/// The segments a prefetcher keeps ready, and the downloads under way.
+struct Window {
+    /// The segment PostgreSQL took last: the window is the `count` after it.
+    position: WalFileName,
+    segment_size: u32,
+    count: u32,
+    concurrency: usize,
+    /// The end of the archive (or an error) was met: nothing more until the next call.
+    stopped: bool,
+    in_flight: HashSet<WalFileName>,
+    /// Not spawned: the store's futures are not `Send`, and one thread is plenty.
+    tasks: FuturesUnordered<LocalBoxFuture<'static, (WalFileName, Result<Fetched, Error>)>>,
+    /// Segments another process is fetching: not tried again until the next call.
+    elsewhere: HashSet<WalFileName>,
+    fetched: u32,
+}
+
+impl Window {
+    fn wanted(&self) -> Vec<WalFileName> {
+        next_segments(self.position, self.count, self.segment_size)
+    }
+
+    fn move_to(&mut self, name: WalFileName) {
+        self.position = name;
+        // "Not in the archive" is never remembered past the next call.
+        self.stopped = false;
+        self.elsewhere.clear();
+    }
+
+    /// Starts downloads of missing segments of the window, oldest first, up to the
+    /// concurrency.
+    fn schedule(&mut self, store: &Arc<Store>, dir: &Path, config: &Config) {
+        if self.stopped {
+            return;
+        }
+        for name in self.wanted() {
+            if self.in_flight.len() >= self.concurrency {
+                break;
+            }
+            // Present, or already served (taken before its wal-fetch's call reached us).
+            let here = dir.join(name.to_string()).exists() || dir.join(format!(".{name}{SERVED}")).exists();
+            if here || self.in_flight.contains(&name) || self.elsewhere.contains(&name) {
+                continue;
+            }
+            self.in_flight.insert(name);
+            let (store, dir, config) = (store.clone(), dir.to_path_buf(), config.clone());
+            self.tasks.push(
+                async move {
+                    let result = fetch_claimed(&store, &name, &dir, &config).await;
+                    (name, result)
+                }
+                .boxed_local(),
+            );
+        }
+    }
+
+    /// Waits for a download to end and records it; false when none is under way.
+    async fn next_done(&mut self, dir: &Path) -> bool {
+        let Some((name, result)) = self.tasks.next().await else { return false };
+        self.in_flight.remove(&name);
+        match result {
+            Ok(Fetched::ClaimedElsewhere) => {
+                self.elsewhere.insert(name);
+            }
+            Ok(Fetched::Done) => {
+                self.fetched += 1;
+                // Fetched for a window that has moved on (PostgreSQL went past it, or to
+                // another timeline): it will never be asked for.
+                if !self.wanted().contains(&name) {
+                    let _ = fs::remove_file(dir.join(name.to_string()));
+                }
+            }
+            // The end of the archive, for now: stop, remember nothing.
+            Err(Error::WalNotFound { .. }) => self.stopped = true,
+            Err(e) => {
+                self.stopped = true;
+                log::emit(
+                    Level::Warn,
+                    &[("op", &"wal-prefetch"), ("file", &name), ("outcome", &"error"), ("error", &e)],
+                );
+            }
+        }
+        true
+    }
+
+    /// Removes the window's prefetched segments that no wal-fetch took, and the last one
+    /// served.
+    fn drop_unserved(&self, dir: &Path) {
+        for name in self.wanted() {
+            let _ = fs::remove_file(dir.join(name.to_string()));
+        }
+        let _ = fs::remove_file(dir.join(format!(".{}{SERVED}", self.position)));
+    }
+}
+
+/// How a download of the window ended, when it did not fail.
+enum Fetched {
+    Done,
+    /// Another process holds the segment's claim and is fetching it.
+    ClaimedElsewhere,
+}
+
+/// Downloads `name` into the folder under an exclusive claim (so that two prefetchers never
+/// fetch the same segment, and wal-fetch waits for it instead of fetching it twice).
+async fn fetch_claimed(store: &Arc<Store>, name: &WalFileName, dir: &Path, config: &Config) -> Result<Fetched, Error> {
+    let claim = dir.join(format!(".{name}.claim"));
+    if !claim_is_live(&claim) {
+        // Left by a prefetcher that died: take it over.
+        let _ = fs::remove_file(&claim);
+    }
+    match OpenOptions::new().write(true).create_new(true).open(&claim) {
+        Ok(mut f) => {
+            use std::io::Write;
+            let _ = write!(f, "{}", std::process::id());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(Fetched::ClaimedElsewhere),
+        // The folder is gone, say.
+        Err(e) => return Err(Error::local("create", &claim, e)),
+    }
+    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, true).await;
+    let _ = fs::remove_file(&claim);
+    result.map(|_| Fetched::Done)
+}
+
+/// The PostgreSQL server whose restore_command started the prefetcher (restore_command runs
+/// in the data directory): once it has stopped, nobody will call again.
+struct ServerWatch(Option<String>);
+
+impl ServerWatch {
+    fn new() -> Self {
+        ServerWatch(Self::postmaster_pid())
+    }
+
+    /// The first line of postmaster.pid (the server's PID; later lines change as it runs).
+    fn postmaster_pid() -> Option<String> {
+        let text = fs::read_to_string("postmaster.pid").ok()?;
+        text.lines().next().map(str::to_owned)
+    }
+
+    fn has_stopped(&self) -> bool {
+        self.0.is_some() && Self::postmaster_pid() != self.0
+    }
+}
+
+/// The prefetcher's listening socket, removed when dropped if it is still ours.
+struct Socket {
+    listener: UnixListener,
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Socket {
+    /// Whether the socket file is still the one this prefetcher made: when the folder was
+    /// deleted, or another prefetcher replaced the socket, this one should stop.
+    fn is_ours(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(&self.path).map(|m| m.ino() == self.inode).unwrap_or(false)
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+enum Bound {
+    Listening(Socket),
+    /// A live prefetcher already serves this folder (and has been told the position).
+    OtherIsRunning,
+    /// No socket here: work as a one-shot prefetcher.
+    Unavailable,
+}
+
+fn bind(dir: &Path, after: &WalFileName, segment_size: u32) -> Bound {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(SOCKET);
+    for _ in 0..2 {
+        match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => {
+                let inode = fs::symlink_metadata(&path).map(|m| m.ino()).unwrap_or(0);
+                if l.set_nonblocking(true).is_err() {
+                    return Bound::Unavailable;
+                }
+                return match UnixListener::from_std(l) {
+                    Ok(listener) => Bound::Listening(Socket { listener, path, inode }),
+                    Err(_) => Bound::Unavailable,
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if tell_prefetcher(dir, after, segment_size) {
+                    return Bound::OtherIsRunning;
+                }
+                // Left by a prefetcher that died.
+                let _ = fs::remove_file(&path);
+            }
+            Err(_) => return Bound::Unavailable,
+        }
+    }
+    Bound::Unavailable
+}
+
+/// Tells the folder's live prefetcher that `name` was taken; false when there is none.
+fn tell_prefetcher(dir: &Path, name: &WalFileName, segment_size: u32) -> bool {
+    use std::io::Write;
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(dir.join(SOCKET)) else { return false };
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    stream.write_all(format!("{name} {segment_size}\n").as_bytes()).is_ok()
+}
+
+/// Reads one "NAME SIZE" line from a wal-fetch; `None` for anything else.
+async fn read_position(stream: tokio::net::UnixStream, segment_size: u32) -> Option<WalFileName> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stream).take(128);
+    tokio::time::timeout(Duration::from_millis(500), reader.read_line(&mut line)).await.ok()?.ok()?;
+    let (name, size) = line.trim().split_once(' ')?;
+    let name = WalFileName::parse(name).ok()?;
+    (name.wal_segment().is_some() && size.parse::<u32>().ok()? == segment_size).then_some(name)
 }
 
 #[cfg(test)]
@@ -231,15 +532,27 @@ mod tests {
     #[test]
     fn only_servable_files_survive_cleaning() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["000000010000000000000005", "000000020000000000000007", "000000020000000000000009", ".x.claim"] {
+        for f in [
+            "000000010000000000000005",
+            "000000020000000000000007",
+            "000000020000000000000009",
+            ".x.claim",
+            ".000000020000000000000007.served",
+            ".000000020000000000000008.served",
+            SOCKET,
+        ] {
             fs::write(d.path().join(f), b"x").unwrap();
         }
         let p = Prefetch { dir: d.path().to_path_buf(), count: 8 };
-        p.clean(2, SegmentId { log: 0, seg: 8 });
+        clean(&p.dir, 2, SegmentId { log: 0, seg: 8 });
         let mut left: Vec<String> =
             fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        // Another timeline and an older segment go; a fresh claim stays.
-        assert_eq!(left, [".x.claim", "000000020000000000000009"]);
+        // Another timeline and older segments go, served or not; a fresh claim, the segment
+        // just served and the socket stay.
+        assert_eq!(
+            left,
+            [".000000020000000000000008.served", ".prefetcher.sock", ".x.claim", "000000020000000000000009"]
+        );
     }
 }

@@ -260,4 +260,26 @@ fn prefetch_folder_deleted_mid_recovery() {
         .filter(|n| n.contains("walrs-partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The recovery's prefetcher (started again after the folder went) stops once its folder
+    // is gone, instead of running on in the background.
+    assert!(!prefetchers_in(&data).is_empty(), "no prefetcher running in {}", data.display());
+    fs::remove_dir_all(&dir).unwrap();
+    wait_until("the prefetcher to exit", Duration::from_secs(10), || prefetchers_in(&data).is_empty());
+}
+
+/// PIDs of wal-prefetch processes started in `data` (restore_command's data directory).
+fn prefetchers_in(data: &Path) -> Vec<String> {
+    let wanted = data.to_string_lossy().into_owned();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let cwd = fs::read_link(e.path().join("cwd")).ok()?;
+            let prefetching = args.iter().any(|a| a == "wal-prefetch") && cwd.to_string_lossy().starts_with(&wanted);
+            prefetching.then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
 }
