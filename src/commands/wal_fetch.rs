@@ -58,23 +58,24 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[
         return Ok(report);
     }
     let store = open_store(config).await?;
-    let report = fetch_with_retry(&store, &name, dest, config, false).await?;
+    let report = fetch_with_retry(&store, &name, dest, config, None).await?;
     prefetch.refill(&name, report.bytes_out, child_args);
     Ok(report)
 }
 
 /// Fetches `name` into `dest`, retrying transient failures until the deadline. With
-/// `durable`, the file is fsynced before it is renamed into place (prefetched files must be
-/// whole after a crash, since their presence alone says they are complete).
+/// `prefetched` (the fingerprint of the configuration fetching it), the file is marked with
+/// it and with how it was verified, and fsynced before it is renamed into place (prefetched
+/// files must be whole after a crash, since their presence alone says they are complete).
 pub(crate) async fn fetch_with_retry(
     store: &Arc<Store>,
     name: &WalFileName,
     dest: &Path,
     config: &Config,
-    durable: bool,
+    prefetched: Option<&str>,
 ) -> Result<FetchReport, Error> {
     retry_transient("wal-fetch", name, config.retry.deadline, || {
-        fetch_once(store, name, dest, config.compression, durable)
+        fetch_once(store, name, dest, config.compression, prefetched.map(str::to_owned))
     })
     .await
 }
@@ -84,7 +85,7 @@ async fn fetch_once(
     name: &WalFileName,
     dest: &Path,
     preferred: Compression,
-    durable: bool,
+    prefetched: Option<String>,
 ) -> Result<FetchReport, Error> {
     let candidates = layout::wal_candidates(name, preferred);
     // The configured compression first: one request in the usual case.
@@ -114,7 +115,7 @@ async fn fetch_once(
     let describe = format!("{}/{key}", store.url());
     let dest = dest.to_path_buf();
     let name = *name;
-    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, durable))
+    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, prefetched))
         .await
         .expect("the restore task panicked")
 }
@@ -127,7 +128,7 @@ fn restore(
     name: &WalFileName,
     dest: &Path,
     describe: &str,
-    durable: bool,
+    prefetched: Option<String>,
 ) -> Result<FetchReport, Error> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -186,10 +187,11 @@ fn restore(
             )));
         }
     }
-    if durable {
+    if let Some(fingerprint) = prefetched {
         // A prefetched file says how it was checked, for the log line of the fetch that
-        // serves it (best effort: without extended attributes it says "unknown").
-        let _ = xattr::set(&temp.0, PREFETCH_VERIFIED_XATTR, verified.as_bytes());
+        // serves it, and with which configuration, so that it is not served to another
+        // (best effort: without extended attributes it says "unknown").
+        let _ = xattr::set(&temp.0, PREFETCH_VERIFIED_XATTR, format!("{verified} {fingerprint}").as_bytes());
         file.sync_all().map_err(|e| Error::local("fsync", &temp.0, e))?;
     }
     drop(file);

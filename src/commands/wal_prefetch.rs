@@ -53,6 +53,8 @@ const STALE_AFTER: Duration = Duration::from_secs(300);
 pub(super) struct Prefetch {
     dir: PathBuf,
     count: u32,
+    /// Which configuration the prefetcher must have to serve this call.
+    fingerprint: String,
 }
 
 impl Prefetch {
@@ -64,7 +66,7 @@ impl Prefetch {
             }
             .join(DEFAULT_DIR)
         });
-        Prefetch { dir, count: config.prefetch.count }
+        Prefetch { dir, count: config.prefetch.count, fingerprint: fingerprint(config) }
     }
 
     /// Serves `name` from the folder, if it was prefetched. When a prefetcher is fetching it
@@ -78,9 +80,16 @@ impl Prefetch {
             std::thread::sleep(Duration::from_millis(2));
         }
         let size = fs::metadata(&path).ok()?.len();
-        let verified = match xattr::get(&path, PREFETCH_VERIFIED_XATTR).ok().flatten().as_deref() {
-            Some(b"sha256") => "sha256",
-            Some(b"none") => "none",
+        let mark = xattr::get(&path, PREFETCH_VERIFIED_XATTR).ok().flatten().unwrap_or_default();
+        let mark = String::from_utf8_lossy(&mark);
+        let (verified, fetched_by) = mark.split_once(' ').unwrap_or((&mark, ""));
+        if !fetched_by.is_empty() && fetched_by != self.fingerprint {
+            // Fetched under another configuration (another store, say): not for this call.
+            return None;
+        }
+        let verified = match verified {
+            "sha256" => "sha256",
+            "none" => "none",
             _ => "unknown",
         };
         // Out of the servable names first, so it is never served twice (PostgreSQL may keep
@@ -113,7 +122,7 @@ impl Prefetch {
         }
         // The recovery's prefetcher moves its window on (and cleans up, in the background);
         // only without one is the folder cleaned here and a prefetcher started.
-        if tell_prefetcher(&self.dir, name, size) {
+        if tell_prefetcher(&self.dir, name, size, &self.fingerprint) {
             return;
         }
         clean(&self.dir, name.timeline().0, segment);
@@ -223,7 +232,7 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         return Err(Error::Usage(format!("segment size {segment_size} is not a power of two")));
     }
     fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
-    let socket = match bind(dir, &after, segment_size) {
+    let socket = match bind(dir, &after, segment_size, config) {
         Bound::Listening(socket) => Some(socket),
         Bound::OtherIsRunning => return Ok(0),
         Bound::Unavailable => None,
@@ -249,12 +258,19 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
     };
     let server = ServerWatch::new();
     let mut last_call = Instant::now();
+    let ours = fingerprint(config);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             accepted = socket.listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    if let Some(name) = read_position(stream, segment_size).await {
+                    let call = read_call(stream, segment_size, &ours).await;
+                    if let Some(Call::OtherConfig) = call {
+                        // Make way: the next wal-fetch starts a prefetcher with its own.
+                        window.drop_unserved(dir);
+                        break;
+                    }
+                    if let Some(Call::Took(name)) = call {
                         last_call = Instant::now();
                         window.move_to(name);
                         window.schedule(&store, dir, config);
@@ -410,7 +426,7 @@ async fn fetch_claimed(store: &Arc<Store>, name: &WalFileName, dir: &Path, confi
         // The folder is gone, say.
         Err(e) => return Err(Error::local("create", &claim, e)),
     }
-    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, true).await;
+    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(&fingerprint(config))).await;
     let _ = fs::remove_file(&claim);
     result.map(|_| Fetched::Done)
 }
@@ -467,7 +483,7 @@ enum Bound {
     Unavailable,
 }
 
-fn bind(dir: &Path, after: &WalFileName, segment_size: u32) -> Bound {
+fn bind(dir: &Path, after: &WalFileName, segment_size: u32, config: &Config) -> Bound {
     use std::os::unix::fs::MetadataExt;
     let path = dir.join(SOCKET);
     for _ in 0..2 {
@@ -483,7 +499,7 @@ fn bind(dir: &Path, after: &WalFileName, segment_size: u32) -> Bound {
                 };
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if tell_prefetcher(dir, after, segment_size) {
+                if tell_prefetcher(dir, after, segment_size, &fingerprint(config)) {
                     return Bound::OtherIsRunning;
                 }
                 // Left by a prefetcher that died.
@@ -495,23 +511,43 @@ fn bind(dir: &Path, after: &WalFileName, segment_size: u32) -> Bound {
     Bound::Unavailable
 }
 
+/// A digest of the whole configuration (never printed; secrets included so that a changed
+/// key counts as a change). A prefetcher started with another configuration (the operator
+/// changed restore_command: another store, say) must not go on serving this recovery.
+fn fingerprint(config: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(format!("{config:?}").as_bytes())[..12])
+}
+
 /// Tells the folder's live prefetcher that `name` was taken; false when there is none.
-fn tell_prefetcher(dir: &Path, name: &WalFileName, segment_size: u32) -> bool {
+fn tell_prefetcher(dir: &Path, name: &WalFileName, segment_size: u32, fingerprint: &str) -> bool {
     use std::io::Write;
     let Ok(mut stream) = std::os::unix::net::UnixStream::connect(dir.join(SOCKET)) else { return false };
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-    stream.write_all(format!("{name} {segment_size}\n").as_bytes()).is_ok()
+    stream.write_all(format!("{name} {segment_size} {fingerprint}\n").as_bytes()).is_ok()
 }
 
-/// Reads one "NAME SIZE" line from a wal-fetch; `None` for anything else.
-async fn read_position(stream: tokio::net::UnixStream, segment_size: u32) -> Option<WalFileName> {
+/// What a wal-fetch said.
+enum Call {
+    /// It took this segment.
+    Took(WalFileName),
+    /// It runs with another configuration: this prefetcher should make way.
+    OtherConfig,
+}
+
+/// Reads one "NAME SIZE FINGERPRINT" line from a wal-fetch; `None` for anything else.
+async fn read_call(stream: tokio::net::UnixStream, segment_size: u32, fingerprint: &str) -> Option<Call> {
     use tokio::io::AsyncBufReadExt;
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(stream).take(128);
     tokio::time::timeout(Duration::from_millis(500), reader.read_line(&mut line)).await.ok()?.ok()?;
-    let (name, size) = line.trim().split_once(' ')?;
+    let mut words = line.split_whitespace();
+    let (name, size, theirs) = (words.next()?, words.next()?, words.next()?);
+    if theirs != fingerprint {
+        return Some(Call::OtherConfig);
+    }
     let name = WalFileName::parse(name).ok()?;
-    (name.wal_segment().is_some() && size.parse::<u32>().ok()? == segment_size).then_some(name)
+    (name.wal_segment().is_some() && size.parse::<u32>().ok()? == segment_size).then_some(Call::Took(name))
 }
 
 #[cfg(test)]

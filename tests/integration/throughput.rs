@@ -283,3 +283,43 @@ fn prefetchers_in(data: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+#[test]
+fn prefetch_is_not_served_to_another_configuration() {
+    // An operator points restore_command at another store mid-recovery: what the running
+    // prefetcher fetched from the old one must not be served, and a prefetcher with the new
+    // configuration takes over.
+    let wd = WorkDir::new("prefetch-config");
+    let (old_store, _) = store_with_two_timelines(&wd);
+    let new_store = StoreEnv::local(&wd.dir("new-store"));
+    let src = wd.dir("new-src");
+    let mut new_content = Vec::new();
+    for segno in 1..7u64 {
+        let name = segment_name(1, segno);
+        let bytes = craft_segment(1, segno, SYSID, segno * 1000);
+        fs::write(src.join(&name), &bytes).unwrap();
+        WalRs::new(&wd, &new_store).push(&src.join(&name)).expect_code(0, "seed the new store");
+        new_content.push((name, bytes));
+    }
+    let data = wd.dir("data");
+    fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let dir = data.join("pg_wal/walrs_prefetch");
+    let old = WalRs::new(&wd, &old_store).env("WALRS_PREFETCH_COUNT", "3").cwd(&data);
+    let new = WalRs::new(&wd, &new_store).env("WALRS_PREFETCH_COUNT", "3").cwd(&data);
+
+    old.run(&["wal-fetch", &segment_name(1, 1), "pg_wal/RECOVERYXLOG"]).expect_code(0, "old store");
+    wait_until("the old store's segment 2 prefetched", Duration::from_secs(30), || {
+        dir.join(segment_name(1, 2)).exists()
+    });
+    for s in 2..5 {
+        let name = segment_name(1, s);
+        fs::remove_file(data.join("pg_wal/RECOVERYXLOG")).unwrap();
+        let run = new.run(&["wal-fetch", &name, "pg_wal/RECOVERYXLOG"]);
+        run.expect_code(0, "new store");
+        let got = read(&data.join("pg_wal/RECOVERYXLOG"));
+        assert_eq!(sha256_hex(&got), sha256_hex(content(&new_content, &name)), "{name}: the old store's bytes served");
+        if s == 2 {
+            assert!(!run.logged("outcome", "prefetched"), "{run:#?}");
+        }
+    }
+}
