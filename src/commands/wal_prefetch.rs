@@ -579,8 +579,7 @@ mod tests {
         ] {
             fs::write(d.path().join(f), b"x").unwrap();
         }
-        let p = Prefetch { dir: d.path().to_path_buf(), count: 8 };
-        clean(&p.dir, 2, SegmentId { log: 0, seg: 8 });
+        clean(d.path(), 2, SegmentId { log: 0, seg: 8 });
         let mut left: Vec<String> =
             fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
