@@ -79,12 +79,13 @@ impl<R: Read> Lz4Blocks<R> {
             }
         };
         peeked.truncate(n);
-        self.state = if n == 0 {
-            State::Done(src)
-        } else if n < header.len() {
+        if n > 0 && n < header.len() {
             // Too short to be any frame: a cut object, or bytes after the last frame.
             self.state = State::Done(src);
             return Err(invalid(format!("{n} stray bytes where an lz4 frame should start")));
+        }
+        self.state = if n == 0 {
+            State::Done(src)
         } else if peeked == header {
             State::Blocks(src)
         } else {
@@ -94,13 +95,15 @@ impl<R: Read> Lz4Blocks<R> {
     }
 
     /// Decodes the next block of the current frame into `out` (at least `BLOCK` long);
-    /// `None` at the frame's end mark.
+    /// `None` at the frame's end mark, after which the next frame (if any) is looked for.
     fn next_block(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
         let State::Blocks(src) = &mut self.state else { unreachable!("next_block outside a frame") };
         let mut word = [0u8; 4];
         src.read_exact(&mut word).map_err(truncated)?;
         let word = u32::from_le_bytes(word);
         if word == 0 {
+            let State::Blocks(src) = std::mem::replace(&mut self.state, State::Empty) else { unreachable!() };
+            self.state = State::Between(src);
             return Ok(None);
         }
         let len = (word & !UNCOMPRESSED) as usize;
@@ -138,35 +141,20 @@ impl<R: Read> Read for Lz4Blocks<R> {
                     }
                     return d.read(out);
                 }
-                State::Blocks(_) if out.len() - filled >= BLOCK => match self.next_block(&mut out[filled..])? {
-                    Some(n) => filled += n,
-                    None => {
-                        let State::Blocks(src) = std::mem::replace(&mut self.state, State::Empty) else {
-                            unreachable!()
-                        };
-                        self.state = State::Between(src);
-                    }
-                },
+                State::Blocks(_) if out.len() - filled >= BLOCK => {
+                    filled += self.next_block(&mut out[filled..])?.unwrap_or(0);
+                }
                 State::Blocks(_) if filled > 0 => return Ok(filled),
                 State::Blocks(_) => {
                     // A buffer smaller than a block: decode into our own and copy.
                     let mut spill = std::mem::take(&mut self.spill);
                     spill.resize(BLOCK, 0);
-                    match self.next_block(&mut spill)? {
-                        Some(n) => {
-                            spill.truncate(n);
-                            self.spill = spill;
-                            self.spill_pos = 0;
-                            return self.read(out);
-                        }
-                        None => {
-                            self.spill = spill;
-                            self.spill.clear();
-                            let State::Blocks(src) = std::mem::replace(&mut self.state, State::Empty) else {
-                                unreachable!()
-                            };
-                            self.state = State::Between(src);
-                        }
+                    let n = self.next_block(&mut spill)?.unwrap_or(0);
+                    spill.truncate(n);
+                    self.spill = spill;
+                    self.spill_pos = 0;
+                    if n > 0 {
+                        return self.read(out);
                     }
                 }
                 State::Empty => unreachable!("Lz4Blocks left between states"),
@@ -191,19 +179,11 @@ fn truncated(e: io::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::lz4_parallel::{frame_info, ParallelLz4};
+    use crate::codec::lz4_parallel::{frame_info, test_data, ParallelLz4};
     use std::io::Write;
 
     fn sample() -> Vec<u8> {
-        let mut data: Vec<u8> = (0..1_500_000u32).flat_map(|i| (i / 3).to_le_bytes()).collect();
-        let mut x = 12345u64;
-        for b in data[100_000..400_000].iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        data
+        test_data(1_500_000)
     }
 
     fn own_frame(data: &[u8]) -> Vec<u8> {

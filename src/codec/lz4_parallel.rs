@@ -89,6 +89,21 @@ impl<W: Write> ParallelLz4<W> {
     }
 }
 
+/// `words` little-endian counters with an incompressible stretch, so that frames of it have
+/// both compressed and stored blocks.
+#[cfg(test)]
+pub(crate) fn test_data(words: u32) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..words).flat_map(|i| (i / 3).to_le_bytes()).collect();
+    let mut x = 12345u64;
+    for b in data[100_000..400_000].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,15 +111,7 @@ mod tests {
 
     #[test]
     fn frames_decode_with_lz4_flex_and_the_lz4_tool_format() {
-        let mut data: Vec<u8> = (0..3_000_000u32).flat_map(|i| (i / 3).to_le_bytes()).collect();
-        // An incompressible stretch, to exercise stored blocks.
-        let mut x = 12345u64;
-        for b in data[100_000..400_000].iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let data = test_data(3_000_000);
         for chunk_size in [1 << 20, BLOCK, 1000, data.len()] {
             let mut w = ParallelLz4::new(Vec::new());
             for chunk in data.chunks(chunk_size) {

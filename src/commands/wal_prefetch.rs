@@ -224,15 +224,17 @@ fn next_segments(name: WalFileName, count: u32, segment_size: u32) -> Vec<WalFil
 /// socket in the folder, which segment PostgreSQL took, and the window moves on. One
 /// process for the whole recovery, with its store connections kept warm, instead of one per
 /// segment. It exits once no wal-fetch has called for `IDLE_EXIT`, when the server it
-/// works for has stopped, or when its folder or socket is gone (a new prefetcher took over). Where the socket cannot be made (a path
-/// too long for a Unix socket), it fetches one window and exits, as a one-shot helper.
+/// works for has stopped, or when its folder or socket is gone (a new prefetcher took over).
+/// Where the socket cannot be made (a path too long for a Unix socket), it fetches one
+/// window and exits, as a one-shot helper.
 pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: u32) -> Result<u32, Error> {
     let after = WalFileName::parse(after).map_err(|e| Error::Usage(e.to_string()))?;
     if !segment_size.is_power_of_two() {
         return Err(Error::Usage(format!("segment size {segment_size} is not a power of two")));
     }
     fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
-    let socket = match bind(dir, &after, segment_size, config) {
+    let ours = fingerprint(config);
+    let socket = match bind(dir, &after, segment_size, &ours) {
         Bound::Listening(socket) => Some(socket),
         Bound::OtherIsRunning => return Ok(0),
         Bound::Unavailable => None,
@@ -248,6 +250,7 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         tasks: FuturesUnordered::new(),
         elsewhere: HashSet::new(),
         fetched: 0,
+        fingerprint: ours,
     };
     window.schedule(&store, dir, config);
     let Some(socket) = socket else {
@@ -258,17 +261,17 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
     };
     let server = ServerWatch::new();
     let mut last_call = Instant::now();
-    let ours = fingerprint(config);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    // Whether to remove what was fetched and not served, on the way out: yes, unless the
+    // folder is no longer ours (deleted, or another prefetcher's).
+    let drop_unserved = loop {
         tokio::select! {
             accepted = socket.listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let call = read_call(stream, segment_size, &ours).await;
+                    let call = read_call(stream, segment_size, &window.fingerprint).await;
                     if let Some(Call::OtherConfig) = call {
                         // Make way: the next wal-fetch starts a prefetcher with its own.
-                        window.drop_unserved(dir);
-                        break;
+                        break true;
                     }
                     if let Some(Call::Took(name)) = call {
                         last_call = Instant::now();
@@ -283,18 +286,16 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
             true = window.next_done(dir) => window.schedule(&store, dir, config),
             _ = tick.tick() => {
                 if !socket.is_ours() {
-                    break;
+                    break false;
                 }
-                if server.has_stopped() {
-                    window.drop_unserved(dir);
-                    break;
-                }
-                if window.in_flight.is_empty() && last_call.elapsed() >= IDLE_EXIT {
-                    window.drop_unserved(dir);
-                    break;
+                if server.has_stopped() || (window.in_flight.is_empty() && last_call.elapsed() >= IDLE_EXIT) {
+                    break true;
                 }
             }
         }
+    };
+    if drop_unserved {
+        window.drop_unserved(dir);
     }
     // Downloads under way are dropped with their temporary files (and claims, left to go
     // stale: their PID is gone with this process).
@@ -319,6 +320,8 @@ struct Window {
     in_flight: HashSet<WalFileName>,
     /// Not spawned: the store's futures are not `Send`, and one thread is plenty.
     tasks: FuturesUnordered<LocalBoxFuture<'static, (WalFileName, Result<Fetched, Error>)>>,
+    /// The configuration's fingerprint, marked on each file fetched.
+    fingerprint: String,
     /// Segments another process is fetching: not tried again until the next call.
     elsewhere: HashSet<WalFileName>,
     fetched: u32,
@@ -352,10 +355,11 @@ impl Window {
                 continue;
             }
             self.in_flight.insert(name);
-            let (store, dir, config) = (store.clone(), dir.to_path_buf(), config.clone());
+            let (store, dir, config, fingerprint) =
+                (store.clone(), dir.to_path_buf(), config.clone(), self.fingerprint.clone());
             self.tasks.push(
                 async move {
-                    let result = fetch_claimed(&store, &name, &dir, &config).await;
+                    let result = fetch_claimed(&store, &name, &dir, &config, &fingerprint).await;
                     (name, result)
                 }
                 .boxed_local(),
@@ -411,7 +415,13 @@ enum Fetched {
 
 /// Downloads `name` into the folder under an exclusive claim (so that two prefetchers never
 /// fetch the same segment, and wal-fetch waits for it instead of fetching it twice).
-async fn fetch_claimed(store: &Arc<Store>, name: &WalFileName, dir: &Path, config: &Config) -> Result<Fetched, Error> {
+async fn fetch_claimed(
+    store: &Arc<Store>,
+    name: &WalFileName,
+    dir: &Path,
+    config: &Config,
+    fingerprint: &str,
+) -> Result<Fetched, Error> {
     let claim = dir.join(format!(".{name}.claim"));
     if !claim_is_live(&claim) {
         // Left by a prefetcher that died: take it over.
@@ -426,7 +436,7 @@ async fn fetch_claimed(store: &Arc<Store>, name: &WalFileName, dir: &Path, confi
         // The folder is gone, say.
         Err(e) => return Err(Error::local("create", &claim, e)),
     }
-    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(&fingerprint(config))).await;
+    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(fingerprint)).await;
     let _ = fs::remove_file(&claim);
     result.map(|_| Fetched::Done)
 }
@@ -483,7 +493,7 @@ enum Bound {
     Unavailable,
 }
 
-fn bind(dir: &Path, after: &WalFileName, segment_size: u32, config: &Config) -> Bound {
+fn bind(dir: &Path, after: &WalFileName, segment_size: u32, fingerprint: &str) -> Bound {
     use std::os::unix::fs::MetadataExt;
     let path = dir.join(SOCKET);
     for _ in 0..2 {
@@ -499,7 +509,7 @@ fn bind(dir: &Path, after: &WalFileName, segment_size: u32, config: &Config) -> 
                 };
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if tell_prefetcher(dir, after, segment_size, &fingerprint(config)) {
+                if tell_prefetcher(dir, after, segment_size, fingerprint) {
                     return Bound::OtherIsRunning;
                 }
                 // Left by a prefetcher that died.

@@ -245,7 +245,11 @@ fn prefetch_folder_deleted_mid_recovery() {
     walrs.run(&["wal-fetch", &segment_name(1, 1), "pg_wal/RECOVERYXLOG"]).expect_code(0, "first");
     wait_until("prefetch of segment 2", Duration::from_secs(30), || dir.join(segment_name(1, 2)).exists());
     // Wait for the prefetcher to finish its window before pulling the folder away.
-    wait_until("prefetcher done", Duration::from_secs(30), || (2..5).all(|s| dir.join(segment_name(1, s)).exists()));
+    // (A segment is renamed into place just before its claim goes: wait for both.)
+    wait_until("prefetcher done", Duration::from_secs(30), || {
+        (2..5).all(|s| dir.join(segment_name(1, s)).exists())
+            && fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".claim"))
+    });
     fs::remove_dir_all(&dir).unwrap();
     for s in 2..5 {
         let name = segment_name(1, s);
