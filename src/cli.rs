@@ -201,6 +201,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Archive daemon for the primary whose pg_wal is PG_WAL: uploads WAL as soon as
+    /// PostgreSQL marks it ready and answers wal-push over a socket in
+    /// PG_WAL/walrs_archive_status. wal-push starts it (archive_daemon = true); it exits
+    /// when its server stops or after a minute with nothing to do.
+    Daemon {
+        /// The pg_wal folder, as wal-push sees it (relative to the data directory).
+        pg_wal: PathBuf,
+    },
     /// Background prefetcher started by wal-fetch (internal).
     #[command(hide = true)]
     WalPrefetch {
@@ -251,7 +259,8 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
         let _ = err.print();
         return crate::exit::OK;
     }
-    let subcommands = ["wal-push", "wal-fetch", "backup-push", "backup-fetch", "backup-list", "config", "wal-prefetch"];
+    let subcommands =
+        ["wal-push", "wal-fetch", "backup-push", "backup-fetch", "backup-list", "config", "wal-prefetch", "daemon"];
     let op = args.iter().skip(1).find(|a| subcommands.contains(&a.as_str())).map(String::as_str).unwrap_or("wal-rs");
     let rendered = err.render().to_string();
     let mut problem = Vec::new();

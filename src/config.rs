@@ -97,6 +97,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "ready files one wal-push also uploads, oldest first (0: only the file asked for)",
     },
     Setting {
+        key: "archive_daemon",
+        env: &["WALRS_ARCHIVE_DAEMON"],
+        default: Some("true"),
+        help: "push ahead from a long-lived archive daemon that wal-push starts and asks over a socket (false: from each wal-push)",
+    },
+    Setting {
         key: "archive_queue_max_bytes",
         env: &["WALRS_ARCHIVE_QUEUE_MAX"],
         default: Some("0"),
@@ -350,6 +356,8 @@ pub struct ArchiveSettings {
     pub concurrency: usize,
     /// Ready files pushed ahead per wal-push.
     pub ahead: usize,
+    /// Push ahead from the archive daemon rather than from each wal-push.
+    pub daemon: bool,
     /// The safety valve; 0 is off.
     pub queue_max_bytes: u64,
 }
@@ -542,6 +550,7 @@ impl Config {
             archive: ArchiveSettings {
                 concurrency: number("archive_concurrency", 1, 256)? as usize,
                 ahead: number("archive_ahead", 0, 10_000)? as usize,
+                daemon: boolean("archive_daemon")?,
                 queue_max_bytes: number("archive_queue_max_bytes", 0, u64::MAX)?,
             },
             prefetch: PrefetchSettings {

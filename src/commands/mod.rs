@@ -1,6 +1,7 @@
 //! The commands. [`run`] is the single place that turns a parsed command line into an exit
 //! code: it resolves the configuration, runs one command, and logs its outcome.
 
+mod background;
 mod backup_fetch;
 mod backup_list;
 mod backup_mark;
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalFetch { .. } => "wal-fetch",
         Command::Config { .. } => "config",
         Command::WalPrefetch { .. } => "wal-prefetch",
+        Command::Daemon { .. } => "daemon",
         Command::BackupPush { .. } => "backup-push",
         Command::BackupFetch { .. } => "backup-fetch",
         Command::BackupList { .. } => "backup-list",
@@ -66,7 +68,12 @@ pub fn run(cli: Cli) -> u8 {
     let started = Instant::now();
     let code = match cli.command {
         Command::WalPush { path } => {
-            let result = runtime.block_on(within_deadline(&config, "wal-push", &path, wal_push::run(&config, &path)));
+            let result = runtime.block_on(within_deadline(
+                &config,
+                "wal-push",
+                &path,
+                wal_push::run(&config, &path, &child_args),
+            ));
             let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             match result {
                 Ok(r) => {
@@ -219,6 +226,13 @@ pub fn run(cli: Cli) -> u8 {
                 Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
             }
         }
+        Command::Daemon { pg_wal } => match runtime.block_on(wal_push::run_daemon(&config, &pg_wal)) {
+            Ok(n) => {
+                log::emit(Level::Debug, &[("op", &op), ("stored", &n), ("ms", &started.elapsed().as_millis())]);
+                exit::OK
+            }
+            Err(e) => fail(op, "", started, &e, exit::code_of(&e)),
+        },
         Command::WalPrefetch { after, dir, segment_size } => {
             match runtime.block_on(wal_prefetch::run(&config, &after, &dir, segment_size)) {
                 Ok(n) => {

@@ -22,15 +22,14 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::AsyncReadExt;
-use tokio::net::UnixListener;
 
+use super::background::{self, fingerprint, Bound, ServerWatch};
 use super::common::open_store;
 use super::wal_fetch::{fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
 use crate::config::Config;
@@ -130,31 +129,12 @@ impl Prefetch {
         if wanted.iter().all(|n| self.dir.join(n.to_string()).exists()) {
             return;
         }
-        let Ok(exe) = std::env::current_exe() else { return };
-        let mut cmd = Command::new(exe);
-        cmd.args(child_args).arg("wal-prefetch").arg(name.to_string()).arg(&self.dir).arg(size.to_string());
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        if stderr_is_a_pipe() {
-            // The prefetcher outlives this process by up to `IDLE_EXIT`: holding a pipe open
-            // that long would make whoever reads our stderr to its end (a script, a test
-            // harness) wait for it. Its warnings are lost there; wal-fetch reports any
-            // failure that matters itself.
-            cmd.stderr(Stdio::null());
-        }
-        // Its own session: PostgreSQL's signals to the restore_command's group are not for it.
-        // And a lower CPU priority: replay is one process on one core, and the prefetcher's
+        let mut args: Vec<std::ffi::OsString> = child_args.iter().map(Into::into).collect();
+        args.extend(["wal-prefetch".into(), name.to_string().into(), self.dir.clone().into(), size.to_string().into()]);
+        // A lower CPU priority: replay is one process on one core, and the prefetcher's
         // decompression and hashing should use only what replay leaves idle, not take turns
         // with it.
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid and setpriority are async-signal-safe and touch no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                libc::setpriority(libc::PRIO_PROCESS, 0, PREFETCH_NICE);
-                Ok(())
-            });
-        }
-        if let Err(e) = cmd.spawn() {
+        if let Err(e) = background::spawn_detached(&args, PREFETCH_NICE) {
             log::emit(
                 Level::Warn,
                 &[("op", &"wal-fetch"), ("file", name), ("error", &format!("cannot start prefetch: {e}"))],
@@ -185,16 +165,6 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
             let _ = fs::remove_file(entry.path());
         }
     }
-}
-
-/// Whether this process's stderr is a pipe or socket (rather than a file or terminal).
-fn stderr_is_a_pipe() -> bool {
-    // SAFETY: fstat only writes the struct it is given.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(2, &mut st) } != 0 {
-        return false;
-    }
-    matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
 }
 
 /// Whether a claim belongs to a prefetcher that is still running (its PID is in the claim):
@@ -443,93 +413,10 @@ async fn fetch_claimed(
 
 /// The PostgreSQL server whose restore_command started the prefetcher (restore_command runs
 /// in the data directory): once it has stopped, nobody will call again.
-struct ServerWatch(Option<String>);
-
-impl ServerWatch {
-    fn new() -> Self {
-        ServerWatch(Self::postmaster_pid())
-    }
-
-    /// The first line of postmaster.pid (the server's PID; later lines change as it runs).
-    fn postmaster_pid() -> Option<String> {
-        let text = fs::read_to_string("postmaster.pid").ok()?;
-        text.lines().next().map(str::to_owned)
-    }
-
-    fn has_stopped(&self) -> bool {
-        self.0.is_some() && Self::postmaster_pid() != self.0
-    }
-}
-
-/// The prefetcher's listening socket, removed when dropped if it is still ours.
-struct Socket {
-    listener: UnixListener,
-    path: PathBuf,
-    inode: u64,
-}
-
-impl Socket {
-    /// Whether the socket file is still the one this prefetcher made: when the folder was
-    /// deleted, or another prefetcher replaced the socket, this one should stop.
-    fn is_ours(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        fs::symlink_metadata(&self.path).map(|m| m.ino() == self.inode).unwrap_or(false)
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        if self.is_ours() {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-enum Bound {
-    Listening(Socket),
-    /// A live prefetcher already serves this folder (and has been told the position).
-    OtherIsRunning,
-    /// No socket here: work as a one-shot prefetcher.
-    Unavailable,
-}
-
 fn bind(dir: &Path, after: &WalFileName, segment_size: u32, fingerprint: &str) -> Bound {
-    use std::os::unix::fs::MetadataExt;
-    let path = dir.join(SOCKET);
-    for _ in 0..2 {
-        match std::os::unix::net::UnixListener::bind(&path) {
-            Ok(l) => {
-                let inode = fs::symlink_metadata(&path).map(|m| m.ino()).unwrap_or(0);
-                if l.set_nonblocking(true).is_err() {
-                    return Bound::Unavailable;
-                }
-                return match UnixListener::from_std(l) {
-                    Ok(listener) => Bound::Listening(Socket { listener, path, inode }),
-                    Err(_) => Bound::Unavailable,
-                };
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if tell_prefetcher(dir, after, segment_size, fingerprint) {
-                    return Bound::OtherIsRunning;
-                }
-                // Left by a prefetcher that died.
-                let _ = fs::remove_file(&path);
-            }
-            Err(_) => return Bound::Unavailable,
-        }
-    }
-    Bound::Unavailable
+    background::bind(&dir.join(SOCKET), || tell_prefetcher(dir, after, segment_size, fingerprint))
 }
 
-/// A digest of the whole configuration (never printed; secrets included so that a changed
-/// key counts as a change). A prefetcher started with another configuration (the operator
-/// changed restore_command: another store, say) must not go on serving this recovery.
-fn fingerprint(config: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(format!("{config:?}").as_bytes())[..12])
-}
-
-/// Tells the folder's live prefetcher that `name` was taken; false when there is none.
 fn tell_prefetcher(dir: &Path, name: &WalFileName, segment_size: u32, fingerprint: &str) -> bool {
     use std::io::Write;
     let Ok(mut stream) = std::os::unix::net::UnixStream::connect(dir.join(SOCKET)) else { return false };

@@ -95,6 +95,76 @@ fn push_ahead_archives_every_ready_segment_once_s3() {
     push_ahead_archives_every_ready_segment_once(s3.store("ahead"), &wd);
 }
 
+/// The archive daemon, which wal-push uses where it runs in a server's data directory
+/// (beside `postmaster.pid`): every ready segment arrives with its own content, the calls
+/// are answered by the daemon (no records on disk), an answer holds only for the file as it
+/// was uploaded, and the daemon goes when its server does.
+fn daemon_archives_every_ready_segment(store: StoreEnv, wd: &WorkDir) {
+    let (data, segments) = pg_wal_with_ready(wd, 1, 1..41);
+    // What wal-push takes for a running server; its first line is the server's PID.
+    fs::write(data.join("postmaster.pid"), "4242\n/data\n").unwrap();
+    let walrs = WalRs::new(wd, &store);
+    let status = data.join("pg_wal/walrs_archive_status");
+    let ready = data.join("pg_wal/archive_status");
+
+    // The first call starts the daemon, which uploads the ready files without being asked,
+    // up to `archive_ahead` (16) stored or in flight, the first one included.
+    let first = &segments[0].0;
+    walrs.clone().cwd(&data).run(&["wal-push", &format!("pg_wal/{first}")]).expect_code(0, "first push");
+    assert!(status.join(".daemon.sock").exists(), "no daemon listening");
+    wait_until("the daemon to upload ahead", Duration::from_secs(30), || store.wal_objects().len() >= 16);
+    fs::rename(ready.join(format!("{first}.ready")), ready.join(format!("{first}.done"))).unwrap();
+    // So the next call is answered from what the daemon stored, without uploading.
+    let runs = archive_all(&walrs, &data);
+    assert!(runs[0].logged("outcome", "archived-ahead"), "not answered from the daemon: {:#?}", runs[0]);
+    assert_eq!(runs.len() + 1, segments.len());
+    for (name, bytes) in &segments {
+        assert_eq!(lz4_bytes(&store, name), *bytes, "{name}");
+    }
+    assert_eq!(store.wal_objects().len(), segments.len());
+    let records: Vec<_> = fs::read_dir(&status)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .collect();
+    assert!(records.is_empty(), "records written beside the daemon: {records:?}");
+
+    // A segment the daemon stored, then rewritten with other bytes of the same size before
+    // PostgreSQL asks: the daemon's answer no longer holds, and the call finds the conflict.
+    let name = segment_name(1, 41);
+    let pg_wal = data.join("pg_wal");
+    fs::write(pg_wal.join(&name), craft_segment(1, 41, SYSID, 41)).unwrap();
+    fs::write(pg_wal.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
+    wait_until("the daemon to store the new ready segment", Duration::from_secs(30), || {
+        store.wal_objects().contains(&format!("{name}.lz4"))
+    });
+    let other = craft_segment(1, 41, SYSID, 9041);
+    fs::write(pg_wal.join(&name), &other).unwrap();
+    let run = walrs.clone().cwd(&data).run(&["wal-push", &format!("pg_wal/{name}")]);
+    assert_eq!(run.code, 5, "a changed file was acknowledged: {run:#?}");
+    assert_eq!(lz4_bytes(&store, &name), craft_segment(1, 41, SYSID, 41), "the stored object was overwritten");
+
+    // The server stops (a new postmaster.pid): the daemon exits and takes its socket along.
+    fs::write(data.join("postmaster.pid"), "4343\n/data\n").unwrap();
+    wait_until("the daemon to exit after its server", Duration::from_secs(10), || {
+        !status.join(".daemon.sock").exists()
+    });
+}
+
+#[test]
+fn daemon_archives_every_ready_segment_local() {
+    let wd = WorkDir::new("daemon-local");
+    let store = StoreEnv::local(&wd.dir("store"));
+    daemon_archives_every_ready_segment(store, &wd);
+}
+
+#[test]
+fn daemon_archives_every_ready_segment_s3() {
+    let wd = WorkDir::new("daemon-s3");
+    let s3 = S3Server::start(&wd);
+    daemon_archives_every_ready_segment(s3.store("daemon"), &wd);
+}
+
 #[test]
 fn a_forged_or_stale_record_never_acknowledges() {
     let wd = WorkDir::new("forged");

@@ -43,7 +43,7 @@ struct Record {
 pub(super) struct FileStamp {
     dev: u64,
     ino: u64,
-    size: u64,
+    pub(super) size: u64,
     mtime_ns: i128,
     ctime_ns: i128,
 }
@@ -163,14 +163,21 @@ impl StatusDir {
         if limit == 0 {
             return Vec::new();
         }
+        let mut ready = self.ready_names();
+        ready.retain(|n| n != current && !self.path_of(n).exists());
+        ready.truncate(limit);
+        ready
+    }
+
+    /// The WAL files PostgreSQL has marked ready: history files first, then oldest first.
+    pub(super) fn ready_names(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(self.pg_wal.join("archive_status")) else { return Vec::new() };
         let mut ready: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
-            .filter(|n| n != current && WalFileName::parse(n).is_ok() && !self.path_of(n).exists())
+            .filter(|n| WalFileName::parse(n).is_ok())
             .collect();
         ready.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
-        ready.truncate(limit);
         ready
     }
 

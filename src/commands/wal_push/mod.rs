@@ -8,16 +8,22 @@
 //! other archivers chained in archive_command rely on). When PostgreSQL later asks for such a
 //! file, the record is checked against the file and the store before answering at once.
 //!
+//! By default (`archive_daemon`), the pushing ahead is done by one long-lived daemon instead
+//! (`daemon.rs`), which each call starts if needed and asks; the per-call push-ahead above
+//! is what runs where no daemon can.
+//!
 //! Exit 0 means the file asked for is durable in the store; anything else leaves it in place
 //! for PostgreSQL to retry. Failures of files pushed ahead only cost a warning: PostgreSQL
 //! asks for them in turn.
 
 mod ahead;
+mod daemon;
 mod file;
 
 use std::path::Path;
 use std::sync::Arc;
 
+pub(crate) use daemon::run as run_daemon;
 pub(crate) use file::PushReport;
 use file::{push_file, PushContext};
 
@@ -27,7 +33,8 @@ use crate::error::Error;
 use crate::log::{self, Level};
 use crate::wal::WalFileName;
 
-pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Error> {
+/// `child_args`: the command-line settings, for a daemon this call starts.
+pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> Result<PushReport, Error> {
     let store = open_store(config).await?;
     let ctx = PushContext::new(store, config.clone());
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
@@ -45,7 +52,17 @@ pub(super) async fn run(config: &Config, path: &Path) -> Result<PushReport, Erro
         return Ok(report);
     }
 
-    let budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
+    let mut budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
+    // A daemon serves a running server: PostgreSQL runs archive_command in its data
+    // directory, where postmaster.pid is, and the daemon exits when that file changes.
+    if budget > 0 && config.archive.daemon && Path::new("postmaster.pid").exists() {
+        match daemon::ask(&ctx, &pg_wal, path, &name, child_args).await {
+            daemon::Asked::Stored(report) => return Ok(report),
+            // The daemon pushes the others ahead; this call uploads only its own file.
+            daemon::Asked::NotStored => budget = 0,
+            daemon::Asked::NoDaemon => {}
+        }
+    }
     let others = status.ready_files(&name, budget);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.archive.concurrency.max(1)));
     let main = async {
