@@ -88,7 +88,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "archive_concurrency",
         env: &["WALRS_ARCHIVE_CONCURRENCY"],
         default: Some("4"),
-        help: "files one wal-push uploads at once (the one asked for and those pushed ahead)",
+        help: "files uploaded at once, by the archive daemon or one wal-push (the one asked for and those pushed ahead)",
     },
     Setting {
         key: "archive_ahead",

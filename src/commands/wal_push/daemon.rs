@@ -37,6 +37,7 @@ use tokio::net::UnixStream;
 use super::ahead::{FileStamp, StatusDir, STATUS_DIR};
 use super::file::{push_file, PushContext, PushReport};
 use crate::commands::background::{self, fingerprint, Bound, ServerWatch};
+use crate::codec::Compression;
 use crate::commands::common::retry_transient;
 use crate::config::Config;
 use crate::error::Error;
@@ -115,7 +116,7 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
         return Asked::NotStored;
     }
     match serde_json::from_str::<Reply>(&line) {
-        Ok(Reply::Stored(ack)) => match confirm(ctx, path, name, &ack) {
+        Ok(Reply::Stored(ack)) => match confirm(ctx.config.compression, path, name, &ack) {
             Some(report) => Asked::Stored(report),
             None => Asked::NotStored,
         },
@@ -129,14 +130,14 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
 
 /// The daemon's answer holds for this call only for this name, an object where this
 /// name's objects go, and the file as it was uploaded.
-fn confirm(ctx: &PushContext, path: &Path, name: &str, ack: &Ack) -> Option<PushReport> {
+fn confirm(compression: Compression, path: &Path, name: &str, ack: &Ack) -> Option<PushReport> {
     let stamp = FileStamp::of(path)?;
     if ack.name != name || ack.file != stamp {
         return None;
     }
     let key = ObjectKey::new(&ack.key).ok()?;
     let wal_name = WalFileName::parse(name).ok()?;
-    if !layout::wal_candidates(&wal_name, ctx.config.compression).iter().any(|(k, _)| *k == key) {
+    if !layout::wal_candidates(&wal_name, compression).iter().any(|(k, _)| *k == key) {
         return None;
     }
     let outcome = match (ack.ahead, ack.outcome.as_str()) {
@@ -412,4 +413,60 @@ fn reply(stream: UnixStream, reply: &Reply) {
     let mut line = serde_json::to_vec(reply).expect("replies serialise");
     line.push(b'\n');
     let _ = stream.write_all(&line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAME: &str = "000000010000000000000005";
+
+    fn ack_for(path: &Path) -> Ack {
+        Ack {
+            name: NAME.into(),
+            sha256: "ab".repeat(32),
+            key: format!("wal_005/{NAME}.lz4"),
+            bytes_in: 5,
+            bytes_stored: 3,
+            outcome: "stored".into(),
+            ahead: true,
+            file: FileStamp::of(path).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_answer_holds_only_for_its_name_its_objects_and_the_file_as_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NAME);
+        fs::write(&path, b"bytes").unwrap();
+        let ack = ack_for(&path);
+        let report = confirm(Compression::Lz4, &path, NAME, &ack).expect("a good answer");
+        assert_eq!((report.outcome, report.bytes_in, report.bytes_stored), ("archived-ahead", 5, 0));
+        let waited = Ack { ahead: false, ..ack.clone() };
+        assert_eq!(confirm(Compression::Lz4, &path, NAME, &waited).unwrap().bytes_stored, 3);
+
+        // Another name's answer, or an object where this name's objects do not go.
+        assert!(confirm(Compression::Lz4, &path, "000000010000000000000006", &ack).is_none());
+        let elsewhere = Ack { key: "wal_005/000000010000000000000006.lz4".into(), ..ack.clone() };
+        assert!(confirm(Compression::Lz4, &path, NAME, &elsewhere).is_none());
+        let garbage = Ack { sha256: "not a checksum".into(), ..ack.clone() };
+        assert!(confirm(Compression::Lz4, &path, NAME, &garbage).is_none());
+
+        // The file rewritten since the upload, even with the same size (its modification
+        // time set apart explicitly: the clock may not have ticked since the stamp).
+        fs::write(&path, b"BYTES").unwrap();
+        let earlier = std::time::SystemTime::now() - Duration::from_secs(60);
+        fs::File::options().write(true).open(&path).unwrap().set_modified(earlier).unwrap();
+        assert!(confirm(Compression::Lz4, &path, NAME, &ack).is_none());
+    }
+
+    #[test]
+    fn replies_round_trip_with_their_file_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NAME);
+        fs::write(&path, b"bytes").unwrap();
+        let line = serde_json::to_string(&Reply::Stored(ack_for(&path))).unwrap();
+        let Reply::Stored(back) = serde_json::from_str(&line).unwrap() else { panic!("{line}") };
+        assert_eq!(back.file, FileStamp::of(&path).unwrap());
+    }
 }
