@@ -201,10 +201,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Archive daemon for the primary whose pg_wal is PG_WAL: uploads WAL as soon as
-    /// PostgreSQL marks it ready and answers wal-push over a socket in
-    /// PG_WAL/walrs_archive_status. wal-push starts it (archive_daemon = true); it exits
-    /// when its server stops or after a minute with nothing to do.
+    /// Archive daemon of a primary: uploads WAL as soon as it is ready (wal-push starts it)
+    ///
+    /// Uploads each file as soon as PostgreSQL marks it ready in PG_WAL/archive_status, and
+    /// answers wal-push over a socket in PG_WAL/walrs_archive_status. wal-push starts it
+    /// when it runs in a running server's data directory (archive_daemon = true); it exits
+    /// when that server stops or after a minute with nothing to do.
     Daemon {
         /// The pg_wal folder, as wal-push sees it (relative to the data directory).
         pg_wal: PathBuf,

@@ -36,8 +36,8 @@ use tokio::net::UnixStream;
 
 use super::ahead::{FileStamp, StatusDir, STATUS_DIR};
 use super::file::{push_file, PushContext, PushReport};
-use crate::commands::background::{self, fingerprint, Bound, ServerWatch};
 use crate::codec::Compression;
+use crate::commands::background::{self, fingerprint, Bound, ServerWatch};
 use crate::commands::common::retry_transient;
 use crate::config::Config;
 use crate::error::Error;
