@@ -99,6 +99,17 @@ impl Drop for Socket {
     }
 }
 
+/// Reads the one request line a call sends to a helper (briefly: a call writes it at once),
+/// and gives the stream back for the answer; `None` for a call that sent nothing usable.
+pub(super) async fn read_request(stream: tokio::net::UnixStream) -> Option<(tokio::net::UnixStream, String)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stream).take(256);
+    let read = tokio::time::timeout(std::time::Duration::from_millis(500), reader.read_line(&mut line));
+    read.await.ok()?.ok()?;
+    Some((reader.into_inner().into_inner(), line))
+}
+
 pub(super) enum Bound {
     Listening(Socket),
     /// A helper answers at that path already.

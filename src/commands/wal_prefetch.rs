@@ -27,7 +27,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::AsyncReadExt;
 
 use super::background::{self, fingerprint, Bound, ServerWatch};
 use super::common::open_store;
@@ -434,10 +433,7 @@ enum Call {
 
 /// Reads one "NAME SIZE FINGERPRINT" line from a wal-fetch; `None` for anything else.
 async fn read_call(stream: tokio::net::UnixStream, segment_size: u32, fingerprint: &str) -> Option<Call> {
-    use tokio::io::AsyncBufReadExt;
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(stream).take(128);
-    tokio::time::timeout(Duration::from_millis(500), reader.read_line(&mut line)).await.ok()?.ok()?;
+    let (_, line) = background::read_request(stream).await?;
     let mut words = line.split_whitespace();
     let (name, size, theirs) = (words.next()?, words.next()?, words.next()?);
     if theirs != fingerprint {

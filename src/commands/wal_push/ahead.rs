@@ -72,6 +72,11 @@ impl StatusDir {
         StatusDir { pg_wal: pg_wal.to_path_buf(), dir: pg_wal.join(STATUS_DIR) }
     }
 
+    /// The WAL file `name` in pg_wal.
+    pub(super) fn file(&self, name: &str) -> PathBuf {
+        self.pg_wal.join(name)
+    }
+
     fn path_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }
@@ -122,7 +127,7 @@ impl StatusDir {
     /// recorded if the file changed meanwhile.
     pub(super) async fn record(&self, ctx: &PushContext, name: &str, report: &PushReport, before: Option<FileStamp>) {
         let (Some(sha), Some(key)) = (report.sha256, &report.key) else { return };
-        let Some(stamp) = before.filter(|b| Some(*b) == FileStamp::of(&self.pg_wal.join(name))) else { return };
+        let Some(stamp) = before.filter(|b| Some(*b) == FileStamp::of(&self.file(name))) else { return };
         // The stored size, for the acknowledgement to compare (a push that found the object
         // already there did not upload it, so ask the store).
         let stored_size = if report.outcome == "stored" {
@@ -187,7 +192,7 @@ impl StatusDir {
         for entry in entries.filter_map(|e| e.ok()) {
             let file = entry.file_name();
             let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
-            if !self.pg_wal.join(name).exists() {
+            if !self.file(name).exists() {
                 let _ = fs::remove_file(entry.path());
             }
         }

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,7 +190,6 @@ pub(crate) async fn run(config: &Config, pg_wal: &Path) -> Result<u32, Error> {
     let store = super::super::common::open_store(config).await?;
     let mut daemon = Daemon {
         ctx: PushContext::new(store, config.clone()),
-        pg_wal: pg_wal.to_path_buf(),
         status: StatusDir::new(pg_wal),
         fingerprint: fingerprint(config),
         stored: HashMap::new(),
@@ -210,7 +209,7 @@ pub(crate) async fn run(config: &Config, pg_wal: &Path) -> Result<u32, Error> {
         tokio::select! {
             accepted = socket.listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    requests.push(read_request(stream).boxed_local());
+                    requests.push(background::read_request(stream).boxed_local());
                 }
             }
             Some(request) = requests.next(), if !requests.is_empty() => {
@@ -244,7 +243,6 @@ type Upload = LocalBoxFuture<'static, (String, Option<FileStamp>, Result<PushRep
 
 struct Daemon {
     ctx: Arc<PushContext>,
-    pg_wal: PathBuf,
     status: StatusDir,
     fingerprint: String,
     /// Stored, with the file as it was uploaded, until PostgreSQL marks it done.
@@ -280,7 +278,7 @@ impl Daemon {
         // Kept after answering, until PostgreSQL marks the file done: the scan must not
         // upload it again meanwhile.
         if let Some(ack) = self.stored.get(name) {
-            if FileStamp::of(&self.pg_wal.join(name)) == Some(ack.file) {
+            if FileStamp::of(&self.status.file(name)) == Some(ack.file) {
                 reply(stream, &Reply::Stored(Ack { ahead: true, ..ack.clone() }));
                 return true;
             }
@@ -298,23 +296,25 @@ impl Daemon {
     fn on_uploaded(&mut self, name: String, file: Option<FileStamp>, result: Result<PushReport, Error>) {
         self.in_flight.remove(&name);
         let waiting = self.waiting.remove(&name).unwrap_or_default();
-        let ack = match (&result, file) {
+        let stored = match (result, file) {
             (Ok(PushReport { sha256: Some(sha), key: Some(key), bytes_in, bytes_stored, outcome }), Some(file)) => {
-                Some(Ack {
+                Ok(Ack {
                     name: name.clone(),
                     sha256: sha.to_string(),
                     key: key.to_string(),
-                    bytes_in: *bytes_in,
-                    bytes_stored: *bytes_stored,
+                    bytes_in,
+                    bytes_stored,
                     outcome: outcome.to_string(),
                     ahead: false,
                     file,
                 })
             }
-            _ => None,
+            (Ok(_), None) => Err("the file changed while it was uploaded".to_string()),
+            (Ok(_), Some(_)) => Err("the push named no stored object".to_string()),
+            (Err(e), _) => Err(e.to_string()),
         };
-        match (ack, result) {
-            (Some(ack), Ok(report)) => {
+        match stored {
+            Ok(ack) => {
                 self.pushed += 1;
                 log::emit(
                     Level::Info,
@@ -322,9 +322,9 @@ impl Daemon {
                         ("op", &"wal-push"),
                         ("file", &name),
                         ("by", &"daemon"),
-                        ("bytes_in", &report.bytes_in),
-                        ("bytes_stored", &report.bytes_stored),
-                        ("outcome", &report.outcome),
+                        ("bytes_in", &ack.bytes_in),
+                        ("bytes_stored", &ack.bytes_stored),
+                        ("outcome", &ack.outcome),
                     ],
                 );
                 for stream in waiting {
@@ -332,11 +332,7 @@ impl Daemon {
                 }
                 self.stored.insert(name, ack);
             }
-            (_, result) => {
-                let error = match result {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "the file changed while it was uploaded".to_string(),
-                };
+            Err(error) => {
                 log::emit(
                     Level::Warn,
                     &[
@@ -380,7 +376,7 @@ impl Daemon {
 
     fn start(&mut self, name: String) {
         self.in_flight.insert(name.clone());
-        let (ctx, path) = (self.ctx.clone(), self.pg_wal.join(&name));
+        let (ctx, path) = (self.ctx.clone(), self.status.file(&name));
         self.uploads.push(
             async move {
                 let before = FileStamp::of(&path);
@@ -393,13 +389,6 @@ impl Daemon {
             .boxed_local(),
         );
     }
-}
-
-async fn read_request(stream: UnixStream) -> Option<(UnixStream, String)> {
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(stream).take(256);
-    tokio::time::timeout(Duration::from_millis(500), reader.read_line(&mut line)).await.ok()?.ok()?;
-    Some((reader.into_inner().into_inner(), line))
 }
 
 /// Writes one reply line. A fresh socket's buffer takes it at once; a caller that has gone
