@@ -283,6 +283,7 @@ def run(spec_path, results_path):
     wall = time.perf_counter() - wall0
     ours += sum(process_cpu_seconds(p) for p in servers) - servers0 + sum(os.times()[:2]) - self0
     other = max(0.0, cpu_busy_seconds() - busy0 - ours)
+    floor = fetch_floor(combos, spec)
 
     # Scenarios: one tool alone, its background work overlapping its next calls as it
     # would under PostgreSQL; each phase's total includes waiting for that work to end.
@@ -306,6 +307,7 @@ def run(spec_path, results_path):
         "cores": os.cpu_count(),
         "other_cpu_seconds": other,
         "waited_for_quiet_seconds": waited,
+        "fetch_floor": floor,
         "combos": [c.result() for c in combos],
         "scenarios": [
             {
@@ -319,6 +321,40 @@ def run(spec_path, results_path):
     }
     with open(results_path, "w") as f:
         json.dump(out, f, indent=1)
+
+
+def fetch_floor(combos, spec):
+    """The least a verified wal-fetch of one segment can take here, from two measurements:
+    the same wal-fetch process for a name that is not in the store (start-up, configuration,
+    one store lookup, exit 1), and sha256 of a segment's 16 MiB in OpenSSL (SHA-NI; the
+    hash wal-fetch must finish before it hands the file over, which nothing else can
+    shorten). Decompression and writing run beside the hash and add nothing here only if
+    they overlap it perfectly."""
+    walrs = next((c for c in combos if c.spec["tool"] == "wal-rs" and c.spec["store"] == "local"), None)
+    if walrs is None:
+        return None
+    missing = "%s%08X" % (spec["segments"][-1][:16], 0xFF)
+    argv = [part.format(name=missing) for part in walrs.spec["fetch"]]
+    process_ms = []
+    for _ in range(15):
+        start = time.perf_counter()
+        code = subprocess.call(argv, env=walrs.env, cwd=walrs.spec["fetch_cwd"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process_ms.append((time.perf_counter() - start) * 1000.0)
+        if code != 1:
+            sys.exit(f"FAILED: wal-fetch of {missing}, which is not in the store, exited {code}, not 1")
+    hash_ms = []
+    for name in spec["segments"][:8]:
+        with open(os.path.join(spec["segments_dir"], name), "rb") as f:
+            data = f.read()
+        start = time.perf_counter()
+        h = hashlib.sha256()
+        for off in range(0, len(data), 256 << 10):
+            h.update(data[off:off + (256 << 10)])
+        h.digest()
+        hash_ms.append((time.perf_counter() - start) * 1000.0)
+    return {"missing_name_fetch_ms": sorted(process_ms)[len(process_ms) // 2],
+            "sha256_16mib_ms": sorted(hash_ms)[len(hash_ms) // 2]}
 
 
 def pct(values, p):
@@ -384,6 +420,15 @@ def report(results_path, md_path):
         verdict.append(
             f"- peak RSS of one wal-push (max over {n} processes, local store): **{rss:.1f} MiB** "
             f"(target <= 32 MiB): **{'met' if ok else 'MISSED'}**"
+        )
+    floor = res.get("fetch_floor")
+    if floor and w and p:
+        least = floor["missing_name_fetch_ms"] + floor["sha256_16mib_ms"]
+        verdict.append(
+            f"- the floor for a verified wal-fetch here: {least:.1f} ms = a wal-fetch process that finds nothing "
+            f"({floor['missing_name_fetch_ms']:.1f} ms, start to exit) + sha256 of 16 MiB in OpenSSL with SHA-NI "
+            f"({floor['sha256_16mib_ms']:.1f} ms), without GNU time's wrapper; at that floor wal-fetch would be "
+            f"{p['fetch']['p50'] / least:.2f}x pgBackRest's p50 ({w['fetch']['p50']:.1f} ms measured)"
         )
     for c in leftovers:
         verdict.append(

@@ -23,7 +23,7 @@
 #   THROUGHPUT_RECOVERY_SCALE     pgbench -i scale before the recovery run's transactions (150)
 #   THROUGHPUT_RECOVERY_SEGMENTS  segments the restores replay, at least (default 220)
 #   THROUGHPUT_DAEMON_REPS        repetitions of each single-push case (default 10)
-#   THROUGHPUT_RESTORE_ROUNDS     rounds of the five restores, interleaved (default 2); the
+#   THROUGHPUT_RESTORE_ROUNDS     rounds of the six restores, interleaved (default 2); the
 #                       report's headline is each restore's fastest round
 #   THROUGHPUT_WAIT_QUIET         before each timed phase, wait up to this many seconds for
 #                       the rest of the machine to pause (default 30; 0: do not wait)
@@ -330,7 +330,7 @@ echo "stored: wal-rs $(du -sm "$root/s3/walrs/rec" | cut -f1) MiB, pgBackRest $(
 restore_phase() {
     local name="$1" round="$2" d="$root/restore-$1" px='null' pxport='null' pxlog='' n
     step "restore: $name (round $round of $rounds)"
-    rm -rf "$d"
+    rm -rf "$d" "$d.wal"
     cp -a "$root/rec-base" "$d"
     chown -R postgres: "$d"
     chmod 700 "$d"
@@ -362,6 +362,16 @@ CONF
             # What any process-per-segment restore_command costs on this machine.
             echo "restore_command = 'cp $root/rec-wal/%f %p'" >>"$d/postgresql.conf"
             as_pg touch "$d/recovery.signal" ;;
+        local-ln)
+            # A restore_command that writes nothing: a hard link to a copy made beforehand
+            # (not timed; its pages are already in memory). PostgreSQL's own cost per
+            # restored file (a process, rename, fsyncs, .done) without the cost of putting
+            # 16 MiB of new pages in memory, which local-cp pays. A scratch copy, because
+            # PostgreSQL may recycle (overwrite) a segment file it was given.
+            as_pg mkdir "$d.wal"
+            as_pg cp "$root"/rec-wal/0* "$d.wal/"
+            echo "restore_command = 'ln $d.wal/%f %p'" >>"$d/postgresql.conf"
+            as_pg touch "$d/recovery.signal" ;;
         walrs)
             px=${proxy_pid[walrs]}; pxport=${proxy_port[walrs]}; pxlog="$root/proxy-walrs.log"
             echo "restore_command = '$(walrs_env rec) $walrs wal-fetch %f %p'" >>"$d/postgresql.conf"
@@ -383,13 +393,13 @@ JSON
     "${tool[@]}" recover "$root/recover-$name-r$round.spec.json" "$root/results/recover-$name-r$round.json"
     as_pg pg_ctl -D "$d" -m fast stop >/dev/null
     wait_no_leftovers 30
-    rm -rf "$d"
+    rm -rf "$d" "$d.wal"
     rmdir "/sys/fs/cgroup/cpuacct/$cgroup_prefix-restore-$name-r$round" 2>/dev/null || true
 }
-# Rounds of the five restores, interleaved, so that a burst of other work on the shared
+# Rounds of the six restores, interleaved, so that a burst of other work on the shared
 # machine does not land on one tool only.
 runs_phase recovery && for round in $(seq 1 "$rounds"); do
-    for v in local local-archive local-cp walrs pgbackrest; do restore_phase "$v" "$round"; done
+    for v in local local-archive local-cp local-ln walrs pgbackrest; do restore_phase "$v" "$round"; done
 done
 fi
 
