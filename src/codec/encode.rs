@@ -7,8 +7,9 @@ use lz4_flex::frame::FrameEncoder;
 use super::lz4_parallel::{frame_info, ParallelLz4};
 
 use super::hasher::BackgroundHasher;
-use super::{Compression, Sha256, Trailer};
+use super::{Compression, Sha256, Trailer, CHUNK_SIZE};
 use crate::crypto::{self, Key, Sealing};
+use sha2::Digest;
 
 /// What one encode did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +24,9 @@ pub struct EncodeSummary {
 
 /// Reads `src` to its end and writes it, compressed and followed by its trailer, to `sink`.
 ///
-/// `level` applies to zstd only. The sha256 runs on a second thread, so on two cores the
-/// hash costs no time next to compression. When encryption is configured the whole stream,
-/// trailer included, is sealed with the active key.
+/// `level` applies to zstd only. The sha256 runs beside compression on another core (see
+/// [`ParallelLz4`] for lz4), so on two cores the hash costs little time. When encryption is
+/// configured the whole stream, trailer included, is sealed with the active key.
 pub fn encode<R: Read, W: Write>(
     src: R,
     compression: Compression,
@@ -43,33 +44,58 @@ pub fn encode_sealed<R: Read, W: Write>(
     key: Option<&Key>,
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
-    use EncodeError::{Sink, Source};
+    use EncodeError::Sink;
     let sealed = Sealing::new(key, Counting { inner: sink, count: 0 }).map_err(Sink)?;
-    // lz4, the default and the hot path of wal-push, compresses on two cores.
-    let mut out = match compression {
-        Compression::Lz4 => ChunkEncoder::Lz4(ParallelLz4::new(sealed)),
-        other => ChunkEncoder::Stream(Encoder::new(other, level, sealed).map_err(Sink)?),
+    // lz4, the default and the hot path of wal-push, compresses on all cores.
+    let (bytes_in, sha256, mut sealed) = match compression {
+        Compression::Lz4 => compress_lz4(&mut src, sealed)?,
+        other => compress_stream(&mut src, Encoder::new(other, level, sealed).map_err(Sink)?)?,
     };
-    let mut hasher = BackgroundHasher::new();
-    let mut bytes_in = 0u64;
-    loop {
-        let mut buf = hasher.buffer();
-        let n = read_full(&mut src, &mut buf).map_err(Source)?;
-        if n == 0 {
-            break;
-        }
-        out.write_chunk(&buf[..n]).map_err(Sink)?;
-        hasher.update(buf, n);
-        bytes_in += n as u64;
-    }
-    let sha256 = hasher.finish();
-    let mut sealed = out.finish().map_err(Sink)?;
     if compression.has_trailer() {
         sealed.write_all(&Trailer { original_len: bytes_in, sha256 }.encode()).map_err(Sink)?;
     }
     let mut sink = sealed.finish().map_err(Sink)?;
     sink.flush().map_err(Sink)?;
     Ok(EncodeSummary { bytes_in, bytes_out: sink.count, sha256 })
+}
+
+/// lz4 with [`ParallelLz4`]: each chunk is hashed and its blocks compressed as parallel
+/// tasks. Returns the bytes read, their sha256 and the sink.
+fn compress_lz4<R: Read, W: Write>(src: &mut R, sink: W) -> Result<(u64, Sha256, W), EncodeError> {
+    use EncodeError::{Sink, Source};
+    let mut out = ParallelLz4::new(sink);
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut bytes_in = 0u64;
+    loop {
+        let n = read_full(src, &mut buf).map_err(Source)?;
+        if n == 0 {
+            break;
+        }
+        out.write_chunk(&buf[..n], &mut hasher).map_err(Sink)?;
+        bytes_in += n as u64;
+    }
+    Ok((bytes_in, Sha256(hasher.finalize().into()), out.finish().map_err(Sink)?))
+}
+
+/// Any other compression, through its stream encoder on this thread, with the sha256 on a
+/// second one. Returns the bytes read, their sha256 and the sink.
+fn compress_stream<R: Read, W: Write>(src: &mut R, mut out: Encoder<W>) -> Result<(u64, Sha256, W), EncodeError> {
+    use EncodeError::{Sink, Source};
+    let mut hasher = BackgroundHasher::new();
+    let mut bytes_in = 0u64;
+    loop {
+        let mut buf = hasher.buffer();
+        let n = read_full(src, &mut buf).map_err(Source)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(Sink)?;
+        hasher.update(buf, n);
+        bytes_in += n as u64;
+    }
+    let sha256 = hasher.finish();
+    Ok((bytes_in, sha256, out.finish().map_err(Sink)?))
 }
 
 /// Why an encode failed: reading the source, or writing the sink (whose errors may wrap a
@@ -125,28 +151,6 @@ impl<W: Write> Write for Counting<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-/// The encoder of [`encode`]: fed one chunk at a time.
-enum ChunkEncoder<W: Write> {
-    Lz4(ParallelLz4<W>),
-    Stream(Encoder<W>),
-}
-
-impl<W: Write> ChunkEncoder<W> {
-    fn write_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
-        match self {
-            ChunkEncoder::Lz4(e) => e.write_chunk(chunk),
-            ChunkEncoder::Stream(e) => e.write_all(chunk),
-        }
-    }
-
-    fn finish(self) -> io::Result<W> {
-        match self {
-            ChunkEncoder::Lz4(e) => e.finish(),
-            ChunkEncoder::Stream(e) => e.finish(),
-        }
     }
 }
 

@@ -189,7 +189,7 @@ mod tests {
     fn own_frame(data: &[u8]) -> Vec<u8> {
         let mut w = ParallelLz4::new(Vec::new());
         for chunk in data.chunks(1 << 20) {
-            w.write_chunk(chunk).unwrap();
+            w.write_chunk(chunk, &mut sha2::Sha256::default()).unwrap();
         }
         w.finish().unwrap()
     }
