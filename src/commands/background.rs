@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use tokio::net::UnixListener;
 
 /// A digest of the configuration a helper was started with: a call from another
-/// configuration (another store, say) must not be served by it.
+/// configuration (another store, say) must not be served by it. Never printed; secrets are
+/// included, so that a changed key counts as a change.
 pub(super) fn fingerprint(config: &crate::config::Config) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(format!("{config:?}").as_bytes())[..12])
@@ -102,12 +103,21 @@ impl Drop for Socket {
 /// Reads the one request line a call sends to a helper (briefly: a call writes it at once),
 /// and gives the stream back for the answer; `None` for a call that sent nothing usable.
 pub(super) async fn read_request(stream: tokio::net::UnixStream) -> Option<(tokio::net::UnixStream, String)> {
+    read_line(stream, 256, std::time::Duration::from_millis(500)).await
+}
+
+/// Reads one line of at most `limit` bytes within `wait`, and gives the stream back; `None`
+/// when the other side sent nothing, closed, or took too long.
+pub(super) async fn read_line(
+    stream: tokio::net::UnixStream,
+    limit: u64,
+    wait: std::time::Duration,
+) -> Option<(tokio::net::UnixStream, String)> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(stream).take(256);
-    let read = tokio::time::timeout(std::time::Duration::from_millis(500), reader.read_line(&mut line));
-    read.await.ok()?.ok()?;
-    Some((reader.into_inner().into_inner(), line))
+    let mut reader = tokio::io::BufReader::new(stream).take(limit);
+    let read = tokio::time::timeout(wait, reader.read_line(&mut line)).await.ok()?.ok()?;
+    (read > 0).then(|| (reader.into_inner().into_inner(), line))
 }
 
 pub(super) enum Bound {

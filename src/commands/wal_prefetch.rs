@@ -410,12 +410,13 @@ async fn fetch_claimed(
     result.map(|_| Fetched::Done)
 }
 
-/// The PostgreSQL server whose restore_command started the prefetcher (restore_command runs
-/// in the data directory): once it has stopped, nobody will call again.
+/// Listens in the folder; where a live prefetcher answers there already, it is told the
+/// position instead.
 fn bind(dir: &Path, after: &WalFileName, segment_size: u32, fingerprint: &str) -> Bound {
     background::bind(&dir.join(SOCKET), || tell_prefetcher(dir, after, segment_size, fingerprint))
 }
 
+/// Tells the folder's live prefetcher that `name` was taken; false when there is none.
 fn tell_prefetcher(dir: &Path, name: &WalFileName, segment_size: u32, fingerprint: &str) -> bool {
     use std::io::Write;
     let Ok(mut stream) = std::os::unix::net::UnixStream::connect(dir.join(SOCKET)) else { return false };

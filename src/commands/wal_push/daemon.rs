@@ -31,14 +31,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use super::ahead::{FileStamp, StatusDir, STATUS_DIR};
 use super::file::{push_file, PushContext, PushReport};
 use crate::codec::Compression;
 use crate::commands::background::{self, fingerprint, Bound, ServerWatch};
-use crate::commands::common::retry_transient;
+use crate::commands::common::{open_store, retry_transient};
 use crate::config::Config;
 use crate::error::Error;
 use crate::layout;
@@ -108,18 +108,14 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
     if stream.write_all(request.as_bytes()).await.is_err() {
         return Asked::NotStored;
     }
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(stream).take(64 << 10);
-    let answered = tokio::time::timeout(ctx.config.retry.deadline, reader.read_line(&mut line)).await;
-    if !matches!(answered, Ok(Ok(n)) if n > 0) {
+    let Some((_, line)) = background::read_line(stream, 64 << 10, ctx.config.retry.deadline).await else {
         // The daemon died or stopped answering: this call uploads the file itself.
         return Asked::NotStored;
-    }
+    };
     match serde_json::from_str::<Reply>(&line) {
-        Ok(Reply::Stored(ack)) => match confirm(ctx.config.compression, path, name, &ack) {
-            Some(report) => Asked::Stored(report),
-            None => Asked::NotStored,
-        },
+        Ok(Reply::Stored(ack)) => {
+            confirm(ctx.config.compression, path, name, &ack).map_or(Asked::NotStored, Asked::Stored)
+        }
         Ok(Reply::Failed { error }) => {
             log::emit(Level::Debug, &[("op", &"wal-push"), ("file", &name), ("daemon_error", &error)]);
             Asked::NotStored
@@ -187,7 +183,7 @@ pub(crate) async fn run(config: &Config, pg_wal: &Path) -> Result<u32, Error> {
         Bound::Listening(socket) => socket,
         Bound::OtherIsRunning | Bound::Unavailable => return Ok(0),
     };
-    let store = super::super::common::open_store(config).await?;
+    let store = open_store(config).await?;
     let mut daemon = Daemon {
         ctx: PushContext::new(store, config.clone()),
         status: StatusDir::new(pg_wal),
@@ -394,8 +390,7 @@ impl Daemon {
 /// Writes one reply line. A fresh socket's buffer takes it at once; a caller that has gone
 /// away simply misses it.
 fn reply(stream: UnixStream, reply: &Reply) {
-    let Ok(stream) = stream.into_std() else { return };
-    let mut stream = stream;
+    let Ok(mut stream) = stream.into_std() else { return };
     if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(Some(Duration::from_millis(200))).is_err() {
         return;
     }
