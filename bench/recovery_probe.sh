@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Recovery probes: where the time of a restore through wal-rs goes, beyond what
+# bench/throughput.sh reports. Runs restores of that benchmark's recovery phase again, in
+# interleaved rounds, from a work directory it kept, plus restores it does not run:
+#
+#   crash        crash recovery from pg_wal, no restore_command (the limit the target names)
+#   ln           restore_command = 'ln <copy>/%f %p': PostgreSQL's own cost per restored file
+#   walrs-s3     wal-rs through the latency proxy (30 ms per request) to s3s-fs, as the benchmark
+#   walrs-local  wal-rs from a local directory store holding the same segments: the same
+#                wal-rs work (prefetch, decompression, sha256, fsync) with no S3 server and no
+#                proxy sharing the machine's cores
+#   crash-busy   crash recovery while a loop beside it fetches the same segments with wal-fetch
+#                from the local store into /dev/shm, one every 40 ms plus the fetch: the
+#                prefetcher's CPU work at about replay's pace, without a restore_command.
+#                What that work on the other core costs replay itself.
+#
+# Usage, as root:
+#   THROUGHPUT_KEEP=1 THROUGHPUT_PHASES=recovery bash bench/throughput.sh   # once
+#   bash bench/recovery_probe.sh [ROUNDS] [VARIANT ...]
+# Defaults: 2 rounds of all five. Prints one line per restore and a summary (best round of
+# each, ratios to crash and to ln). Nothing is written to bench/results.
+set -euo pipefail
+
+root="${THROUGHPUT_DIR:-/tmp/wal-rs-throughput}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+rounds="${1:-2}"
+shift || true
+variants=("$@")
+[ "${#variants[@]}" -gt 0 ] || variants=(crash ln walrs-s3 walrs-local crash-busy)
+
+die() { echo "recovery_probe: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (PostgreSQL runs as postgres through runuser)"
+[ -d "$root/rec-base" ] && [ -d "$root/rec-wal" ] ||
+    die "no kept recovery work directory in $root: run THROUGHPUT_KEEP=1 THROUGHPUT_PHASES=recovery bash bench/throughput.sh"
+PGBIN="$(pg_config --bindir)"
+walrs="$root/bin/wal-rs"
+tool=(python3 "$root/bin/throughput_tool.py")
+s3s_fs="${WALRS_S3S_FS:-$repo/.cache/tools/bin/s3s-fs}"
+port=55998
+local_store="$root/probe-store"
+mapfile -t segs < <(ls "$root/rec-wal" | grep -E '^[0-9A-F]{24}$' | sort)
+[ "${#segs[@]}" -gt 0 ] || die "no segments in $root/rec-wal"
+as_pg() { runuser -u postgres -- "$@"; }
+wanted() { local v; for v in "${variants[@]}"; do [ "$v" = "$1" ] && return 0; done; return 1; }
+
+# Everything started here is stopped on exit, whatever happens.
+started=()
+cluster=""
+cleanup() {
+    [ -z "$cluster" ] || as_pg "$PGBIN/pg_ctl" -D "$cluster" -m immediate stop >/dev/null 2>&1 || true
+    for p in "${started[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$root"/probe-restore "$root"/probe-restore.wal /dev/shm/walrs-probe
+}
+trap cleanup EXIT
+
+if { wanted walrs-local || wanted crash-busy; } && [ ! -d "$local_store/wal_005" ]; then
+    echo "local store: pushing ${#segs[@]} segments into $local_store (not timed)"
+    as_pg mkdir -p "$local_store"
+    for s in "${segs[@]}"; do
+        as_pg env WALRS_STORE="file://$local_store" WALRS_ARCHIVE_AHEAD=0 "$walrs" wal-push "$root/rec-wal/$s" 2>/dev/null
+    done
+fi
+s3_env=""
+if wanted walrs-s3; then
+    [ -x "$s3s_fs" ] || die "no s3s-fs at $s3s_fs: make tools"
+    s3_port=58111
+    "$s3s_fs" --host 127.0.0.1 --port "$s3_port" --access-key throughputak --secret-key throughputsecretkey \
+        "$root/s3" >"$root/probe-s3s-fs.log" 2>&1 &
+    started+=("$!")
+    "$root/bin/walrs-faultproxy" --upstream "127.0.0.1:$s3_port" --delay-ms 30 >"$root/probe-proxy.out" 2>/dev/null &
+    started+=("$!")
+    for _ in $(seq 100); do grep -q '^listening ' "$root/probe-proxy.out" 2>/dev/null && break; sleep 0.1; done
+    proxy_port=$(sed -n 's/^listening .*://p' "$root/probe-proxy.out")
+    [ -n "$proxy_port" ] || die "the proxy did not start"
+    s3_env="WALRS_STORE=s3://walrs/rec AWS_ACCESS_KEY_ID=throughputak AWS_SECRET_ACCESS_KEY=throughputsecretkey AWS_ENDPOINT_URL=http://127.0.0.1:$proxy_port AWS_REGION=us-east-1 WALRS_S3_PATH_STYLE=true"
+fi
+
+# The loop of crash-busy: wal-fetch of every segment in turn, paced, until killed.
+busy_loop() {
+    mkdir -p /dev/shm/walrs-probe
+    while :; do
+        for s in "${segs[@]}"; do
+            WALRS_STORE="file://$local_store" WALRS_PREFETCH_COUNT=0 "$walrs" wal-fetch "$s" /dev/shm/walrs-probe/x 2>/dev/null || true
+            rm -f /dev/shm/walrs-probe/x
+            sleep 0.04
+        done
+    done
+}
+
+out="$root/probe-results"
+mkdir -p "$out"
+probe() {  # VARIANT ROUND
+    local v="$1" r="$2" d="$root/probe-restore" busy=""
+    rm -rf "$d" "$d.wal"
+    cp -a "$root/rec-base" "$d"
+    chown -R postgres: "$d"
+    chmod 700 "$d"
+    printf 'port = %s\narchive_mode = off\nmax_wal_size = 4GB\n' "$port" >>"$d/postgresql.conf"
+    case "$v" in
+        crash|crash-busy) as_pg cp "${segs[@]/#/$root/rec-wal/}" "$d/pg_wal/" ;;
+        ln) as_pg mkdir "$d.wal"; as_pg cp "${segs[@]/#/$root/rec-wal/}" "$d.wal/"
+            echo "restore_command = 'ln $d.wal/%f %p'" >>"$d/postgresql.conf" ;;
+        walrs-s3) echo "restore_command = '$s3_env $walrs wal-fetch %f %p'" >>"$d/postgresql.conf" ;;
+        walrs-local) echo "restore_command = 'WALRS_STORE=file://$local_store $walrs wal-fetch %f %p'" >>"$d/postgresql.conf" ;;
+        *) die "unknown variant $v" ;;
+    esac
+    case "$v" in crash|crash-busy) ;; *) as_pg touch "$d/recovery.signal" ;; esac
+    sync
+    local log="$root/logs/probe-$v-r$r.log"
+    cat >"$out/$v-r$r.spec.json" <<JSON
+{"name": "$v", "pgbin": "$PGBIN", "port": $port, "log": "$log", "datadir": "$d",
+ "start_cmd": ["runuser", "-u", "postgres", "--", "$PGBIN/pg_ctl", "-D", "$d", "-l", "$log", "-W", "start"],
+ "deadline": 900, "verify": {}, "quiet_wait": $([ "$v" = crash-busy ] && echo 0 || echo 20),
+ "walrs_log": "$(case "$v" in walrs*) echo "$log" ;; esac)"}
+JSON
+    rm -f "$log"
+    if [ "$v" = crash-busy ]; then busy_loop & busy=$!; started+=("$busy"); fi
+    cluster="$d"
+    "${tool[@]}" recover "$out/$v-r$r.spec.json" "$out/$v-r$r.json" >/dev/null
+    [ -z "$busy" ] || { kill "$busy"; wait "$busy" 2>/dev/null || true; }
+    as_pg "$PGBIN/pg_ctl" -D "$d" -m fast stop >/dev/null
+    cluster=""
+    rm -rf "$d" "$d.wal"
+    python3 - "$out/$v-r$r.json" "$v" "$r" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]:<12} round {sys.argv[3]}: {r['seconds']:6.2f} s to the end of recovery (redo {r['redo_elapsed_s']} s, "
+      f"startup process CPU {r['redo_cpu_s']} s, {r['segments_restored_by_command']} files from restore_command)")
+PY
+}
+
+rm -f "$out"/*.json
+for r in $(seq 1 "$rounds"); do
+    for v in "${variants[@]}"; do probe "$v" "$r"; done
+done
+python3 - "$out" "${variants[@]}" <<'PY'
+import glob, json, os, sys
+out, variants = sys.argv[1], sys.argv[2:]
+best = {}
+for v in variants:
+    runs = [json.load(open(f)) for f in glob.glob(os.path.join(out, f"{v}-r*.json")) if not f.endswith(".spec.json")]
+    if runs:
+        best[v] = min(r["seconds"] for r in runs)
+print("\nbest round of each:")
+for v, s in best.items():
+    parts = [f"{s:.2f} s"]
+    for ref in ("crash", "ln"):
+        if ref in best and v not in ("crash", ref):
+            parts.append(f"{s / best[ref]:.2f}x {ref}")
+    print(f"  {v:<12} " + ", ".join(parts))
+PY
