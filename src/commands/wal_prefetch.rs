@@ -149,7 +149,8 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
     for entry in entries.filter_map(|e| e.ok()) {
         let file = entry.file_name();
         let Some(file) = file.to_str() else { continue };
-        let name = file.strip_prefix('.').and_then(|f| f.strip_suffix(SERVED)).unwrap_or(file);
+        let served = file.strip_prefix('.').and_then(|f| f.strip_suffix(SERVED));
+        let name = served.unwrap_or(file);
         let stale = match WalFileName::parse(name) {
             Ok(WalFileName::Segment(t, s)) => t.0 != timeline || s < segment,
             Ok(_) => true,
@@ -161,8 +162,28 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
                 .unwrap_or(true),
         };
         if stale {
+            if served.is_some() {
+                drop_cached_pages(&entry.path());
+            }
             let _ = fs::remove_file(entry.path());
         }
+    }
+}
+
+/// Drops a served segment's pages from the page cache. The file is PostgreSQL's now (the
+/// same inode as `pg_wal/<name>`), and PostgreSQL has read past it: it asked for a later
+/// segment. Without this a recovery fills memory with WAL it never reads again (16 MiB a
+/// segment, gigabytes in a long replay), pushing out the relation pages replay works on;
+/// and each new prefetched file takes fresh pages instead of the ones just freed, which on
+/// a VM that returns free memory to its host costs a host fault per page. PostgreSQL does
+/// the same with WAL it will not archive (`XLogFileClose`). Only clean pages go (the kernel
+/// starts writing dirty ones and keeps them), so nothing is lost: a later read comes from
+/// disk.
+fn drop_cached_pages(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(file) = fs::File::open(path) {
+        // SAFETY: posix_fadvise reads nothing from our memory; the descriptor is open.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
 
@@ -483,5 +504,47 @@ mod tests {
             left,
             [".000000020000000000000008.served", ".prefetcher.sock", ".x.claim", "000000020000000000000009"]
         );
+    }
+
+    /// How many of `path`'s pages are in the page cache (mincore(2)).
+    fn cached_pages(path: &Path) -> usize {
+        use std::os::fd::AsRawFd;
+        let file = fs::File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a read-only shared mapping of an open file, unmapped before returning;
+        // mincore writes one byte per page into a buffer with room for every page.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let addr = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+            assert_ne!(addr, libc::MAP_FAILED);
+            let mut pages = vec![0u8; len.div_ceil(page)];
+            let rc = libc::mincore(addr, len, pages.as_mut_ptr());
+            libc::munmap(addr, len);
+            assert_eq!(rc, 0);
+            pages.iter().filter(|p| *p & 1 == 1).count()
+        }
+    }
+
+    #[test]
+    fn a_served_segment_leaves_the_page_cache_and_stays_whole_in_pg_wal() {
+        // Under target/, on the build's disk: a tmpfs /tmp would hold the pages as the file.
+        let pg_wal = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        let dir = pg_wal.path().join("walrs_prefetch");
+        fs::create_dir(&dir).unwrap();
+        // PostgreSQL's name for the segment, and the prefetcher's link to the same file.
+        let kept = pg_wal.path().join("000000010000000000000003");
+        let served = dir.join(".000000010000000000000003.served");
+        let content: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        fs::write(&kept, &content).unwrap();
+        fs::File::open(&kept).unwrap().sync_all().unwrap();
+        fs::hard_link(&kept, &served).unwrap();
+        assert_eq!(fs::read(&kept).unwrap(), content);
+        assert!(cached_pages(&kept) > 0, "the file just read is in the page cache");
+
+        clean(&dir, 1, SegmentId { log: 0, seg: 4 });
+
+        assert!(!served.exists());
+        assert_eq!(cached_pages(&kept), 0);
+        assert_eq!(fs::read(&kept).unwrap(), content);
     }
 }
