@@ -528,7 +528,9 @@ mod tests {
     #[test]
     fn a_served_segment_leaves_the_page_cache_and_stays_whole_in_pg_wal() {
         // Under target/, on the build's disk: a tmpfs /tmp would hold the pages as the file.
-        let pg_wal = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        fs::create_dir_all(&under).unwrap();
+        let pg_wal = tempfile::tempdir_in(under).unwrap();
         let dir = pg_wal.path().join("walrs_prefetch");
         fs::create_dir(&dir).unwrap();
         // PostgreSQL's name for the segment, and the prefetcher's link to the same file.
