@@ -25,8 +25,8 @@
 #   bash bench/recovery_probe.sh [ROUNDS] [VARIANT ...]
 # VARIANT@TAG runs a wal-rs variant with the binary <work dir>/bin/wal-rs.TAG instead, for an
 # interleaved A/B of two builds (e.g. walrs-local walrs-local@new).
-# Defaults: 2 rounds of all five. Prints one line per restore and a summary (best round of
-# each, ratios to crash and to ln). Nothing is written to bench/results.
+# Defaults: 2 rounds of all six. Prints one line per restore and a summary (the best round
+# and the median of each, ratios to crash and to ln). Nothing is written to bench/results.
 set -euo pipefail
 
 root="${THROUGHPUT_DIR:-/tmp/wal-rs-throughput}"
@@ -117,15 +117,15 @@ chmod 755 "$root/probe-ahead-copy.sh" "$root/probe-ahead-restore.sh"
 out="$root/probe-results"
 mkdir -p "$out"
 probe() {  # VARIANT ROUND
-    local v="$1" r="$2" d="$root/probe-restore" busy="" bin="$walrs"
-    [ "${v%@*}" = "$v" ] || bin="$walrs.${v#*@}"
+    local v="$1" r="$2" d="$root/probe-restore" busy="" bin="$walrs" base="${1%@*}"
+    [ "$base" = "$v" ] || bin="$walrs.${v#*@}"
     [ -x "$bin" ] || die "no binary $bin for $v"
     rm -rf "$d" "$d.wal"
     cp -a "$root/rec-base" "$d"
     chown -R postgres: "$d"
     chmod 700 "$d"
     printf 'port = %s\narchive_mode = off\nmax_wal_size = 4GB\n' "$port" >>"$d/postgresql.conf"
-    case "${v%@*}" in
+    case "$base" in
         crash|crash-busy) as_pg cp "${segs[@]/#/$root/rec-wal/}" "$d/pg_wal/" ;;
         ln) as_pg mkdir "$d.wal"; as_pg cp "${segs[@]/#/$root/rec-wal/}" "$d.wal/"
             echo "restore_command = 'ln $d.wal/%f %p'" >>"$d/postgresql.conf" ;;
@@ -135,18 +135,18 @@ probe() {  # VARIANT ROUND
         walrs-local) echo "restore_command = 'WALRS_STORE=file://$local_store $bin wal-fetch %f %p'" >>"$d/postgresql.conf" ;;
         *) die "unknown variant $v" ;;
     esac
-    case "$v" in crash|crash-busy) ;; *) as_pg touch "$d/recovery.signal" ;; esac
+    case "$base" in crash|crash-busy) ;; *) as_pg touch "$d/recovery.signal" ;; esac
     sync
     local log="$root/logs/probe-$v-r$r.log"
     cat >"$out/$v-r$r.spec.json" <<JSON
 {"name": "$v", "pgbin": "$PGBIN", "port": $port, "log": "$log", "datadir": "$d",
  "start_cmd": ["runuser", "-u", "postgres", "--", "$PGBIN/pg_ctl", "-D", "$d", "-l", "$log", "-W", "start"],
- "deadline": 900, "verify": {}, "quiet_wait": $([ "$v" = crash-busy ] && echo 0 || echo 20),
- "walrs_log": "$(case "$v" in walrs*) echo "$log" ;; esac)"}
+ "deadline": 900, "verify": {}, "quiet_wait": $([ "$base" = crash-busy ] && echo 0 || echo 20),
+ "walrs_log": "$(case "$base" in walrs*) echo "$log" ;; esac)"}
 JSON
     rm -f "$log"
-    if [ "$v" = crash-busy ]; then busy_loop & busy=$!; started+=("$busy"); fi
-    if [ "$v" = ahead ]; then
+    if [ "$base" = crash-busy ]; then busy_loop & busy=$!; started+=("$busy"); fi
+    if [ "$base" = ahead ]; then
         as_pg /bin/sh "$root/probe-ahead-copy.sh" "$d.wal" "$root/rec-wal" "${segs[@]}" & busy=$!; started+=("$busy")
     fi
     cluster="$d"
