@@ -5,6 +5,9 @@
 //! exits with 200 plus the code below, above 125, so that PostgreSQL aborts the recovery
 //! instead of taking the failure for the end of the archive.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
 use crate::error::Error;
 use crate::store::StoreError;
 
@@ -38,9 +41,11 @@ pub const NOT_FOUND: u8 = 12;
 pub const TIMEOUT: u8 = 13;
 /// An encrypted object cannot be opened: no key configured, or not the key that sealed it.
 pub const KEY: u8 = 14;
+/// wal-rs itself failed (a panic: a bug, or a thread that could not be started).
+pub const INTERNAL: u8 = 15;
 /// Every failure code below 126, for the tests that check the table and its docs.
 #[cfg(test)]
-const FAILURE_CODES: [u8; 13] = [
+const FAILURE_CODES: [u8; 14] = [
     USAGE,
     CONFIG,
     INVALID_INPUT,
@@ -54,6 +59,7 @@ const FAILURE_CODES: [u8; 13] = [
     NOT_FOUND,
     TIMEOUT,
     KEY,
+    INTERNAL,
 ];
 
 /// Added to a wal-fetch failure's code outside a standby, to make PostgreSQL abort recovery.
@@ -92,6 +98,56 @@ pub fn wal_fetch_code(err: &Error, standby: bool) -> u8 {
     }
 }
 
+/// The exit code of a panic in this process: [`INTERNAL`] unless the command set another.
+static PANIC_CODE: AtomicU8 = AtomicU8::new(INTERNAL);
+/// The command running, for the panic's log line.
+static PANIC_OP: OnceLock<&'static str> = OnceLock::new();
+
+/// Names the command in the log line of a panic.
+pub fn set_panic_op(op: &'static str) {
+    let _ = PANIC_OP.set(op);
+}
+
+/// Makes a panic exit with `code`. wal-fetch sets its failure code: Rust's own 101 would
+/// read to PostgreSQL as "not in the archive" and end a recovery early.
+pub fn set_panic_code(code: u8) {
+    PANIC_CODE.store(code, Ordering::Relaxed);
+}
+
+/// The exit code of a failed wal-fetch that failed inside wal-rs itself.
+pub fn wal_fetch_internal_code(standby: bool) -> u8 {
+    if standby {
+        NOT_IN_ARCHIVE
+    } else {
+        RECOVERY_ABORT_BASE + INTERNAL
+    }
+}
+
+/// A panic, in any thread, ends the process at once with the command's panic code and one
+/// log line, instead of unwinding into Rust's exit 101.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let code = PANIC_CODE.load(Ordering::Relaxed);
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        crate::log::emit(
+            crate::log::Level::Error,
+            &[
+                ("op", &PANIC_OP.get().copied().unwrap_or("wal-rs")),
+                ("outcome", &"error"),
+                ("exit", &code),
+                ("error", &format!("internal error: {message}{place}; report this as a bug with the log line")),
+            ],
+        );
+        std::process::exit(code.into());
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +166,9 @@ mod tests {
         }
         assert_eq!(wal_fetch_code(&down, false), 207);
         assert_eq!(wal_fetch_code(&corrupt, false), 210);
+        // A panic must not look like the end of the archive either.
+        assert!(wal_fetch_internal_code(false) > 125);
+        assert_eq!(wal_fetch_internal_code(true), NOT_IN_ARCHIVE);
     }
 
     #[test]

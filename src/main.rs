@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
     }
+    wal_rs::exit::install_panic_hook();
     let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     let cli = match wal_rs::cli::Cli::try_parse_from(&args) {
         Ok(cli) => cli,

@@ -8,7 +8,7 @@ use crate::config::{Config, StoreUrl};
 use crate::error::Error;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
-use crate::store::{ObjectKey, Store};
+use crate::store::{ObjectKey, ObjectMeta, Store};
 
 /// Metadata key holding the sha256 of an uncompressed object's bytes.
 pub(crate) const SHA256_METADATA: &str = "sha256";
@@ -63,6 +63,26 @@ pub async fn open_store(config: &Config) -> Result<Arc<Store>, Error> {
     Ok(Arc::new(store))
 }
 
+/// The sha256 of the original bytes that a stored object records in its trailer; `None`
+/// for compressions without one and for objects whose tail is not a trailer (encrypted, or
+/// written by other tools). One small ranged read.
+pub(crate) async fn trailer_sha256(
+    store: &Arc<Store>,
+    key: &ObjectKey,
+    compression: Compression,
+) -> Result<Option<Sha256>, Error> {
+    if !compression.has_trailer() {
+        return Ok(None);
+    }
+    let tail = store.get_tail(key, trailer::LEN as u64).await?;
+    Ok(codec::Trailer::decode(&tail).map(|t| t.sha256))
+}
+
+/// The sha256 of the original bytes recorded in an object's metadata (raw objects).
+pub(crate) fn metadata_sha256(meta: &ObjectMeta) -> Option<Sha256> {
+    meta.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok())
+}
+
 /// The sha256 of the original bytes of a stored object: from its trailer, else from its
 /// metadata, else (objects written by other tools) by reading it whole.
 pub(crate) async fn stored_sha256(
@@ -70,13 +90,11 @@ pub(crate) async fn stored_sha256(
     key: &ObjectKey,
     compression: Compression,
 ) -> Result<Sha256, Error> {
-    if compression.has_trailer() {
-        let tail = store.get_tail(key, trailer::LEN as u64).await?;
-        if let Some(t) = codec::Trailer::decode(&tail) {
-            return Ok(t.sha256);
-        }
-    } else if let Some(meta) = store.head(key).await? {
-        if let Some(sha) = meta.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok()) {
+    if let Some(sha) = trailer_sha256(store, key, compression).await? {
+        return Ok(sha);
+    }
+    if !compression.has_trailer() {
+        if let Some(sha) = store.head(key).await?.as_ref().and_then(metadata_sha256) {
             return Ok(sha);
         }
     }

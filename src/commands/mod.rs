@@ -28,6 +28,10 @@ pub use common::open_store;
 
 /// Runs the command line and returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
+    if let Command::WalFetch { .. } = cli.command {
+        // Until the configuration says whether this is a standby, standby.signal does.
+        exit::set_panic_code(exit::wal_fetch_internal_code(standby_signal_present()));
+    }
     let op = match &cli.command {
         Command::WalPush { .. } => "wal-push",
         Command::WalFetch { .. } => "wal-fetch",
@@ -43,6 +47,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::BackupVerify { restore_drill: true, .. } => "restore-drill",
         Command::BackupVerify { .. } => "backup-verify",
     };
+    exit::set_panic_op(op);
     let child_args = cli.overrides().map(|o| o.as_args()).unwrap_or_default();
     let config = match cli
         .overrides()
@@ -95,6 +100,7 @@ pub fn run(cli: Cli) -> u8 {
         }
         Command::WalFetch { name, dest } => {
             let standby = wal_fetch::is_standby(&config);
+            exit::set_panic_code(exit::wal_fetch_internal_code(standby));
             let fetch = wal_fetch::run(&config, &name, &dest, &child_args);
             match runtime.block_on(within_deadline(&config, "wal-fetch", &dest, fetch)) {
                 Ok(r) => {

@@ -10,6 +10,7 @@
 //! recovery asks for it again.
 
 use std::fs::{self, OpenOptions};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,6 +95,7 @@ async fn fetch_once(
         Err(StoreError::NotFound { .. }) => {
             let others: Vec<ObjectKey> = candidates[1..].iter().map(|(k, _)| k.clone()).collect();
             let Some(found) = store.find_first(&others).await? else {
+                store.confirm_absent(&candidates[0].0).await?;
                 return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
             };
             let compression = candidates
@@ -135,7 +137,8 @@ fn restore(
         _ => PathBuf::from("."),
     };
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
-    let temp = TempFile(dir.join(format!(".{file_name}.walrs-partial.{}", std::process::id())));
+    remove_leftovers(&dir, &file_name);
+    let temp = TempFile(dir.join(format!(".{file_name}{PARTIAL}{}", std::process::id())));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -211,6 +214,31 @@ fn refuse_special_destination(dest: &Path) -> Result<(), Error> {
                 .into(),
         }),
         _ => Ok(()),
+    }
+}
+
+/// Between a temporary file's destination name and the PID of the wal-fetch writing it.
+const PARTIAL: &str = ".walrs-partial.";
+
+/// Removes temporary files for this destination left by wal-fetch processes that are gone:
+/// one stopped at its deadline, or by a signal at shutdown, while its restore ran. Nothing
+/// else removes them from pg_wal, and a standby that keeps retrying a slow download would
+/// fill it. A file whose process still runs (or whose PID was reused) is left alone.
+fn remove_leftovers(dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}{PARTIAL}");
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -50,6 +50,8 @@ const STALE_AFTER: Duration = Duration::from_secs(300);
 /// The prefetch folder of one wal-fetch.
 pub(super) struct Prefetch {
     dir: PathBuf,
+    /// False when the folder is the destination's own (see [`Prefetch::new`]).
+    usable: bool,
     count: u32,
     /// Which configuration the prefetcher must have to serve this call.
     fingerprint: String,
@@ -64,13 +66,27 @@ impl Prefetch {
             }
             .join(DEFAULT_DIR)
         });
-        Prefetch { dir, count: config.prefetch.count, fingerprint: fingerprint(config) }
+        let usable = !is_destination_folder(&dir, dest);
+        if !usable {
+            log::emit(
+                Level::Warn,
+                &[
+                    ("op", &"wal-fetch"),
+                    ("prefetch_dir", &dir.display()),
+                    ("error", &"prefetch_dir is the destination's own folder (pg_wal): prefetch is off, since the prefetcher would take and remove PostgreSQL's files there; give it a folder of its own"),
+                ],
+            );
+        }
+        Prefetch { dir, usable, count: config.prefetch.count, fingerprint: fingerprint(config) }
     }
 
     /// Serves `name` from the folder, if it was prefetched. When a prefetcher is fetching it
     /// right now, waits for it (up to `wait`) rather than download the same bytes twice.
     pub(super) fn take(&self, name: &WalFileName, dest: &Path, wait: Duration) -> Option<FetchReport> {
         name.wal_segment()?;
+        if !self.usable {
+            return None;
+        }
         let path = self.dir.join(name.to_string());
         let claim = self.dir.join(format!(".{name}.claim"));
         let deadline = std::time::Instant::now() + wait;
@@ -81,8 +97,9 @@ impl Prefetch {
         let mark = xattr::get(&path, PREFETCH_VERIFIED_XATTR).ok().flatten().unwrap_or_default();
         let mark = String::from_utf8_lossy(&mark);
         let (verified, fetched_by) = mark.split_once(' ').unwrap_or((&mark, ""));
-        if !fetched_by.is_empty() && fetched_by != self.fingerprint {
-            // Fetched under another configuration (another store, say): not for this call.
+        if fetched_by != self.fingerprint {
+            // Fetched under another configuration (another store, say), or with no mark to
+            // say which: not for this call.
             return None;
         }
         let verified = match verified {
@@ -115,7 +132,7 @@ impl Prefetch {
     pub(super) fn refill(&self, name: &WalFileName, segment_size: u64, child_args: &[String]) {
         let Some(segment) = name.wal_segment() else { return };
         let Ok(size) = u32::try_from(segment_size) else { return };
-        if self.count == 0 || !size.is_power_of_two() {
+        if !self.usable || self.count == 0 || !size.is_power_of_two() {
             return;
         }
         // The recovery's prefetcher moves its window on (and cleans up, in the background);
@@ -143,7 +160,8 @@ impl Prefetch {
 }
 
 /// Removes prefetched (and served) segments of other timelines or before `segment`, and
-/// leftovers of prefetchers that died.
+/// leftovers of prefetchers that died. Nothing else: only segments are ever prefetched, and
+/// a folder set by hand may hold files that are not ours.
 fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.filter_map(|e| e.ok()) {
@@ -153,13 +171,15 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
         let name = served.unwrap_or(file);
         let stale = match WalFileName::parse(name) {
             Ok(WalFileName::Segment(t, s)) => t.0 != timeline || s < segment,
-            Ok(_) => true,
-            Err(_) if file == SOCKET => false,
-            Err(_) => entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
-                .unwrap_or(true),
+            Ok(_) => false,
+            Err(_) => {
+                is_leftover(file)
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
+                        .unwrap_or(true)
+            }
         };
         if stale {
             if served.is_some() {
@@ -168,6 +188,31 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
             let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// Whether files in `dir` can carry the mark a prefetched file is served by.
+fn keeps_marks(dir: &Path) -> bool {
+    const PROBE: &str = "user.walrs.probe";
+    let kept = xattr::set(dir, PROBE, b"1").is_ok();
+    let _ = xattr::remove(dir, PROBE);
+    kept
+}
+
+/// Whether `dir` is the folder `dest` is in: a segment there is PostgreSQL's, not ours.
+fn is_destination_folder(dir: &Path, dest: &Path) -> bool {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (fs::canonicalize(dir), fs::canonicalize(parent)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A claim or a download's temporary file (`.<name>.claim`, `.<name>.walrs-partial.<pid>`).
+fn is_leftover(file: &str) -> bool {
+    file.starts_with('.') && (file.ends_with(".claim") || file.contains(".walrs-partial."))
 }
 
 /// Drops a served segment's pages from the page cache. The file is PostgreSQL's now (the
@@ -223,6 +268,18 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         return Err(Error::Usage(format!("segment size {segment_size} is not a power of two")));
     }
     fs::create_dir_all(dir).map_err(|e| Error::local("create", dir, e))?;
+    if !keeps_marks(dir) {
+        // A file is served only with the mark that says which configuration fetched it.
+        log::emit(
+            Level::Warn,
+            &[
+                ("op", &"wal-prefetch"),
+                ("prefetch_dir", &dir.display()),
+                ("error", &"the prefetch folder's file system keeps no user extended attributes, which mark what was verified and by which configuration: prefetch is off; set prefetch_dir to a folder on a file system that does (ext4, xfs)"),
+            ],
+        );
+        return Ok(0);
+    }
     let ours = fingerprint(config);
     let socket = match bind(dir, &after, segment_size, &ours) {
         Bound::Listening(socket) => Some(socket),
@@ -480,29 +537,96 @@ mod tests {
         assert!(next_segments(WalFileName::parse("00000002.history").unwrap(), 3, 16 << 20).is_empty());
     }
 
+    /// A scratch pg_wal with an empty `walrs_prefetch` in it, under target/: on the build's
+    /// disk, which keeps user extended attributes and, unlike a tmpfs /tmp, a page cache
+    /// apart from the files.
+    fn scratch_pg_wal() -> (tempfile::TempDir, PathBuf) {
+        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        fs::create_dir_all(&under).unwrap();
+        let pg_wal = tempfile::tempdir_in(under).unwrap();
+        let dir = pg_wal.path().join("walrs_prefetch");
+        fs::create_dir(&dir).unwrap();
+        (pg_wal, dir)
+    }
+
+    #[test]
+    fn only_a_file_marked_by_this_configuration_is_served() {
+        let (pg_wal, dir) = scratch_pg_wal();
+        assert!(keeps_marks(&dir), "the test needs a file system with user extended attributes");
+        let prefetch = Prefetch { dir: dir.clone(), usable: true, count: 8, fingerprint: "ours".into() };
+        let name = WalFileName::parse("000000010000000000000003").unwrap();
+        let file = dir.join(name.to_string());
+        let dest = pg_wal.path().join("RECOVERYXLOG");
+        fs::write(&file, b"segment").unwrap();
+        for mark in [None, Some("sha256 theirs"), Some("sha256")] {
+            if let Some(m) = mark {
+                xattr::set(&file, PREFETCH_VERIFIED_XATTR, m.as_bytes()).unwrap();
+            }
+            assert!(prefetch.take(&name, &dest, Duration::ZERO).is_none(), "served with mark {mark:?}");
+            assert!(file.exists() && !dest.exists());
+        }
+        xattr::set(&file, PREFETCH_VERIFIED_XATTR, b"sha256 ours").unwrap();
+        let report = prefetch.take(&name, &dest, Duration::ZERO).expect("served with our mark");
+        assert_eq!(report.verified, "sha256");
+        assert_eq!(fs::read(&dest).unwrap(), b"segment");
+        assert!(!file.exists(), "a served file stays servable");
+    }
+
+    #[test]
+    fn the_destinations_own_folder_is_never_a_prefetch_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let pg_wal = d.path().join("pg_wal");
+        fs::create_dir_all(pg_wal.join("walrs_prefetch")).unwrap();
+        let dest = pg_wal.join("RECOVERYXLOG");
+        assert!(is_destination_folder(&pg_wal, &dest));
+        assert!(is_destination_folder(&pg_wal.join("walrs_prefetch/.."), &dest));
+        assert!(!is_destination_folder(&pg_wal.join("walrs_prefetch"), &dest));
+        assert!(!is_destination_folder(&d.path().join("not-yet"), &dest));
+    }
+
     #[test]
     fn only_servable_files_survive_cleaning() {
         let d = tempfile::tempdir().unwrap();
-        for f in [
-            "000000010000000000000005",
-            "000000020000000000000007",
-            "000000020000000000000009",
-            ".x.claim",
-            ".000000020000000000000007.served",
-            ".000000020000000000000008.served",
-            SOCKET,
+        let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(60);
+        for (f, aged) in [
+            ("000000010000000000000005", false),
+            ("000000020000000000000007", false),
+            ("000000020000000000000009", false),
+            (".x.claim", false),
+            (".y.claim", true),
+            (".000000020000000000000009.walrs-partial.77", true),
+            (".000000020000000000000007.served", false),
+            (".000000020000000000000008.served", false),
+            (SOCKET, true),
+            // Not ours: a folder set by hand may hold them. They stay, however old.
+            ("00000002.history", true),
+            ("postgresql.conf", true),
+            (".hidden", true),
         ] {
-            fs::write(d.path().join(f), b"x").unwrap();
+            let path = d.path().join(f);
+            fs::write(&path, b"x").unwrap();
+            if aged {
+                fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+            }
         }
         clean(d.path(), 2, SegmentId { log: 0, seg: 8 });
         let mut left: Vec<String> =
             fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        // Another timeline and older segments go, served or not; a fresh claim, the segment
-        // just served and the socket stay.
+        // Another timeline and older segments go, served or not, and so do old claims and
+        // temporary files; a fresh claim, the segment just served, the socket and files
+        // that are not the prefetcher's stay.
         assert_eq!(
             left,
-            [".000000020000000000000008.served", ".prefetcher.sock", ".x.claim", "000000020000000000000009"]
+            [
+                ".000000020000000000000008.served",
+                ".hidden",
+                ".prefetcher.sock",
+                ".x.claim",
+                "00000002.history",
+                "000000020000000000000009",
+                "postgresql.conf"
+            ]
         );
     }
 
@@ -527,12 +651,7 @@ mod tests {
 
     #[test]
     fn a_served_segment_leaves_the_page_cache_and_stays_whole_in_pg_wal() {
-        // Under target/, on the build's disk: a tmpfs /tmp would hold the pages as the file.
-        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-        fs::create_dir_all(&under).unwrap();
-        let pg_wal = tempfile::tempdir_in(under).unwrap();
-        let dir = pg_wal.path().join("walrs_prefetch");
-        fs::create_dir(&dir).unwrap();
+        let (pg_wal, dir) = scratch_pg_wal();
         // PostgreSQL's name for the segment, and the prefetcher's link to the same file.
         let kept = pg_wal.path().join("000000010000000000000003");
         let served = dir.join(".000000010000000000000003.served");

@@ -227,6 +227,29 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// See [`super::Store::confirm_absent`].
+    pub(super) fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let folder = self.path_of(key).parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        if folder.is_dir() {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable {
+            op: "get",
+            key: format!("{}/{key}", self.url()),
+            detail: format!(
+                "{} is missing: nothing was ever archived there, or the file system that holds the store is not mounted; check WALRS_STORE and the mount",
+                folder.display()
+            ),
+        })
+    }
+
+    /// fsyncs the object and its directory (see [`super::Store::make_durable`]).
+    pub(super) fn make_durable(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let path = self.path_of(key);
+        File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Self::io_err("fsync", &path, e))?;
+        fsync_dir(path.parent().unwrap_or(&self.root))
+    }
+
     pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let path = self.path_of(key);
         match fs::remove_file(&path) {

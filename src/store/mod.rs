@@ -264,6 +264,30 @@ impl Store {
         }
     }
 
+    /// Before "not in the archive" is said of `key`: that its folder is there at all. A
+    /// local store whose folder is missing is most likely a file system that is not mounted
+    /// (its mount point is an empty directory), and a recovery told "not found" would end
+    /// there and promote. Transient: a standby asks again, and a recovery aborts after the
+    /// retries. S3 answers for itself.
+    pub async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        match self {
+            Store::Local(s) => s.confirm_absent(key),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes an object that is already there durable before anyone relies on it. Locally a
+    /// writer fsyncs its data before it links the object in and fsyncs the directory after:
+    /// a writer killed between the two leaves an entry that a crash of the machine can
+    /// still take away, though every reader already sees it. On S3 an object that is listed
+    /// is durable.
+    pub async fn make_durable(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        match self {
+            Store::Local(s) => s.make_durable(key),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether objects named exactly `keys[i]` exist: the first found, in the given order.
     /// Locally a few `stat`s; on S3 one listing of their common prefix, so that probing
     /// every compression costs one request, not one per extension.

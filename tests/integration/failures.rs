@@ -30,6 +30,7 @@ mod code {
     pub const DENIED: i32 = 8;
     pub const STORE_MISSING: i32 = 9;
     pub const CORRUPT: i32 = 10;
+    pub const INTERNAL: i32 = 15;
     /// Added to wal-fetch failures outside a standby.
     pub const RECOVERY_ABORT: i32 = 200;
 }
@@ -149,6 +150,78 @@ fn fetch_of_a_missing_name_exits_1_s3() {
     let wd = WorkDir::new("missing-s3");
     let s3 = S3Server::start(&wd);
     missing_names_are_not_in_archive(&wd, &s3.store("missing"));
+}
+
+/// A local store on a file system that is not mounted: its mount point is an empty
+/// directory. "Not in the archive" there would end a recovery at the wrong point.
+#[test]
+fn an_empty_mount_point_is_not_the_end_of_the_archive() {
+    let wd = WorkDir::new("unmounted");
+    let store = local_store(&wd);
+    let out = wd.dir("out");
+    let dest = out.join("RECOVERYXLOG");
+    let walrs = WalRs::new(&wd, &store).env("WALRS_RETRY_DEADLINE_SECS", "1");
+    let run = walrs.fetch(&segment_name(1, 3), &dest);
+    run.expect_code(code::RECOVERY_ABORT + code::STORAGE, "wal-fetch from an empty store directory");
+    assert!(run.stderr.contains("not mounted"), "{run:#?}");
+    let run = walrs.clone().cwd(&standby_dir(&wd)).fetch(&segment_name(1, 3), &dest);
+    run.expect_code(code::NOT_IN_ARCHIVE, "the same in a standby, which asks again");
+    assert!(files_under(&out).is_empty(), "left in {}: {:?}", out.display(), files_under(&out));
+
+    // Once something is archived there, a missing name is simply not in the archive.
+    WalRs::new(&wd, &store).push(&segment_file(&wd, 3, SYSID, 1).0).expect_code(0, "push");
+    walrs.fetch(&segment_name(1, 4), &dest).expect_code(code::NOT_IN_ARCHIVE, "a missing name in a store with WAL");
+}
+
+/// A wal-fetch stopped mid-download (its deadline, or a signal at shutdown) leaves its
+/// temporary file beside the destination; the next one removes it, and only it.
+#[test]
+fn leftovers_of_a_stopped_fetch_do_not_pile_up_in_pg_wal() {
+    let wd = WorkDir::new("leftovers");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "0");
+    let (input, bytes) = segment_file(&wd, 3, SYSID, 1);
+    walrs.push(&input).expect_code(0, "push");
+    let out = wd.dir("out");
+    // A process that has exited: its PID names the leftover.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let leftover = write_file(&out, &format!(".RECOVERYXLOG.walrs-partial.{dead}"), &bytes[..4096]);
+    let live = write_file(&out, &format!(".RECOVERYXLOG.walrs-partial.{}", std::process::id()), b"in use");
+    let other = write_file(&out, &format!(".other.walrs-partial.{dead}"), b"another destination's");
+
+    walrs.fetch(&segment_name(1, 3), &out.join("RECOVERYXLOG")).expect_code(0, "fetch");
+    assert_eq!(read(&out.join("RECOVERYXLOG")), bytes);
+    assert!(!leftover.exists(), "a dead fetch's temporary file stayed");
+    assert!(live.exists() && other.exists(), "a file that is not a dead fetch's leftover went");
+}
+
+// --- wal-rs itself fails ----------------------------------------------------------------
+
+/// A wal-fetch that cannot start the thread it restores with (a process limit reached)
+/// panics inside wal-rs. Rust's own exit code for that, 101, is below 126: PostgreSQL would
+/// take it for "not in the archive" and end a recovery there.
+#[test]
+fn a_fetch_that_fails_inside_wal_rs_never_looks_like_the_end_of_the_archive() {
+    let wd = WorkDir::new("panic");
+    let store = local_store(&wd);
+    let (input, _) = segment_file(&wd, 3, SYSID, 1);
+    WalRs::new(&wd, &store).push(&input).expect_code(0, "push");
+    let out = wd.pg_dir("out");
+    let dest = out.join("RECOVERYXLOG");
+    let limited = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "0").run_as_postgres().max_processes(1);
+
+    let run = limited.fetch(&segment_name(1, 3), &dest);
+    run.expect_code(code::RECOVERY_ABORT + code::INTERNAL, "wal-fetch that cannot start a thread");
+    assert!(run.logged("exit", "215"), "{run:#?}");
+    assert!(run.stderr.contains("internal error"), "{run:#?}");
+    assert!(!dest.exists(), "a failed fetch left {}", dest.display());
+
+    // A standby asks again later.
+    let run = limited.cwd(&standby_dir(&wd)).fetch(&segment_name(1, 3), &dest);
+    run.expect_code(code::NOT_IN_ARCHIVE, "the same in a standby");
+    assert!(!dest.exists(), "a failed fetch left {}", dest.display());
 }
 
 // --- a damaged object -------------------------------------------------------------------

@@ -203,6 +203,85 @@ fn a_forged_or_stale_record_never_acknowledges() {
     assert_eq!(lz4_bytes(&store, name2), *bytes2);
 }
 
+/// A record that is right about the file (its stamp and sha256) and about the object's key
+/// and size, for a store that holds other bytes under the name. Raw objects are all one
+/// segment in size, so only the store's own sha256 can tell: the push must report the
+/// conflict, not acknowledge the file.
+#[test]
+fn a_record_is_not_trusted_over_the_stores_own_checksum() {
+    let wd = WorkDir::new("record-vs-store");
+    let store = StoreEnv::local(&wd.dir("store"));
+    let (data, segments) = pg_wal_with_ready(&wd, 1, 1..2);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_ARCHIVE_AHEAD", "0").env("WALRS_COMPRESSION", "none").cwd(&data);
+    let (name, bytes) = &segments[0];
+    let other = craft_segment(1, 1, SYSID, 999);
+    assert_eq!(other.len(), bytes.len());
+    let elsewhere = wd.dir("elsewhere").join(name);
+    fs::write(&elsewhere, &other).unwrap();
+    walrs.push(&elsewhere).expect_code(0, "store other bytes under the name");
+
+    let records = data.join("pg_wal/walrs_archive_status");
+    fs::create_dir_all(&records).unwrap();
+    let record = serde_json::json!({
+        "name": name, "size": bytes.len(), "sha256": sha256_hex(bytes),
+        "store": store.url, "key": format!("wal_005/{name}"),
+        "stored_size": other.len(), "file": stamp(&data.join("pg_wal").join(name)),
+    });
+    fs::write(records.join(format!("{name}.json")), record.to_string()).unwrap();
+    let run = walrs.run(&["wal-push", &format!("pg_wal/{name}")]);
+    assert!(!run.logged("outcome", "archived-ahead"), "the record was trusted over the store: {run:#?}");
+    run.expect_code(5, "push of a file whose name holds other bytes in the store (conflict)");
+    assert_eq!(read(&store.object_path(&format!("wal_005/{name}"))), other, "the stored object changed");
+}
+
+/// The safety valve (`WALRS_ARCHIVE_QUEUE_MAX`) drops only what would otherwise pile up: a
+/// segment already pushed ahead is not part of the backlog, and a timeline history file is
+/// never dropped.
+#[test]
+fn the_queue_valve_drops_only_unarchived_segments() {
+    let wd = WorkDir::new("valve");
+    let store = StoreEnv::local(&wd.dir("store"));
+    let (data, segments) = pg_wal_with_ready(&wd, 1, 1..5);
+    let status = data.join("pg_wal/archive_status");
+    let archived = |name: &str| {
+        fs::rename(status.join(format!("{name}.ready")), status.join(format!("{name}.done"))).unwrap();
+    };
+    let name = |i: usize| segments[i].0.as_str();
+
+    // Segment 1, and segment 2 pushed ahead of it.
+    let ahead = WalRs::new(&wd, &store).env("WALRS_ARCHIVE_AHEAD", "1").cwd(&data);
+    ahead.run(&["wal-push", &format!("pg_wal/{}", name(0))]).expect_code(0, "push with one ahead");
+    archived(name(0));
+    assert!(store.wal_objects().contains(&format!("{}.lz4", name(1))), "{:?}", store.wal_objects());
+
+    // 2, 3 and 4 are ready (48 MiB), but 2 is stored: 32 MiB wait, under a 40 MiB valve.
+    let valve = |bytes: u64| {
+        WalRs::new(&wd, &store)
+            .env("WALRS_ARCHIVE_AHEAD", "0")
+            .env("WALRS_ARCHIVE_QUEUE_MAX", &bytes.to_string())
+            .cwd(&data)
+    };
+    let run = valve(40 << 20).run(&["wal-push", &format!("pg_wal/{}", name(2))]);
+    run.expect_code(0, "push under the valve's limit");
+    assert!(run.logged("outcome", "stored"), "a segment was dropped with no backlog: {run:#?}");
+    archived(name(2));
+
+    // A timeline history file is archived whatever the backlog.
+    fs::write(data.join("pg_wal/00000002.history"), b"1\t0/5000000\tno recovery target specified\n").unwrap();
+    fs::write(status.join("00000002.history.ready"), b"").unwrap();
+    let run = valve(1).run(&["wal-push", "pg_wal/00000002.history"]);
+    run.expect_code(0, "push of a history file over the valve's limit");
+    assert!(run.logged("outcome", "stored"), "the history file was dropped: {run:#?}");
+    archived("00000002.history");
+
+    // Over the limit, an unarchived segment is dropped, loudly, with a gap record.
+    let run = valve(1).run(&["wal-push", &format!("pg_wal/{}", name(3))]);
+    run.expect_code(0, "push over the valve's limit");
+    assert!(run.logged("outcome", "dropped"), "{run:#?}");
+    assert!(!store.wal_objects().contains(&format!("{}.lz4", name(3))), "{:?}", store.wal_objects());
+    assert!(store.object_path(&format!("walrs/gaps/{}.json", name(3))).exists(), "no gap record");
+}
+
 /// The file identity a push-ahead record keeps (see src/commands/wal_push/ahead.rs).
 fn stamp(path: &Path) -> serde_json::Value {
     use std::os::unix::fs::MetadataExt;

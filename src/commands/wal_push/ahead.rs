@@ -2,16 +2,19 @@
 //! safety valve for a backlog that would fill the disk.
 //!
 //! A record alone never acknowledges anything: the file must have the recorded size and
-//! sha256, and the store must hold the recorded object at the recorded size, before
-//! PostgreSQL is told the file is archived. A stale record (another store, a recycled
-//! segment with new content) or a forged one (an object that is not there) fails the check
-//! and the file is pushed as usual.
+//! sha256, and the store must hold the recorded object at the recorded size and with the
+//! same sha256 in its trailer (or its metadata, for raw objects), before PostgreSQL is told
+//! the file is archived. A stale record (another store, a recycled segment with new
+//! content, an object replaced since) or a forged one (an object that is not there, or
+//! holds other bytes) fails the check and the file is pushed as usual, which reports a
+//! conflict where the store holds other bytes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::super::common::{metadata_sha256, trailer_sha256};
 use super::file::{local_sha256, PushContext, PushReport};
 use crate::error::Error;
 use crate::layout;
@@ -94,12 +97,13 @@ impl StatusDir {
         // The object must be where this name's objects go, not any object.
         let wal_name = WalFileName::parse(name).ok()?;
         let key = ObjectKey::new(&record.key).ok()?;
-        if !layout::wal_candidates(&wal_name, ctx.config.compression).iter().any(|(k, _)| *k == key) {
-            return None;
-        }
+        // Only a compression wal-rs reads: a push refuses objects of other tools' formats.
+        let (_, compression) =
+            layout::wal_candidates(&wal_name, ctx.config.compression).into_iter().find(|(k, _)| *k == key)?;
+        let compression = compression?;
         // The same file as hashed at push time, or the same bytes by a new hash.
         let same_file = record.file == stamp;
-        let (sha, stored) = tokio::join!(
+        let (sha, stored, in_trailer) = tokio::join!(
             async {
                 if same_file {
                     record.sha256.parse().ok()
@@ -107,12 +111,20 @@ impl StatusDir {
                     local_sha256(path).await.ok()
                 }
             },
-            ctx.store.head(&key)
+            ctx.store.head(&key),
+            trailer_sha256(&ctx.store, &key, compression)
         );
         let sha: crate::codec::Sha256 = sha?;
         let stored = stored.ok()??;
         if sha.to_string() != record.sha256 || stored.size != record.stored_size || stored.size == 0 {
             return None;
+        }
+        // The store's own record of what it holds: the size alone does not tell raw objects
+        // apart, all of one segment size. Encrypted objects keep their trailer sealed; for
+        // them the recorded size, which includes the sealing, stands.
+        match in_trailer.ok()?.or_else(|| metadata_sha256(&stored)) {
+            Some(held) if held != sha => return None,
+            _ => {}
         }
         Some(PushReport {
             bytes_in: stamp.size,
@@ -203,6 +215,11 @@ impl StatusDir {
 /// bytes of ready WAL wait in pg_wal, acknowledge `name` without archiving it, loudly, and
 /// record the gap in the store (and locally when the store cannot take it), so that
 /// verification and backup-list show that recovery past it is impossible.
+///
+/// Only WAL segments are ever dropped: a timeline history file is a few bytes and recovery
+/// cannot follow its timeline without it, and a `.partial` or backup history file is one of
+/// a kind. Ready segments already pushed ahead (with a record) do not count: PostgreSQL's
+/// next calls acknowledge them at once.
 pub(super) async fn drop_if_over_queue_limit(
     ctx: &PushContext,
     pg_wal: &Path,
@@ -210,14 +227,16 @@ pub(super) async fn drop_if_over_queue_limit(
     name: &str,
 ) -> Result<Option<PushReport>, Error> {
     let limit = ctx.config.archive.queue_max_bytes;
-    if limit == 0 {
+    if limit == 0 || !matches!(WalFileName::parse(name), Ok(WalFileName::Segment(..))) {
         return Ok(None);
     }
+    let records = StatusDir::new(pg_wal);
     let waiting: u64 = fs::read_dir(pg_wal.join("archive_status"))
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
+                .filter(|n| !records.path_of(n).exists())
                 .filter_map(|n| fs::metadata(pg_wal.join(n)).ok())
                 .map(|m| m.len())
                 .sum()

@@ -85,6 +85,9 @@ pub(crate) async fn push_file(ctx: &PushContext, path: &Path) -> Result<PushRepo
             .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
         let local = local_sha256(path).await?;
         same_content_or_conflict(&store, &name, &found.key, compression, local).await?;
+        // Another writer may have been killed between linking it in and its directory
+        // fsync: PostgreSQL recycles the segment on our exit 0.
+        store.make_durable(&found.key).await?;
         return Ok(PushReport {
             bytes_in: size,
             bytes_stored: 0,

@@ -48,10 +48,6 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
     if let Some(report) = status.acknowledge(&ctx, path, &name).await {
         return Ok(report);
     }
-    if let Some(report) = ahead::drop_if_over_queue_limit(&ctx, &pg_wal, path, &name).await? {
-        return Ok(report);
-    }
-
     let mut budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
     // A daemon serves a running server: PostgreSQL runs archive_command in its data
     // directory, where postmaster.pid is, and the daemon exits when that file changes.
@@ -62,6 +58,10 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
             daemon::Asked::NotStored => budget = 0,
             daemon::Asked::NoDaemon => {}
         }
+    }
+    // Only what is not stored already may be dropped.
+    if let Some(report) = ahead::drop_if_over_queue_limit(&ctx, &pg_wal, path, &name).await? {
+        return Ok(report);
     }
     let others = status.ready_files(&name, budget);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.archive.concurrency.max(1)));

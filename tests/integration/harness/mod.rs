@@ -167,6 +167,8 @@ pub struct WalRs {
     env: Vec<(String, String)>,
     cwd: PathBuf,
     as_postgres: bool,
+    /// `RLIMIT_NPROC` for the child: with 1, it cannot start a thread.
+    max_processes: Option<u64>,
 }
 
 impl WalRs {
@@ -190,6 +192,7 @@ impl WalRs {
             ],
             cwd: wd.path().to_path_buf(),
             as_postgres: false,
+            max_processes: None,
         }
     }
 
@@ -215,12 +218,32 @@ impl WalRs {
         self
     }
 
+    /// The same, with at most `n` processes and threads for its user (`RLIMIT_NPROC`), as a
+    /// container at its process limit. Root is exempt: use with [`Self::run_as_postgres`].
+    pub fn max_processes(mut self, n: u64) -> WalRs {
+        self.max_processes = Some(n);
+        self
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.cwd);
         if self.as_postgres && is_root() {
             let (uid, gid) = postgres_ids();
             cmd.uid(uid).gid(gid);
+        }
+        if let Some(n) = self.max_processes {
+            let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: setrlimit is async-signal-safe and reads only `limit`, copied in.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NPROC, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         cmd
     }
