@@ -145,8 +145,18 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether trying again later may succeed (the server or network failed, not the request).
+    /// A local store's file system can fail that way too when it is a network mount: a stale
+    /// NFS handle or a timed-out server, or an I/O error the server's failover clears. Errors
+    /// that need someone to act (permissions, a full disk, a read-only mount) are final.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable { .. })
+        match self {
+            StoreError::Unavailable { .. } => true,
+            StoreError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ESTALE | libc::EIO | libc::ETIMEDOUT | libc::EAGAIN | libc::EINTR | libc::ENOLCK)
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -390,5 +400,21 @@ mod tests {
         let keys: Vec<ObjectKey> =
             ["wal_005/A.lz4", "wal_005/A.zst", "wal_005/A"].iter().map(|k| ObjectKey::new(k).unwrap()).collect();
         assert_eq!(common_prefix(&keys), "wal_005/A");
+    }
+
+    #[test]
+    fn a_network_mounts_passing_failures_are_retried_and_the_rest_are_not() {
+        let io = |errno| StoreError::Io {
+            op: "read",
+            path: "/mnt/store/x".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for errno in [libc::ESTALE, libc::EIO, libc::ETIMEDOUT] {
+            assert!(io(errno).is_transient(), "errno {errno}");
+        }
+        for errno in [libc::EACCES, libc::ENOSPC, libc::EROFS, libc::ENOENT] {
+            assert!(!io(errno).is_transient(), "errno {errno}");
+        }
+        assert!(!StoreError::Denied { op: "get", key: "k".into(), detail: "403".into() }.is_transient());
     }
 }
