@@ -74,7 +74,7 @@ pub(crate) async fn trailer_sha256(
     if !compression.has_trailer() {
         return Ok(None);
     }
-    let tail = store.get_tail(key, trailer::LEN as u64).await?;
+    let (tail, _) = store.get_tail(key, trailer::LEN as u64).await?;
     Ok(codec::Trailer::decode(&tail).map(|t| t.sha256))
 }
 

@@ -102,7 +102,7 @@ impl LocalStore {
         }
     }
 
-    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
         let path = self.path_of(key);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -114,7 +114,7 @@ impl LocalStore {
         file.seek(SeekFrom::Start(size.saturating_sub(len)))
             .and_then(|_| file.read_to_end(&mut out))
             .map_err(|e| Self::io_err("read", &path, e))?;
-        Ok(out)
+        Ok((out, size))
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {

@@ -47,10 +47,10 @@ impl MemoryStore {
         Ok(bytes.clone())
     }
 
-    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
         let objects = self.objects.lock().unwrap();
         let (bytes, _, _) = objects.get(key).ok_or_else(|| StoreError::NotFound { key: key.to_string() })?;
-        Ok(bytes[bytes.len().saturating_sub(len as usize)..].to_vec())
+        Ok((bytes[bytes.len().saturating_sub(len as usize)..].to_vec(), bytes.len() as u64))
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {

@@ -224,8 +224,9 @@ impl Store {
         .expect("the put task panicked")
     }
 
-    /// The last `len` bytes of `key` (fewer if the object is shorter).
-    pub async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+    /// The last `len` bytes of `key` (fewer if the object is shorter), and the object's whole
+    /// size: one request.
+    pub async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
         dispatch!(self, s => s.get_tail(key, len).await)
     }
 

@@ -158,17 +158,18 @@ impl S3Store {
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
-        self.get_small(key, None).await
+        Ok(self.get_small(key, None).await?.0)
     }
 
-    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<Vec<u8>, StoreError> {
+    pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
         self.get_small(key, Some(format!("bytes=-{len}"))).await
     }
 
-    /// A whole small object or a range of one, read into memory. The SDK retries a request
-    /// until its response headers arrive; a body cut short after that is retried here, within
-    /// the same attempts and deadline.
-    async fn get_small(&self, key: &ObjectKey, range: Option<String>) -> Result<Vec<u8>, StoreError> {
+    /// A whole small object or a range of one, read into memory, and the object's whole size
+    /// (from `Content-Range` for a range). The SDK retries a request until its response
+    /// headers arrive; a body cut short after that is retried here, within the same attempts
+    /// and deadline.
+    async fn get_small(&self, key: &ObjectKey, range: Option<String>) -> Result<(Vec<u8>, u64), StoreError> {
         let full = self.inner.full_key(key);
         let deadline = tokio::time::Instant::now() + self.inner.settings.deadline;
         let mut attempt = 1;
@@ -183,8 +184,14 @@ impl S3Store {
                 .send()
                 .await
                 .map_err(|e| self.inner.map_err("get", key, e))?;
+            // "bytes 100-155/156"; no header when the whole object came back.
+            let total = out.content_range().and_then(|r| r.rsplit_once('/')).and_then(|(_, t)| t.parse::<u64>().ok());
             match out.body.collect().await {
-                Ok(bytes) => return Ok(bytes.to_vec()),
+                Ok(bytes) => {
+                    let bytes = bytes.to_vec();
+                    let total = total.unwrap_or(bytes.len() as u64);
+                    return Ok((bytes, total));
+                }
                 Err(e) => {
                     let detail = error_chain(&e);
                     let backoff = Duration::from_millis(100 << attempt.min(6));

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::super::common::{metadata_sha256, trailer_sha256};
+use super::super::common::metadata_sha256;
 use super::file::{local_sha256, PushContext, PushReport};
+use crate::codec::{trailer, Compression, Trailer};
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
@@ -103,7 +104,7 @@ impl StatusDir {
         let compression = compression?;
         // The same file as hashed at push time, or the same bytes by a new hash.
         let same_file = record.file == stamp;
-        let (sha, stored, in_trailer) = tokio::join!(
+        let (sha, held) = tokio::join!(
             async {
                 if same_file {
                     record.sha256.parse().ok()
@@ -111,20 +112,18 @@ impl StatusDir {
                     local_sha256(path).await.ok()
                 }
             },
-            ctx.store.head(&key),
-            trailer_sha256(&ctx.store, &key, compression)
+            held_by_store(ctx, &key, compression)
         );
         let sha: crate::codec::Sha256 = sha?;
-        let stored = stored.ok()??;
-        if sha.to_string() != record.sha256 || stored.size != record.stored_size || stored.size == 0 {
+        let (stored_size, held_sha) = held?;
+        if sha.to_string() != record.sha256 || stored_size != record.stored_size || stored_size == 0 {
             return None;
         }
         // The store's own record of what it holds: the size alone does not tell raw objects
         // apart, all of one segment size. Encrypted objects keep their trailer sealed; for
         // them the recorded size, which includes the sealing, stands.
-        match in_trailer.ok()?.or_else(|| metadata_sha256(&stored)) {
-            Some(held) if held != sha => return None,
-            _ => {}
+        if held_sha.is_some_and(|held| held != sha) {
+            return None;
         }
         Some(PushReport {
             bytes_in: stamp.size,
@@ -208,6 +207,23 @@ impl StatusDir {
                 let _ = fs::remove_file(entry.path());
             }
         }
+    }
+}
+
+/// What the store holds under `key`, in one request: its size, and the sha256 of the
+/// original bytes it records (a compressed object's trailer, a raw object's metadata), if
+/// any. `None` when it is not there or the store did not answer.
+async fn held_by_store(
+    ctx: &PushContext,
+    key: &ObjectKey,
+    compression: Compression,
+) -> Option<(u64, Option<crate::codec::Sha256>)> {
+    if compression.has_trailer() {
+        let (tail, size) = ctx.store.get_tail(key, trailer::LEN as u64).await.ok()?;
+        Some((size, Trailer::decode(&tail).map(|t| t.sha256)))
+    } else {
+        let meta = ctx.store.head(key).await.ok()??;
+        Some((meta.size, metadata_sha256(&meta)))
     }
 }
 
