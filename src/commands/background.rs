@@ -12,6 +12,14 @@ use std::process::{Command, Stdio};
 
 use tokio::net::UnixListener;
 
+/// Whether a process with this PID exists: the owner of a prefetch claim, or of a
+/// temporary file named after it. One that exists but is not ours to signal still counts.
+pub(super) fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
+}
+
 /// A digest of the configuration a helper was started with: a call from another
 /// configuration (another store, say) must not be served by it. Never printed; secrets are
 /// included, so that a changed key counts as a change.

@@ -8,7 +8,7 @@ use crate::config::{Config, StoreUrl};
 use crate::error::Error;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
-use crate::store::{ObjectKey, ObjectMeta, Store};
+use crate::store::{ObjectKey, Store, StoreError};
 
 /// Metadata key holding the sha256 of an uncompressed object's bytes.
 pub(crate) const SHA256_METADATA: &str = "sha256";
@@ -63,24 +63,26 @@ pub async fn open_store(config: &Config) -> Result<Arc<Store>, Error> {
     Ok(Arc::new(store))
 }
 
-/// The sha256 of the original bytes that a stored object records in its trailer; `None`
-/// for compressions without one and for objects whose tail is not a trailer (encrypted, or
-/// written by other tools). One small ranged read.
-pub(crate) async fn trailer_sha256(
+/// What the store holds under `key`, in one request: the object's size and the sha256 of
+/// the original bytes it records, from a compressed object's trailer (a small ranged read)
+/// or a raw object's metadata. The sha256 is `None` for objects that record none
+/// (encrypted, whose trailer is sealed, or written by other tools); the whole answer is
+/// `None` when there is no such object.
+pub(crate) async fn recorded_sha256(
     store: &Arc<Store>,
     key: &ObjectKey,
     compression: Compression,
-) -> Result<Option<Sha256>, Error> {
-    if !compression.has_trailer() {
-        return Ok(None);
+) -> Result<Option<(u64, Option<Sha256>)>, Error> {
+    if compression.has_trailer() {
+        match store.get_tail(key, trailer::LEN as u64).await {
+            Ok((tail, size)) => Ok(Some((size, codec::Trailer::decode(&tail).map(|t| t.sha256)))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        let meta = store.head(key).await?;
+        Ok(meta.map(|m| (m.size, m.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok()))))
     }
-    let (tail, _) = store.get_tail(key, trailer::LEN as u64).await?;
-    Ok(codec::Trailer::decode(&tail).map(|t| t.sha256))
-}
-
-/// The sha256 of the original bytes recorded in an object's metadata (raw objects).
-pub(crate) fn metadata_sha256(meta: &ObjectMeta) -> Option<Sha256> {
-    meta.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok())
 }
 
 /// The sha256 of the original bytes of a stored object: from its trailer, else from its
@@ -90,13 +92,8 @@ pub(crate) async fn stored_sha256(
     key: &ObjectKey,
     compression: Compression,
 ) -> Result<Sha256, Error> {
-    if let Some(sha) = trailer_sha256(store, key, compression).await? {
+    if let Some((_, Some(sha))) = recorded_sha256(store, key, compression).await? {
         return Ok(sha);
-    }
-    if !compression.has_trailer() {
-        if let Some(sha) = store.head(key).await?.as_ref().and_then(metadata_sha256) {
-            return Ok(sha);
-        }
     }
     let reader = store.get(key).await?;
     let describe = format!("{}/{key}", store.url());

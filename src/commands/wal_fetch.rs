@@ -10,12 +10,12 @@
 //! recovery asks for it again.
 
 use std::fs::{self, OpenOptions};
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::background::process_exists;
 use super::common::{open_store, retry_transient, SHA256_METADATA};
 use super::wal_prefetch::Prefetch;
 use crate::codec::{self, decode::DecodeError, Compression, Sha256};
@@ -58,6 +58,7 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[
         prefetch.refill(&name, report.bytes_out, child_args);
         return Ok(report);
     }
+    remove_leftovers(dest);
     let store = open_store(config).await?;
     let report = fetch_with_retry(&store, &name, dest, config, None).await?;
     prefetch.refill(&name, report.bytes_out, child_args);
@@ -132,13 +133,7 @@ fn restore(
     describe: &str,
     prefetched: Option<String>,
 ) -> Result<FetchReport, Error> {
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
-    remove_leftovers(&dir, &file_name);
-    let temp = TempFile(dir.join(format!(".{file_name}{PARTIAL}{}", std::process::id())));
+    let temp = TempFile(dest_folder(dest).join(format!("{}{}", temp_prefix(dest), std::process::id())));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -220,23 +215,33 @@ fn refuse_special_destination(dest: &Path) -> Result<(), Error> {
 /// Between a temporary file's destination name and the PID of the wal-fetch writing it.
 const PARTIAL: &str = ".walrs-partial.";
 
-/// Removes temporary files for this destination left by wal-fetch processes that are gone:
-/// one stopped at its deadline, or by a signal at shutdown, while its restore ran. Nothing
-/// else removes them from pg_wal, and a standby that keeps retrying a slow download would
-/// fill it. A file whose process still runs (or whose PID was reused) is left alone.
-fn remove_leftovers(dir: &Path, file_name: &str) {
-    let prefix = format!(".{file_name}{PARTIAL}");
-    let Ok(entries) = fs::read_dir(dir) else { return };
+/// The folder `dest` is in (`.` for a bare file name).
+pub(super) fn dest_folder(dest: &Path) -> &Path {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// The name of a temporary file for `dest`, beside it, without the PID of the wal-fetch
+/// writing it, which ends it.
+fn temp_prefix(dest: &Path) -> String {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
+    format!(".{name}{PARTIAL}")
+}
+
+/// Removes temporary files for `dest` left by wal-fetch processes that are gone: one stopped
+/// at its deadline, or by a signal at shutdown, while its restore ran. Nothing else removes
+/// them from pg_wal, and a standby that keeps retrying a slow download would fill it. A file
+/// whose process still runs (or whose PID was reused) is left alone. Once per wal-fetch that
+/// goes to the store; the prefetcher's own leftovers are its cleaning's job.
+fn remove_leftovers(dest: &Path) {
+    let prefix = temp_prefix(dest);
+    let Ok(entries) = fs::read_dir(dest_folder(dest)) else { return };
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: signal 0 only checks that the process exists.
-        let gone = pid > 0
-            && unsafe { libc::kill(pid, 0) } != 0
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(|pid| pid > 0 && !process_exists(pid)) {
             let _ = fs::remove_file(entry.path());
         }
     }

@@ -30,7 +30,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::background::{self, fingerprint, Bound, ServerWatch};
 use super::common::open_store;
-use super::wal_fetch::{fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
+use super::wal_fetch::{dest_folder, fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::{self, Level};
@@ -59,13 +59,7 @@ pub(super) struct Prefetch {
 
 impl Prefetch {
     pub(super) fn new(config: &Config, dest: &Path) -> Prefetch {
-        let dir = config.prefetch.dir.clone().unwrap_or_else(|| {
-            match dest.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            }
-            .join(DEFAULT_DIR)
-        });
+        let dir = config.prefetch.dir.clone().unwrap_or_else(|| dest_folder(dest).join(DEFAULT_DIR));
         let usable = !is_destination_folder(&dir, dest);
         if !usable {
             log::emit(
@@ -200,11 +194,7 @@ fn keeps_marks(dir: &Path) -> bool {
 
 /// Whether `dir` is the folder `dest` is in: a segment there is PostgreSQL's, not ours.
 fn is_destination_folder(dir: &Path, dest: &Path) -> bool {
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (fs::canonicalize(dir), fs::canonicalize(parent)) {
+    match (fs::canonicalize(dir), fs::canonicalize(dest_folder(dest))) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
@@ -236,9 +226,7 @@ fn drop_cached_pages(path: &Path) {
 /// a claim left by a killed prefetcher must not make wal-fetch wait.
 fn claim_is_live(claim: &Path) -> bool {
     let Ok(text) = fs::read_to_string(claim) else { return false };
-    let Ok(pid) = text.trim().parse::<i32>() else { return false };
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    text.trim().parse::<i32>().is_ok_and(background::process_exists)
 }
 
 /// The `count` segments after `name`, on its timeline.

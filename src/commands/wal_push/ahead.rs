@@ -14,9 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::super::common::metadata_sha256;
+use super::super::common::recorded_sha256;
 use super::file::{local_sha256, PushContext, PushReport};
-use crate::codec::{trailer, Compression, Trailer};
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
@@ -112,10 +111,10 @@ impl StatusDir {
                     local_sha256(path).await.ok()
                 }
             },
-            held_by_store(ctx, &key, compression)
+            recorded_sha256(&ctx.store, &key, compression)
         );
         let sha: crate::codec::Sha256 = sha?;
-        let (stored_size, held_sha) = held?;
+        let (stored_size, held_sha) = held.ok()??;
         if sha.to_string() != record.sha256 || stored_size != record.stored_size || stored_size == 0 {
             return None;
         }
@@ -210,23 +209,6 @@ impl StatusDir {
     }
 }
 
-/// What the store holds under `key`, in one request: its size, and the sha256 of the
-/// original bytes it records (a compressed object's trailer, a raw object's metadata), if
-/// any. `None` when it is not there or the store did not answer.
-async fn held_by_store(
-    ctx: &PushContext,
-    key: &ObjectKey,
-    compression: Compression,
-) -> Option<(u64, Option<crate::codec::Sha256>)> {
-    if compression.has_trailer() {
-        let (tail, size) = ctx.store.get_tail(key, trailer::LEN as u64).await.ok()?;
-        Some((size, Trailer::decode(&tail).map(|t| t.sha256)))
-    } else {
-        let meta = ctx.store.head(key).await.ok()??;
-        Some((meta.size, metadata_sha256(&meta)))
-    }
-}
-
 /// The safety valve (`archive_queue_max_bytes`, off by default): when more than that many
 /// bytes of ready WAL wait in pg_wal, acknowledge `name` without archiving it, loudly, and
 /// record the gap in the store (and locally when the store cannot take it), so that
@@ -238,7 +220,7 @@ async fn held_by_store(
 /// next calls acknowledge them at once.
 pub(super) async fn drop_if_over_queue_limit(
     ctx: &PushContext,
-    pg_wal: &Path,
+    status: &StatusDir,
     path: &Path,
     name: &str,
 ) -> Result<Option<PushReport>, Error> {
@@ -246,14 +228,13 @@ pub(super) async fn drop_if_over_queue_limit(
     if limit == 0 || !matches!(WalFileName::parse(name), Ok(WalFileName::Segment(..))) {
         return Ok(None);
     }
-    let records = StatusDir::new(pg_wal);
-    let waiting: u64 = fs::read_dir(pg_wal.join("archive_status"))
+    let waiting: u64 = fs::read_dir(status.pg_wal.join("archive_status"))
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
-                .filter(|n| !records.path_of(n).exists())
-                .filter_map(|n| fs::metadata(pg_wal.join(n)).ok())
+                .filter(|n| !status.path_of(n).exists())
+                .filter_map(|n| fs::metadata(status.file(&n)).ok())
                 .map(|m| m.len())
                 .sum()
         })
@@ -274,7 +255,7 @@ pub(super) async fn drop_if_over_queue_limit(
         .put_bytes(&key, bytes.clone(), PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })
         .await;
     if stored.is_err() {
-        let local = pg_wal.join(STATUS_DIR).join("gaps");
+        let local = status.dir.join("gaps");
         let _ = fs::create_dir_all(&local).and_then(|_| fs::write(local.join(format!("{name}.json")), &bytes));
     }
     log::emit(

@@ -60,7 +60,7 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
         }
     }
     // Only what is not stored already may be dropped.
-    if let Some(report) = ahead::drop_if_over_queue_limit(&ctx, &pg_wal, path, &name).await? {
+    if let Some(report) = ahead::drop_if_over_queue_limit(&ctx, &status, path, &name).await? {
         return Ok(report);
     }
     let others = status.ready_files(&name, budget);
