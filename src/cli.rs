@@ -288,7 +288,7 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
         let standby = match std::env::var("WALRS_FETCH_MODE").ok().as_deref() {
             Some("standby") => true,
             Some("recovery") => false,
-            _ => std::path::Path::new("standby.signal").exists(),
+            _ => crate::pg::standby::signalled(),
         };
         crate::exit::wal_fetch_code(&crate::error::Error::Usage(message.clone()), standby)
     } else {

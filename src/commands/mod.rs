@@ -23,14 +23,15 @@ use crate::config::{Config, ProcessEnv};
 use crate::error::Error;
 use crate::exit;
 use crate::log::{self, Level};
+use crate::pg::standby;
 
 pub use common::open_store;
 
 /// Runs the command line and returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
     if let Command::WalFetch { .. } = cli.command {
-        // Until the configuration says whether this is a standby, standby.signal does.
-        exit::set_panic_code(exit::wal_fetch_internal_code(standby_signal_present()));
+        // Until the configuration says whether this is a standby, the data directory does.
+        exit::set_panic_code(exit::wal_fetch_internal_code(standby::signalled()));
     }
     let op = match &cli.command {
         Command::WalPush { .. } => "wal-push",
@@ -58,7 +59,7 @@ pub fn run(cli: Cli) -> u8 {
         Err(e) => {
             // The log level may be what failed to parse: errors are always shown.
             let code = match &cli.command {
-                Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby_signal_present()),
+                Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby::signalled()),
                 _ => exit::code_of(&e),
             };
             log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("exit", &code), ("error", &e)]);
@@ -453,10 +454,4 @@ fn fail(op: &str, file: &str, started: Instant, err: &Error, code: u8) -> u8 {
         ],
     );
     code
-}
-
-/// Whether the current directory (the data directory, when PostgreSQL runs us) holds
-/// `standby.signal`.
-fn standby_signal_present() -> bool {
-    std::path::Path::new("standby.signal").exists()
 }

@@ -22,6 +22,7 @@ use crate::codec::{self, decode::DecodeError, Compression, Sha256};
 use crate::config::{Config, FetchMode};
 use crate::error::Error;
 use crate::layout;
+use crate::pg::standby;
 
 use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
 use crate::wal::page::LONG_HEADER_SIZE;
@@ -46,7 +47,7 @@ pub(super) fn is_standby(config: &Config) -> bool {
     match config.fetch_mode {
         FetchMode::Standby => true,
         FetchMode::Recovery => false,
-        FetchMode::Auto => super::standby_signal_present(),
+        FetchMode::Auto => standby::signalled(),
     }
 }
 
@@ -94,11 +95,20 @@ async fn fetch_once(
     let (key, compression, reader) = match store.get(&candidates[0].0).await {
         Ok(reader) => (candidates[0].0.clone(), preferred, reader),
         Err(StoreError::NotFound { .. }) => {
-            let others: Vec<ObjectKey> = candidates[1..].iter().map(|(k, _)| k.clone()).collect();
-            let Some(found) = store.find_first(&others).await? else {
-                store.confirm_absent(&candidates[0].0).await?;
+            // The first key too: on S3 the listing costs the same, and a store that lists
+            // an object its read just called missing (a replica behind, a request routed
+            // wrongly) is not saying "not in the archive".
+            let keys: Vec<ObjectKey> = candidates.iter().map(|(k, _)| k.clone()).collect();
+            let Some(found) = store.find_first(&keys).await? else {
+                // Only an answer to PostgreSQL needs this proof; the prefetcher just stops.
+                if prefetched.is_none() {
+                    store.confirm_absent(&candidates[0].0).await?;
+                }
                 return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
             };
+            if found.key == candidates[0].0 {
+                return Err(listed_but_missing(format!("{}/{}", store.url(), found.key)));
+            }
             let compression = candidates
                 .iter()
                 .find(|(k, _)| *k == found.key)
@@ -106,10 +116,7 @@ async fn fetch_once(
                 .ok_or_else(|| Error::Unsupported { key: format!("{}/{}", store.url(), found.key) })?;
             match store.get(&found.key).await {
                 Ok(reader) => (found.key, compression, reader),
-                // Deleted between the listing and the read: it is gone now.
-                Err(StoreError::NotFound { .. }) => {
-                    return Err(Error::WalNotFound { name: name.to_string(), store: store.url() })
-                }
+                Err(StoreError::NotFound { key }) => return Err(listed_but_missing(key)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -121,6 +128,18 @@ async fn fetch_once(
     tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, prefetched))
         .await
         .expect("the restore task panicked")
+}
+
+/// A store that listed an object and then answered a read of it with "no such object":
+/// deleted in between, or reads that lag listings (a replica behind, a request routed
+/// wrongly). Transient, so the next attempt lists again and tells which; never "not in the
+/// archive" on the strength of the read alone.
+fn listed_but_missing(key: String) -> Error {
+    Error::Store(StoreError::Unavailable {
+        op: "get",
+        key,
+        detail: "the store lists the object but its read answered that there is none".into(),
+    })
 }
 
 /// Decodes into a temporary file beside `dest`, checks it, and renames it into place.

@@ -42,6 +42,8 @@ use crate::wal::{SegmentId, WalFileName};
 const SERVED: &str = ".served";
 /// The prefetcher's nice value (0 is normal priority, 19 the lowest).
 const PREFETCH_NICE: libc::c_int = 10;
+/// The name PostgreSQL's recovery restores every segment to, in pg_wal.
+const RECOVERY_DEST: &str = "RECOVERYXLOG";
 /// Default folder name, beside the destination (inside pg_wal).
 const DEFAULT_DIR: &str = "walrs_prefetch";
 /// Temporary files and claims older than this belong to a prefetcher that died.
@@ -50,7 +52,8 @@ const STALE_AFTER: Duration = Duration::from_secs(300);
 /// The prefetch folder of one wal-fetch.
 pub(super) struct Prefetch {
     dir: PathBuf,
-    /// False when the folder is the destination's own (see [`Prefetch::new`]).
+    /// False when the caller is not PostgreSQL's recovery, or the folder is the
+    /// destination's own (see [`Prefetch::new`]).
     usable: bool,
     count: u32,
     /// Which configuration the prefetcher must have to serve this call.
@@ -60,6 +63,13 @@ pub(super) struct Prefetch {
 impl Prefetch {
     pub(super) fn new(config: &Config, dest: &Path) -> Prefetch {
         let dir = config.prefetch.dir.clone().unwrap_or_else(|| dest_folder(dest).join(DEFAULT_DIR));
+        // PostgreSQL's recovery restores every segment as RECOVERYXLOG. Other callers, such
+        // as pg_rewind --restore-target-wal (which names the segment itself), read a few
+        // files while they rewrite the data directory, where a prefetcher adding and
+        // removing files beside them can make them fail halfway.
+        if dest.file_name().is_none_or(|n| n != RECOVERY_DEST) {
+            return Prefetch { dir, usable: false, count: 0, fingerprint: String::new() };
+        }
         let usable = !is_destination_folder(&dir, dest);
         if !usable {
             log::emit(
@@ -87,13 +97,20 @@ impl Prefetch {
         while !path.exists() && claim_is_live(&claim) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        let size = fs::metadata(&path).ok()?.len();
-        let mark = xattr::get(&path, PREFETCH_VERIFIED_XATTR).ok().flatten().unwrap_or_default();
+        // Out of the servable names first, so it is never served twice (PostgreSQL may keep
+        // the file it gets, and later recycle it by writing over it), and so that the file
+        // whose mark is read below is the one served: another prefetcher sharing the folder
+        // may rename its own file onto the name at any moment.
+        let served = self.dir.join(format!(".{name}{SERVED}"));
+        fs::rename(&path, &served).ok()?;
+        let size = fs::metadata(&served).ok()?.len();
+        let mark = xattr::get(&served, PREFETCH_VERIFIED_XATTR).ok().flatten().unwrap_or_default();
         let mark = String::from_utf8_lossy(&mark);
         let (verified, fetched_by) = mark.split_once(' ').unwrap_or((&mark, ""));
         if fetched_by != self.fingerprint {
             // Fetched under another configuration (another store, say), or with no mark to
-            // say which: not for this call.
+            // say which: not for this call, nor for any other now.
+            let _ = fs::remove_file(&served);
             return None;
         }
         let verified = match verified {
@@ -101,20 +118,24 @@ impl Prefetch {
             "none" => "none",
             _ => "unknown",
         };
-        // Out of the servable names first, so it is never served twice (PostgreSQL may keep
-        // the file it gets, and later recycle it by writing over it), then a second link as
-        // DEST. PostgreSQL deletes the restored file before it asks for the next one;
-        // dropping the last link of a 16 MiB file (freeing its pages and blocks) takes
-        // milliseconds of replay's time, so the prefetcher drops this one later, in the
-        // background. Where links cannot be made, the file itself is renamed into place.
-        let served = self.dir.join(format!(".{name}{SERVED}"));
-        let result = fs::rename(&path, &served)
-            .and_then(|()| fs::hard_link(&served, dest).or_else(|_| fs::rename(&served, dest)));
-        match result {
+        // Then a second link as DEST. PostgreSQL deletes the restored file before it asks
+        // for the next one; dropping the last link of a 16 MiB file (freeing its pages and
+        // blocks) takes milliseconds of replay's time, so the prefetcher drops this one
+        // later, in the background. Where links cannot be made, the file itself is renamed
+        // into place.
+        match fs::hard_link(&served, dest).or_else(|_| fs::rename(&served, dest)) {
             Ok(()) => Some(FetchReport { bytes_stored: 0, bytes_out: size, verified, prefetched: true }),
             Err(e) => {
-                // Another file system, say: fetch from the store instead.
-                log::emit(Level::Debug, &[("op", &"wal-fetch"), ("file", name), ("prefetch_error", &e)]);
+                log::emit(
+                    Level::Warn,
+                    &[
+                        ("op", &"wal-fetch"),
+                        ("file", name),
+                        ("prefetch_dir", &self.dir.display()),
+                        ("error", &format!("cannot move a prefetched file to the destination ({e}); fetching from the store instead: put prefetch_dir on the file system of pg_wal")),
+                    ],
+                );
+                let _ = fs::remove_file(&served);
                 None
             }
         }
@@ -285,6 +306,7 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         tasks: FuturesUnordered::new(),
         elsewhere: HashSet::new(),
         fetched: 0,
+        warned_full: false,
         fingerprint: ours,
     };
     window.schedule(&store, dir, config);
@@ -360,6 +382,25 @@ struct Window {
     /// Segments another process is fetching: not tried again until the next call.
     elsewhere: HashSet<WalFileName>,
     fetched: u32,
+    /// A full file system was reported once already.
+    warned_full: bool,
+}
+
+/// Free space the prefetcher always leaves on its folder's file system, so that PostgreSQL
+/// never meets a full disk because of it (a standby's WAL receiver stops the server at
+/// ENOSPC): this many segments, and at least [`RESERVE_PER_MILLE`] of the file system.
+const RESERVE_SEGMENTS: u64 = 4;
+const RESERVE_PER_MILLE: u64 = 10;
+
+/// Whether `downloads` more segments fit in `dir`'s file system above the reserve. When
+/// the file system cannot say, yes: prefetching stays as it was.
+fn room_for(dir: &Path, downloads: usize, segment_size: u32) -> bool {
+    let Ok(fs) = rustix::fs::statvfs(dir) else { return true };
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    let segment = u64::from(segment_size);
+    let reserve = (RESERVE_SEGMENTS * segment).max(total / 1000 * RESERVE_PER_MILLE);
+    free >= reserve.saturating_add(downloads as u64 * segment)
 }
 
 impl Window {
@@ -382,6 +423,20 @@ impl Window {
         }
         for name in self.wanted() {
             if self.in_flight.len() >= self.concurrency {
+                break;
+            }
+            if !room_for(dir, self.in_flight.len() + 1, self.segment_size) {
+                if !self.warned_full {
+                    self.warned_full = true;
+                    log::emit(
+                        Level::Warn,
+                        &[
+                            ("op", &"wal-prefetch"),
+                            ("prefetch_dir", &dir.display()),
+                            ("error", &"too little free space to prefetch more: prefetching waits until there is room again (wal-fetch still fetches what PostgreSQL asks for)"),
+                        ],
+                    );
+                }
                 break;
             }
             // Present, or already served (taken before its wal-fetch's call reached us).
@@ -545,19 +600,32 @@ mod tests {
         let name = WalFileName::parse("000000010000000000000003").unwrap();
         let file = dir.join(name.to_string());
         let dest = pg_wal.path().join("RECOVERYXLOG");
-        fs::write(&file, b"segment").unwrap();
         for mark in [None, Some("sha256 theirs"), Some("sha256")] {
+            fs::write(&file, b"segment").unwrap();
             if let Some(m) = mark {
                 xattr::set(&file, PREFETCH_VERIFIED_XATTR, m.as_bytes()).unwrap();
             }
             assert!(prefetch.take(&name, &dest, Duration::ZERO).is_none(), "served with mark {mark:?}");
-            assert!(file.exists() && !dest.exists());
+            // The mark is read once the file is out of the servable names, so that it is the
+            // mark of the file served; a file not ours is then not left for anyone.
+            assert!(!dest.exists());
+            let left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert!(left.is_empty(), "left in the folder: {left:?}");
         }
+        fs::write(&file, b"segment").unwrap();
         xattr::set(&file, PREFETCH_VERIFIED_XATTR, b"sha256 ours").unwrap();
         let report = prefetch.take(&name, &dest, Duration::ZERO).expect("served with our mark");
         assert_eq!(report.verified, "sha256");
         assert_eq!(fs::read(&dest).unwrap(), b"segment");
         assert!(!file.exists(), "a served file stays servable");
+    }
+
+    #[test]
+    fn prefetching_leaves_room_on_the_file_system() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(room_for(d.path(), 1, 16 << 20), "the test needs a few hundred MiB free");
+        // A petabyte of downloads fits on no disk here.
+        assert!(!room_for(d.path(), 1 << 20, 1 << 30));
     }
 
     #[test]

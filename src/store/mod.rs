@@ -278,12 +278,15 @@ impl Store {
     /// Before "not in the archive" is said of `key`: that its folder is there at all. A
     /// local store whose folder is missing is most likely a file system that is not mounted
     /// (its mount point is an empty directory), and a recovery told "not found" would end
-    /// there and promote. Transient: a standby asks again, and a recovery aborts after the
-    /// retries. S3 answers for itself.
+    /// there and promote. On S3 the same for a folder with no object in it: a bucket or
+    /// prefix that is not the archive (a typo, another environment's settings), where
+    /// every name is missing. Transient: a standby asks again, and a recovery aborts after
+    /// the retries.
     pub async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
         match self {
             Store::Local(s) => s.confirm_absent(key),
-            _ => Ok(()),
+            Store::S3(s) => s.confirm_absent(key).await,
+            Store::Memory(_) => Ok(()),
         }
     }
 

@@ -162,7 +162,10 @@ impl S3Store {
     }
 
     pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
-        self.get_small(key, Some(format!("bytes=-{len}"))).await
+        let (mut bytes, total) = self.get_small(key, Some(format!("bytes=-{len}"))).await?;
+        // A server that ignores Range sends the whole object: its tail is still the tail.
+        bytes.drain(..bytes.len().saturating_sub(len as usize));
+        Ok((bytes, total))
     }
 
     /// A whole small object or a range of one, read into memory, and the object's whole size
@@ -249,6 +252,34 @@ impl S3Store {
             }
         }
         Ok(out)
+    }
+
+    /// See [`super::Store::confirm_absent`]: one listing of at most one key under `key`'s
+    /// folder.
+    pub(super) async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let folder = key.as_str().rsplit_once('/').map_or("", |(folder, _)| folder);
+        let full_prefix = self.inner.full_prefix(&format!("{folder}/"));
+        let page = self
+            .inner
+            .client
+            .list_objects_v2()
+            .bucket(&self.inner.settings.bucket)
+            .prefix(&full_prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
+        if !page.contents().is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable {
+            op: "get",
+            key: self.inner.describe(key),
+            detail: format!(
+                "s3://{}/{full_prefix} holds no object: nothing was ever archived there; check WALRS_STORE (bucket and prefix) and the endpoint",
+                self.inner.settings.bucket
+            ),
+        })
     }
 
     pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
@@ -372,7 +403,24 @@ impl Inner {
                 };
                 match (status, code.as_str()) {
                     (_, "NoSuchBucket") => StoreError::StoreMissing { store: self.url() },
-                    (_, "NoSuchKey") | (404, "NotFound") | (404, "") => StoreError::NotFound { key },
+                    (_, "NoSuchKey") => StoreError::NotFound { key },
+                    // A HEAD's 404 has no body, so no code: that is how S3 says "no such
+                    // object" to a HEAD. A GET or a listing gets S3's NoSuchKey in the body;
+                    // a bare 404 there came from something else on the way (a proxy or
+                    // gateway routed wrongly), and must not read as "not in the archive".
+                    (404, "NotFound" | "") if op == "head" => StoreError::NotFound { key },
+                    (404, "NotFound" | "") => StoreError::Unavailable {
+                        op,
+                        key,
+                        detail: format!(
+                            "{detail} without S3's NoSuchKey code: something other than the store answered; check the endpoint and any proxy in between"
+                        ),
+                    },
+                    // A conditional write still in progress from an earlier attempt: the
+                    // retry finds the object and compares it.
+                    (409, "ConditionalRequestConflict" | "OperationAborted") => {
+                        StoreError::Unavailable { op, key, detail }
+                    }
                     (412, _) | (_, "PreconditionFailed") => StoreError::Other { op: "precondition", key, detail },
                     (401 | 403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
                         StoreError::Denied { op, key, detail }

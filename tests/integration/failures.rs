@@ -152,25 +152,50 @@ fn fetch_of_a_missing_name_exits_1_s3() {
     missing_names_are_not_in_archive(&wd, &s3.store("missing"));
 }
 
-/// A local store on a file system that is not mounted: its mount point is an empty
-/// directory. "Not in the archive" there would end a recovery at the wrong point.
-#[test]
-fn an_empty_mount_point_is_not_the_end_of_the_archive() {
-    let wd = WorkDir::new("unmounted");
-    let store = local_store(&wd);
+/// A store location with nothing archived in it is not an empty archive: "not in the
+/// archive" there would end a recovery at the wrong point. `says` is what the error must
+/// name. Also: the failure answers a standby with 1 (it asks again), whether
+/// `standby.signal` or a PostgreSQL 10/11 `recovery.conf` says so.
+fn an_empty_location_is_not_the_end_of_the_archive(wd: &WorkDir, store: &StoreEnv, says: &str) {
     let out = wd.dir("out");
     let dest = out.join("RECOVERYXLOG");
-    let walrs = WalRs::new(&wd, &store).env("WALRS_RETRY_DEADLINE_SECS", "1");
+    let walrs = WalRs::new(wd, store).env("WALRS_RETRY_DEADLINE_SECS", "1").env("WALRS_PREFETCH_COUNT", "0");
     let run = walrs.fetch(&segment_name(1, 3), &dest);
-    run.expect_code(code::RECOVERY_ABORT + code::STORAGE, "wal-fetch from an empty store directory");
-    assert!(run.stderr.contains("not mounted"), "{run:#?}");
-    let run = walrs.clone().cwd(&standby_dir(&wd)).fetch(&segment_name(1, 3), &dest);
-    run.expect_code(code::NOT_IN_ARCHIVE, "the same in a standby, which asks again");
+    run.expect_code(code::RECOVERY_ABORT + code::STORAGE, "wal-fetch from an empty location");
+    assert!(run.stderr.contains(says), "{run:#?}");
+    let standby = walrs.clone().cwd(&standby_dir(wd));
+    standby.fetch(&segment_name(1, 3), &dest).expect_code(code::NOT_IN_ARCHIVE, "the same in a standby");
+    let old_standby = wd.dir("recovery-conf-standby");
+    write_file(&old_standby, "recovery.conf", b"standby_mode = 'on'\nrestore_command = 'wal-rs wal-fetch %f %p'\n");
+    walrs.clone().cwd(&old_standby).fetch(&segment_name(1, 3), &dest).expect_code(
+        code::NOT_IN_ARCHIVE,
+        "the same in a PostgreSQL 11 standby (recovery.conf with standby_mode = on)",
+    );
+    walrs
+        .fetch("00000002.history", &dest)
+        .expect_code(code::RECOVERY_ABORT + code::STORAGE, "a history file from an empty location, not in a standby");
     assert!(files_under(&out).is_empty(), "left in {}: {:?}", out.display(), files_under(&out));
 
     // Once something is archived there, a missing name is simply not in the archive.
-    WalRs::new(&wd, &store).push(&segment_file(&wd, 3, SYSID, 1).0).expect_code(0, "push");
+    WalRs::new(wd, store).push(&segment_file(wd, 3, SYSID, 1).0).expect_code(0, "push");
     walrs.fetch(&segment_name(1, 4), &dest).expect_code(code::NOT_IN_ARCHIVE, "a missing name in a store with WAL");
+    standby.fetch("00000002.history", &dest).expect_code(code::NOT_IN_ARCHIVE, "a missing history file");
+}
+
+/// A local store on a file system that is not mounted: its mount point is an empty
+/// directory.
+#[test]
+fn an_empty_mount_point_is_not_the_end_of_the_archive() {
+    let wd = WorkDir::new("unmounted");
+    an_empty_location_is_not_the_end_of_the_archive(&wd, &local_store(&wd), "not mounted");
+}
+
+/// An S3 prefix with nothing in it: a typo, or another environment's settings.
+#[test]
+fn an_empty_s3_prefix_is_not_the_end_of_the_archive() {
+    let wd = WorkDir::new("empty-prefix");
+    let s3 = S3Server::start(&wd);
+    an_empty_location_is_not_the_end_of_the_archive(&wd, &s3.store("typo"), "nothing was ever archived there");
 }
 
 /// A wal-fetch stopped mid-download (its deadline, or a signal at shutdown) leaves its

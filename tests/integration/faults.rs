@@ -124,3 +124,38 @@ fn a_black_hole_ends_every_command_within_its_deadline() {
     // Nothing reached the store.
     assert!(store.wal_objects().is_empty());
 }
+
+/// A 404 that is not S3's NoSuchKey (a gateway or a proxy routed wrongly answered, not the
+/// store) is not "not in the archive": wal-fetch retries and restores the segment, and if
+/// it keeps coming, aborts the recovery (exit 207) rather than end it at that segment.
+#[test]
+fn a_gateways_404_is_not_the_end_of_the_archive() {
+    let wd = WorkDir::new("gateway-404");
+    let s3 = S3Server::start(&wd);
+    let name = segment_name(1, 1);
+    let bytes = craft_segment(1, 1, SYSID, 1);
+    let file = wd.dir("src").join(&name);
+    std::fs::write(&file, &bytes).unwrap();
+    WalRs::new(&wd, &s3.store("gw")).push(&file).expect_code(0, "push, without the proxy");
+
+    // Once: the retry restores the right bytes.
+    let once = Proxy::start(
+        port_of(&s3),
+        &["--delay-ms", "0", "--rate-404", "1", "--only", "x-id=GetObject", "--fault-budget", "1"],
+    );
+    let walrs = WalRs::new(&wd, &once.store(&s3, "gw")).env("WALRS_PREFETCH_COUNT", "0");
+    let out = wd.join("out");
+    walrs.fetch(&name, &out).expect_code(0, "fetch after one gateway 404");
+    assert_eq!(sha256_hex(&read(&out)), sha256_hex(&bytes));
+    assert_eq!(once.injected("404"), 1);
+    std::fs::remove_file(&out).unwrap();
+
+    // Every read: the store's listing has the object, so this is an outage, not its end.
+    let always = Proxy::start(port_of(&s3), &["--delay-ms", "0", "--rate-404", "1", "--only", "x-id=GetObject"]);
+    let walrs = WalRs::new(&wd, &always.store(&s3, "gw"))
+        .env("WALRS_PREFETCH_COUNT", "0")
+        .env("WALRS_RETRY_DEADLINE_SECS", "3");
+    walrs.fetch(&name, &out).expect_code(207, "fetch while a gateway answers 404 to every read");
+    assert!(!out.exists());
+    assert!(always.injected("404") > 1);
+}

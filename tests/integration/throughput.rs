@@ -329,13 +329,20 @@ fn prefetched(dir: &Path) -> Vec<String> {
     names
 }
 
+/// A store with two timelines, and a data directory (the current directory of `walrs`,
+/// with prefetch of `count` segments) whose recovery fetches from it.
+fn recovering_from_two_timelines(wd: &WorkDir, count: u32) -> (Vec<(String, Vec<u8>)>, PathBuf, WalRs) {
+    let (store, all) = store_with_two_timelines(wd);
+    let data = wd.dir("data");
+    fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let walrs = WalRs::new(wd, &store).env("WALRS_PREFETCH_COUNT", &count.to_string()).cwd(&data);
+    (all, data, walrs)
+}
+
 #[test]
 fn prefetch_serves_exact_names_across_a_timeline_switch() {
     let wd = WorkDir::new("prefetch-tli");
-    let (store, all) = store_with_two_timelines(&wd);
-    let data = wd.dir("data");
-    fs::create_dir_all(data.join("pg_wal")).unwrap();
-    let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "4").cwd(&data);
+    let (all, data, walrs) = recovering_from_two_timelines(&wd, 4);
     let dir = data.join("pg_wal/walrs_prefetch");
     let fetch = |name: &str| {
         let run = walrs.run(&["wal-fetch", name, "pg_wal/RECOVERYXLOG"]);
@@ -386,10 +393,7 @@ fn prefetch_serves_exact_names_across_a_timeline_switch() {
 #[test]
 fn prefetch_folder_deleted_mid_recovery() {
     let wd = WorkDir::new("prefetch-gone");
-    let (store, all) = store_with_two_timelines(&wd);
-    let data = wd.dir("data");
-    fs::create_dir_all(data.join("pg_wal")).unwrap();
-    let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "3").cwd(&data);
+    let (all, data, walrs) = recovering_from_two_timelines(&wd, 3);
     let dir = data.join("pg_wal/walrs_prefetch");
     walrs.run(&["wal-fetch", &segment_name(1, 1), "pg_wal/RECOVERYXLOG"]).expect_code(0, "first");
     wait_until("prefetch of segment 2", Duration::from_secs(30), || dir.join(segment_name(1, 2)).exists());
@@ -416,6 +420,30 @@ fn prefetch_folder_deleted_mid_recovery() {
     // The recovery's prefetcher (started again after the folder went) stops once its folder
     // is gone, instead of running on in the background.
     assert!(!prefetchers_in(&data).is_empty(), "no prefetcher running in {}", data.display());
+    fs::remove_dir_all(&dir).unwrap();
+    wait_until("the prefetcher to exit", Duration::from_secs(10), || prefetchers_in(&data).is_empty());
+}
+
+/// Prefetch is for PostgreSQL's recovery, which restores every segment as RECOVERYXLOG.
+/// pg_rewind --restore-target-wal names the segment itself, and rewrites the data directory
+/// while it reads: no prefetcher may add and remove files beside it.
+#[test]
+fn only_postgresqls_recovery_starts_a_prefetcher() {
+    let wd = WorkDir::new("prefetch-rewind");
+    let (all, data, walrs) = recovering_from_two_timelines(&wd, 3);
+    for s in 1..3 {
+        let name = segment_name(1, s);
+        walrs.run(&["wal-fetch", &name, &format!("pg_wal/{name}")]).expect_code(0, "fetch as pg_rewind does");
+        assert_eq!(sha256_hex(&read(&data.join("pg_wal").join(&name))), sha256_hex(content(&all, &name)));
+    }
+    // The prefetcher is started before wal-fetch exits: none now means none at all.
+    assert!(prefetchers_in(&data).is_empty(), "a prefetcher runs in {}", data.display());
+    assert!(!data.join("pg_wal/walrs_prefetch").exists());
+    // The same fetch as recovery does starts one.
+    walrs.run(&["wal-fetch", &segment_name(1, 3), "pg_wal/RECOVERYXLOG"]).expect_code(0, "fetch as recovery does");
+    assert!(!prefetchers_in(&data).is_empty(), "no prefetcher for PostgreSQL's recovery");
+    let dir = data.join("pg_wal/walrs_prefetch");
+    wait_until("prefetch of segment 4", Duration::from_secs(30), || dir.join(segment_name(1, 4)).exists());
     fs::remove_dir_all(&dir).unwrap();
     wait_until("the prefetcher to exit", Duration::from_secs(10), || prefetchers_in(&data).is_empty());
 }

@@ -120,9 +120,12 @@ impl StatusDir {
         }
         // The store's own record of what it holds: the size alone does not tell raw objects
         // apart, all of one segment size. Encrypted objects keep their trailer sealed; for
-        // them the recorded size, which includes the sealing, stands.
-        if held_sha.is_some_and(|held| held != sha) {
-            return None;
+        // them the recorded size, which includes the sealing, stands. Without encryption a
+        // missing checksum means the store did not give back the object's tail: no proof.
+        match held_sha {
+            Some(held) if held != sha => return None,
+            None if crate::crypto::sealing_key().is_none() => return None,
+            _ => {}
         }
         Some(PushReport {
             bytes_in: stamp.size,

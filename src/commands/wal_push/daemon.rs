@@ -108,7 +108,9 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
     if stream.write_all(request.as_bytes()).await.is_err() {
         return Asked::NotStored;
     }
-    let Some((_, line)) = background::read_line(stream, 64 << 10, ctx.config.retry.deadline).await else {
+    // Half the command's deadline at most: a daemon stuck on a slow store must leave this
+    // call the time to upload the file itself, not use it all up waiting.
+    let Some((_, line)) = background::read_line(stream, 64 << 10, ctx.config.retry.deadline / 2).await else {
         // The daemon died or stopped answering: this call uploads the file itself.
         return Asked::NotStored;
     };

@@ -52,6 +52,10 @@ struct Args {
     /// Share of requests read and never answered.
     #[arg(long, default_value_t = 0.0)]
     rate_blackhole: f64,
+    /// Share of requests answered 404 with an HTML body and no S3 error code (not forwarded):
+    /// a gateway's "not found", not the store's.
+    #[arg(long, default_value_t = 0.0)]
+    rate_404: f64,
     /// Inject faults only into requests whose `METHOD /path?query` contains this text
     /// (say `PUT ` or `x-id=GetObject`); the others are forwarded without a draw.
     #[arg(long, default_value = "")]
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         (Fault::Reset, args.rate_reset),
         (Fault::Truncate, args.rate_truncate),
         (Fault::Blackhole, args.rate_blackhole),
+        (Fault::GatewayNotFound, args.rate_404),
     ] {
         rates.set(f, r);
     }

@@ -77,6 +77,14 @@ fn xml_error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBod
     resp
 }
 
+/// A gateway's 404: HTML, no S3 error code.
+fn html_not_found() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::fixed("<html><body><h1>404 Not Found</h1></body></html>\n"));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
 fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::fixed(body + "\n"));
     *resp.status_mut() = status;
@@ -146,13 +154,16 @@ pub async fn handle(
         log(&format_args!("injected {}", f.name()));
     }
     match fault {
-        Some(f @ (Fault::Internal | Fault::SlowDown)) => {
+        Some(f @ (Fault::Internal | Fault::SlowDown | Fault::GatewayNotFound)) => {
             // Read the whole request first, so the client is done sending and the
             // connection stays usable.
             let drained = req.into_body().collect().await;
             let resp = match f {
                 Fault::Internal => xml_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "injected"),
-                _ => xml_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate."),
+                Fault::SlowDown => {
+                    xml_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.")
+                }
+                _ => html_not_found(),
             };
             if drained.is_err() {
                 ctl.kill(Kill::Reset);

@@ -21,10 +21,14 @@ pub enum Fault {
     Truncate,
     /// The request is read and never answered.
     Blackhole,
+    /// 404 with an HTML body and no S3 error code, request not forwarded: what a gateway or
+    /// proxy routed wrongly answers, which is not the store saying "no such key".
+    GatewayNotFound,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 5] = [Fault::Internal, Fault::SlowDown, Fault::Reset, Fault::Truncate, Fault::Blackhole];
+    pub const ALL: [Fault; 6] =
+        [Fault::Internal, Fault::SlowDown, Fault::Reset, Fault::Truncate, Fault::Blackhole, Fault::GatewayNotFound];
 
     /// The name used in the stats JSON, the control API and the log.
     pub fn name(self) -> &'static str {
@@ -34,6 +38,7 @@ impl Fault {
             Fault::Reset => "reset",
             Fault::Truncate => "truncate",
             Fault::Blackhole => "blackhole",
+            Fault::GatewayNotFound => "404",
         }
     }
 
@@ -44,7 +49,7 @@ impl Fault {
 
 /// Probability of each fault per request; they are exclusive, so they must sum to at most 1.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Rates(pub [f64; 5]);
+pub struct Rates(pub [f64; 6]);
 
 impl Rates {
     pub fn get(&self, f: Fault) -> f64 {
@@ -185,7 +190,7 @@ pub struct Stats {
     /// Request body bytes sent upstream, response body bytes sent to clients.
     pub bytes_up: Arc<AtomicU64>,
     pub bytes_down: Arc<AtomicU64>,
-    injected: [AtomicU64; 5],
+    injected: [AtomicU64; 6],
     /// Per entry of METHODS, then "other".
     methods: [AtomicU64; 6],
 }

@@ -317,9 +317,22 @@ async fn injects_500_and_503_without_forwarding() {
         "{body}"
     );
 
+    // A gateway's 404: HTML, no S3 error code.
+    let (status, _) = proxy.control("set?rate_503=0&rate_404=1").await;
+    assert_eq!(status, 200);
+    send(&mut s, "GET", "/bucket/obj", &[], b"").await;
+    let r = timeout(PROMPT, read_resp(&mut s, false)).await.unwrap().unwrap();
+    assert_eq!((r.status, r.content_type.as_deref()), (404, Some("text/html")));
+    let body = String::from_utf8(r.body).unwrap();
+    assert!(body.contains("404 Not Found") && !body.contains("<Code>"), "{body}");
+
     assert!(up.seen().is_empty());
     let st = proxy.stats().await;
-    assert_eq!((n(&st, "/injected/500"), n(&st, "/injected/503"), n(&st, "/forwarded")), (2, 1, 0), "{st}");
+    assert_eq!(
+        (n(&st, "/injected/500"), n(&st, "/injected/503"), n(&st, "/injected/404"), n(&st, "/forwarded")),
+        (2, 1, 1, 0),
+        "{st}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
