@@ -61,7 +61,12 @@ pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
         if !name.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let target = fs::read_link(entry.path()).unwrap_or_else(|_| entry.path());
+        // A relative link is relative to pg_tblspc, where it is, not to wal-rs's directory.
+        let target = match fs::read_link(entry.path()) {
+            Ok(t) if t.is_relative() => fs::canonicalize(dir.join(&t)).unwrap_or_else(|_| dir.join(t)),
+            Ok(t) => t,
+            Err(_) => entry.path(),
+        };
         let mut location = target.to_string_lossy().into_owned();
         if !location.ends_with('/') {
             location.push('/');
@@ -81,7 +86,17 @@ pub fn walk(pgdata: &Path, tablespaces: &[Tablespace], emit: &mut dyn FnMut(Entr
     for ts in tablespaces {
         let root = PathBuf::from(&ts.location);
         let rel = format!("pg_tblspc/{}", ts.oid);
-        let Some(meta) = stat(&root)? else { continue };
+        let Some(meta) = stat(&root)? else {
+            // Dropped while the backup ran (its link is gone too), as PostgreSQL's own base
+            // backups allow; a link to nothing is a tablespace this backup would lose.
+            if fs::symlink_metadata(pgdata.join(&rel)).is_err() {
+                continue;
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("tablespace {} points to {}, which does not exist", ts.oid, ts.location),
+            ));
+        };
         if !emit(Entry {
             rel: rel.clone(),
             abs: root.clone(),
@@ -107,8 +122,22 @@ fn stat(path: &Path) -> io::Result<Option<fs::Metadata>> {
 }
 
 fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> bool) -> io::Result<bool> {
+    // A directory that cannot be read, or a name that cannot be stored as it is, fails the
+    // backup: skipped, its files would be missing from a backup that looks complete.
     let mut names: Vec<String> = match fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Ok(entries) => entries
+            .map(|e| {
+                e?.file_name().into_string().map_err(|name| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: a file name that is not UTF-8, which backups cannot hold",
+                            dir.join(name).display()
+                        ),
+                    )
+                })
+            })
+            .collect::<io::Result<_>>()?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(e),
     };
@@ -239,5 +268,46 @@ mod tests {
         ] {
             assert!(!seen.contains(&never.to_string()), "{never} was included");
         }
+    }
+
+    fn rels(pgdata: &Path) -> io::Result<Vec<String>> {
+        let spaces = tablespaces(pgdata)?;
+        let mut seen = Vec::new();
+        walk(pgdata, &spaces, &mut |e| {
+            seen.push(e.rel);
+            true
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn a_relative_tablespace_link_is_followed_from_pg_tblspc() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data");
+        fs::create_dir_all(p.join("pg_tblspc")).unwrap();
+        fs::create_dir_all(d.path().join("ts/PG_15_202209061/5")).unwrap();
+        fs::write(d.path().join("ts/PG_15_202209061/5/16500"), b"y").unwrap();
+        std::os::unix::fs::symlink("../../ts", p.join("pg_tblspc/16499")).unwrap();
+        let spaces = tablespaces(&p).unwrap();
+        assert!(Path::new(&spaces[0].location).is_absolute(), "{spaces:?}");
+        assert!(rels(&p).unwrap().contains(&"pg_tblspc/16499/PG_15_202209061/5/16500".to_string()));
+    }
+
+    #[test]
+    fn what_a_backup_would_silently_lose_fails_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        fs::create_dir_all(p.join("pg_tblspc")).unwrap();
+        // A tablespace whose link points to nothing.
+        std::os::unix::fs::symlink(p.join("gone"), p.join("pg_tblspc/16499")).unwrap();
+        let err = rels(p).unwrap_err();
+        assert!(err.to_string().contains("tablespace 16499"), "{err}");
+        fs::remove_file(p.join("pg_tblspc/16499")).unwrap();
+        // A file name that cannot be stored as it is.
+        use std::os::unix::ffi::OsStrExt;
+        fs::create_dir_all(p.join("base/5")).unwrap();
+        fs::write(p.join("base/5").join(std::ffi::OsStr::from_bytes(b"bad\xff")), b"x").unwrap();
+        let err = rels(p).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 }

@@ -197,6 +197,21 @@ pub(super) fn parse_target_time(text: &str) -> Result<time::OffsetDateTime, Erro
         .map_err(|_| Error::Usage(format!("--target-time {text:?}: use 'YYYY-MM-DD HH:MM:SS+00' or RFC 3339")))
 }
 
+/// `YYYY-MM-DD HH:MM:SS.ffffff+00`, in UTC, as PostgreSQL reads a timestamptz.
+fn postgres_utc_time(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
 /// The manifest (wal-rs backups) and the partitions to restore, `pg_control` last.
 pub(super) async fn partitions_of(
     store: &Arc<Store>,
@@ -452,6 +467,11 @@ fn rewrite_tablespace_map(dest: &Path, tablespaces: &HashMap<String, PathBuf>) -
 fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Error> {
     let command = args.restore_command.clone().unwrap_or_else(|| restore_command(config));
     let mut targets = args.targets.clone();
+    if let Some(text) = &targets.time {
+        // As the backup was chosen: a time without a zone is UTC here, and PostgreSQL would
+        // read it in the server's TimeZone, another moment.
+        targets.time = Some(postgres_utc_time(parse_target_time(text)?));
+    }
     if args.standby {
         // A standby follows the archive; targets end recovery, which a standby never does.
         targets = RecoveryTargets { timeline: targets.timeline, ..Default::default() };
@@ -465,12 +485,15 @@ fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Erro
 
 /// `wal-rs wal-fetch %f %p` with the same store settings as this run. Credentials are never
 /// written: the server finds them the way wal-rs did (environment, profile, instance role).
+/// Every `%` of a path or value is doubled: PostgreSQL replaces `%f`, `%p` and `%r` anywhere
+/// in the command, and from version 16 refuses any other `%` (a store URL with `%20`).
 fn restore_command(config: &Config) -> String {
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "wal-rs".into());
-    let mut parts = vec![shell_quote(&exe)];
+    let literal = |s: &str| shell_quote(s).replace('%', "%%");
+    let mut parts = vec![literal(&exe)];
     if let Some(file) = &config.file {
         parts.push("--config".into());
-        parts.push(shell_quote(&file.display().to_string()));
+        parts.push(literal(&file.display().to_string()));
     }
     const CARRIED: &[&str] = &[
         "store",
@@ -491,7 +514,7 @@ fn restore_command(config: &Config) -> String {
             continue;
         }
         if let Some(v) = value {
-            parts.push(format!("--set {}", shell_quote(&format!("{}={v}", setting.key))));
+            parts.push(format!("--set {}", literal(&format!("{}={v}", setting.key))));
         }
     }
     parts.push("wal-fetch %f %p".into());
@@ -520,6 +543,9 @@ mod tests {
         assert_eq!(a, c);
         assert!(d > a);
         assert!(parse_target_time("yesterday").is_err());
+        // Written for PostgreSQL in UTC, whatever the server's TimeZone.
+        assert_eq!(postgres_utc_time(c), "2026-11-26 10:00:00.000000+00");
+        assert_eq!(postgres_utc_time(d), "2026-11-26 10:00:00.500000+00");
     }
 
     #[test]
@@ -527,5 +553,17 @@ mod tests {
         assert_eq!(shell_quote("/usr/bin/wal-rs"), "/usr/bin/wal-rs");
         assert_eq!(shell_quote("store=s3://b/p"), "store=s3://b/p");
         assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
+    }
+
+    #[test]
+    fn a_percent_in_the_restore_command_reaches_wal_fetch_as_it_is() {
+        let mut overrides = crate::config::Overrides::default();
+        overrides.values.insert("store".into(), "s3://bucket/with%20space/%p".into());
+        let config = Config::resolve(&overrides, &crate::config::ProcessEnv).unwrap();
+        let command = restore_command(&config);
+        assert!(command.contains("'store=s3://bucket/with%%20space/%%p'"), "{command}");
+        // Only PostgreSQL's own placeholders stay single.
+        assert_eq!(command.replace("%%", "").matches('%').count(), 2, "{command}");
+        assert!(command.ends_with(" wal-fetch %f %p"), "{command}");
     }
 }

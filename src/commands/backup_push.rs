@@ -82,7 +82,7 @@ pub(super) async fn run(
     let started = time::OffsetDateTime::now_utc();
     let label = format!("wal-rs {}", format_time(started));
     let (start_lsn, start_file) = backup_api::start(&client, info.version_num, &label, fast).await?;
-    let name = backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
+    let name = reserve_backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
     let tablespaces = walk::tablespaces(&pgdata).map_err(|e| Error::local("read", &pgdata.join("pg_tblspc"), e))?;
     log::emit(
         Level::Info,
@@ -114,8 +114,7 @@ pub(super) async fn run(
     }
     partitions.push(write_small_partition(&store, &name, label_part, files, config).await?);
     // pg_control after everything else, as PostgreSQL's own base backup sends it.
-    let control_path = pgdata.join("global/pg_control");
-    let control = std::fs::read(&control_path).map_err(|e| Error::local("read", &control_path, e))?;
+    let control = read_pg_control(&pgdata.join("global/pg_control"), info.system_identifier).await?;
     let control_part = layout::pg_control_partition_name(config.compression);
     partitions
         .push(write_small_partition(&store, &name, control_part, vec![("global/pg_control", control)], config).await?);
@@ -201,20 +200,95 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("backup documents serialise")
 }
 
-/// `base_<start WAL file>`, as WAL-G names backups; when a complete backup already has that
-/// name (two backups with no WAL between them), the start offset is added, as WAL-E did.
-async fn backup_name(
+/// A name for this backup, reserved: `base_<start WAL file>`, as WAL-G names backups. When
+/// that name is taken, the start offset is added, as WAL-E did, and then a count. A name is
+/// taken by a complete backup (two backups with no WAL between them), and by any backup-push
+/// that wrote there, running or dead: each one first puts its writer record into its folder,
+/// create-only, so two runs that start in the same segment never write into one folder, and
+/// no run writes over a dead one's partitions.
+async fn reserve_backup_name(
     store: &Arc<Store>,
     start_file: &WalFileName,
     start_lsn: Lsn,
     seg_size: u32,
 ) -> Result<String, Error> {
     let plain = format!("base_{start_file}");
-    if store.head(&layout::sentinel_key(&plain)).await?.is_none() {
-        return Ok(plain);
+    let offset = format!("{plain}_{:08X}", start_lsn.0 % seg_size as u64);
+    let writer = to_json(&serde_json::json!({
+        "hostname": hostname(),
+        "pid": std::process::id(),
+        "started": format_time(time::OffsetDateTime::now_utc()),
+    }));
+    let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+    for n in 0..MAX_NAME_TRIES {
+        let name = match n {
+            0 => plain.clone(),
+            1 => offset.clone(),
+            n => format!("{offset}_{n}"),
+        };
+        if store.head(&layout::sentinel_key(&name)).await?.is_some() {
+            continue;
+        }
+        let record = layout::backup_file_key(&name, WRITER_FILE);
+        if store.put_bytes(&record, writer.clone(), create.clone()).await? == PutOutcome::Stored {
+            return Ok(name);
+        }
     }
-    Ok(format!("{plain}_{:08X}", start_lsn.0 % seg_size as u64))
+    Err(Error::AlreadyExists(format!(
+        "{MAX_NAME_TRIES} backup names starting {plain} are taken in {}: `wal-rs delete garbage` removes the folders of backup-push runs that died",
+        store.url()
+    )))
 }
+
+/// pg_control, whole. The checkpointer rewrites it in place with one 8 KiB write, and a read
+/// at that moment can get part old, part new bytes, which PostgreSQL refuses to start from
+/// ("incorrect checksum in control file"). So it is read until its CRC matches, as
+/// pgBackRest does, and the backup fails rather than store a torn copy.
+async fn read_pg_control(path: &Path, system_identifier: u64) -> Result<Vec<u8>, Error> {
+    for _ in 0..PG_CONTROL_READS {
+        let bytes = std::fs::read(path).map_err(|e| Error::local("read", path, e))?;
+        if pg_control_is_whole(&bytes, system_identifier) {
+            return Ok(bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(Error::InvalidInput {
+        path: path.display().to_string(),
+        reason: format!(
+            "its CRC did not match in {PG_CONTROL_READS} reads, or it is another cluster's: the control file is damaged; check the server (pg_controldata) before taking a backup"
+        ),
+    })
+}
+
+/// Reads of pg_control before a torn copy is taken for a damaged file.
+const PG_CONTROL_READS: usize = 10;
+
+/// Whether `bytes` are a whole control file of the cluster `system_identifier`: its first
+/// field, and a CRC-32C of the bytes before it where ControlFileData ends. Where that is
+/// depends on the major version, so every 4-byte-aligned place in the first 512 bytes (the
+/// part PostgreSQL keeps atomic) is tried; a torn file matching at one of them by chance has
+/// odds of about 1 in 30 million.
+fn pg_control_is_whole(bytes: &[u8], system_identifier: u64) -> bool {
+    const ATOMIC_PART: usize = 512;
+    if bytes.len() < ATOMIC_PART || bytes[..8] != system_identifier.to_ne_bytes() {
+        return false;
+    }
+    let mut crc = crc32c::crc32c(&bytes[..8]);
+    let mut end = 8;
+    while end + 4 <= ATOMIC_PART {
+        if crc == u32::from_ne_bytes(bytes[end..end + 4].try_into().unwrap()) {
+            return true;
+        }
+        crc = crc32c::crc32c_append(crc, &bytes[end..end + 4]);
+        end += 4;
+    }
+    false
+}
+
+/// The record of the backup-push writing a backup's folder (which also reserves the name).
+const WRITER_FILE: &str = "walrs_writer.json";
+/// Names tried for one backup before giving up.
+const MAX_NAME_TRIES: usize = 20;
 
 /// Sum of the file sizes to back up, for the progress bar (a stat-only walk).
 fn total_size(pgdata: &Path, tablespaces: &[Tablespace]) -> u64 {
@@ -412,4 +486,60 @@ async fn wait_for_wal(
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// A control file of `sysid` whose ControlFileData ends (with its CRC) at `crc_at`.
+    fn control_file(sysid: u64, crc_at: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; 8192];
+        bytes[..8].copy_from_slice(&sysid.to_ne_bytes());
+        for (i, b) in bytes[8..crc_at].iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        let crc = crc32c::crc32c(&bytes[..crc_at]);
+        bytes[crc_at..crc_at + 4].copy_from_slice(&crc.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn only_a_whole_control_file_of_this_cluster_is_backed_up() {
+        for crc_at in [256, 288, 296] {
+            let whole = control_file(7, crc_at);
+            assert!(pg_control_is_whole(&whole, 7), "CRC at {crc_at}");
+            assert!(!pg_control_is_whole(&whole, 8), "another cluster's");
+            let mut torn = whole.clone();
+            torn[100] ^= 0x40;
+            assert!(!pg_control_is_whole(&torn, 7), "torn, CRC at {crc_at}");
+        }
+        assert!(!pg_control_is_whole(&control_file(7, 296)[..300], 7), "short");
+    }
+
+    #[test]
+    fn a_backup_name_in_use_by_any_backup_push_is_never_written_into() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            let start = WalFileName::parse("000000010000000000000028").unwrap();
+            let lsn = Lsn(0x28_0000_0028);
+            let reserve = || reserve_backup_name(&store, &start, lsn, 16 << 20);
+            // The first run takes the plain name; one starting in the same segment while it
+            // runs (or after it died) gets the offset, a third a count.
+            assert_eq!(reserve().await.unwrap(), "base_000000010000000000000028");
+            assert_eq!(reserve().await.unwrap(), "base_000000010000000000000028_00000028");
+            assert_eq!(reserve().await.unwrap(), "base_000000010000000000000028_00000028_2");
+            // A complete backup of another tool (a sentinel, no writer record) is skipped too.
+            let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+            let other = WalFileName::parse("000000010000000000000030").unwrap();
+            store
+                .put_bytes(&layout::sentinel_key("base_000000010000000000000030"), b"{}".to_vec(), create)
+                .await
+                .unwrap();
+            let name = reserve_backup_name(&store, &other, Lsn(0x30_0000_0100), 16 << 20).await.unwrap();
+            assert_eq!(name, "base_000000010000000000000030_00000100");
+        });
+    }
 }

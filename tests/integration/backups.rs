@@ -22,9 +22,10 @@ use serde_json::Value;
 
 use crate::harness::pg::{as_postgres, run_ok, PgCluster, Rows};
 use crate::harness::s3::S3Server;
+use crate::harness::workdir::chown_postgres;
 use crate::harness::{
-    files_under, flip_middle_byte, json_of, lz4_cli_decompress, path_str, read, wait_until, walrs_for, StoreEnv, WalRs,
-    WorkDir,
+    files_under, flip_middle_byte, json_of, lz4_cli_decompress, path_str, read, segment_name, wait_until, walrs_for,
+    StoreEnv, WalRs, WorkDir,
 };
 
 /// The exit codes of src/exit.rs the tests expect.
@@ -202,9 +203,7 @@ fn s3_store_point_in_time_restores() {
 /// - (f) LATEST, the backup taken under pgbench's writes, to the end of the archive: A, B,
 ///   C, and pgbench's tables as the primary left them.
 fn point_in_time_restores(wd: &WorkDir, store: &StoreEnv) {
-    let primary = PgCluster::init(wd, "primary");
-    primary.archive_to(store);
-    primary.start();
+    let primary = PgCluster::archiving(wd, "primary", store);
     primary.pgbench(&["-i", "-s", "1", "-q"]);
     primary.query("create table t (id int primary key, note text not null)");
     // 20 MB that lz4 cannot shrink: a partition object larger than one S3 part (8 MiB).
@@ -370,9 +369,7 @@ fn point_in_time_restores(wd: &WorkDir, store: &StoreEnv) {
 fn local_store_backup_of_a_point_in_time_copy_restores_to_its_end() {
     let wd = WorkDir::new("bk-pitr-again");
     let store = StoreEnv::local(&wd.pg_dir("store"));
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.query("create table t (id int primary key, note text not null)");
     let walrs = walrs_for(&wd, &store, &primary);
     backup_push(&walrs, &primary);
@@ -429,9 +426,7 @@ fn s3_store_follower_replays_the_archive_then_forks() {
 /// it goes to timeline 2 and archives into a store of its own, leaving the primary and its
 /// store on timeline 1.
 fn follower_replays_then_forks(wd: &WorkDir, store: &StoreEnv, fork: &StoreEnv) {
-    let primary = PgCluster::init(wd, "primary");
-    primary.archive_to(store);
-    primary.start();
+    let primary = PgCluster::archiving(wd, "primary", store);
     primary.query("create table t (id int primary key, note text not null)");
     primary.query("insert into t select g, 'before backup ' || g from generate_series(1, 1000) g");
     let walrs = walrs_for(wd, store, &primary);
@@ -527,9 +522,7 @@ fn local_store_tablespace_restores_remapped_and_in_place() {
     let wd = WorkDir::new("bk-tblspc");
     let store = StoreEnv::local(&wd.pg_dir("store"));
     let ts_dir = wd.pg_dir("ts-original");
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.query(&format!("create tablespace ts1 location '{}'", ts_dir.display()));
     primary.query("create table tt (id int primary key, note text not null) tablespace ts1");
     primary.query("insert into tt select g, md5(g::text) from generate_series(1, 2000) g");
@@ -638,9 +631,7 @@ fn local_store_in_place_tablespace_restore_keeps_the_exact_location() {
     let wd = WorkDir::new("bk-tblspc-exact");
     let store = StoreEnv::local(&wd.pg_dir("store"));
     let ts_dir = wd.pg_dir("ts");
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.query(&format!("create tablespace ts1 location '{}'", ts_dir.display()));
     primary.query("create table tt (id int primary key) tablespace ts1");
     primary.query("insert into tt select generate_series(1, 100)");
@@ -684,9 +675,7 @@ fn published_partitions(store: &StoreEnv) -> Vec<PathBuf> {
 fn local_store_backup_push_killed_midway_leaves_no_backup() {
     let wd = WorkDir::new("bk-kill");
     let store = StoreEnv::local(&wd.pg_dir("store"));
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.pgbench(&["-i", "-s", "3", "-q"]);
     primary.query("update pgbench_accounts set abalance = aid % 1000 where aid % 3 = 0");
     // Only its init fork is backed up: it comes back empty.
@@ -755,6 +744,56 @@ fn local_store_backup_push_killed_midway_leaves_no_backup() {
     assert_eq!(restored.one("select count(*) from scratch"), "0", "an unlogged table came back with rows");
 }
 
+/// A backup's name is reserved before anything is written into its folder: a backup-push
+/// that starts where another backup-push is writing (or died) takes the next name, and
+/// leaves that folder alone.
+#[test]
+fn local_store_a_backup_name_in_use_is_never_written_into() {
+    let wd = WorkDir::new("bk-name");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let primary = PgCluster::archiving(&wd, "primary", &store);
+    primary.pgbench(&["-i", "-s", "1", "-q"]);
+    let expected = pgbench_sums(&primary);
+    let walrs = walrs_for(&wd, &store, &primary);
+
+    // The backup starts in the current segment or one after it (pg_backup_start switches
+    // segments): another run holds each of the next few names, with a partition written.
+    let current = primary.one("select pg_walfile_name(pg_current_wal_insert_lsn())");
+    let segno =
+        u64::from_str_radix(&current[8..16], 16).unwrap() * 256 + u64::from_str_radix(&current[16..24], 16).unwrap();
+    let held: Vec<(String, PathBuf)> = (0..4)
+        .map(|n| {
+            let name = format!("base_{}", segment_name(1, segno + n));
+            let folder = store.object_path(&format!("basebackups_005/{name}"));
+            fs::create_dir_all(folder.join("tar_partitions")).unwrap();
+            fs::write(folder.join("walrs_writer.json"), br#"{"hostname":"elsewhere","pid":1}"#).unwrap();
+            let part = folder.join("tar_partitions/part_001.tar.lz4");
+            fs::write(&part, b"another run's partition").unwrap();
+            // As that run, the postgres user, would have left them.
+            for path in [folder.parent().unwrap(), &folder, &folder.join("tar_partitions"), &part] {
+                chown_postgres(path);
+            }
+            (name, part)
+        })
+        .collect();
+
+    let name = backup_push(&walrs, &primary);
+    assert!(
+        held.iter().any(|(taken, _)| name.starts_with(&format!("{taken}_"))),
+        "{name} is not the next name after one of {:?}",
+        held.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    for (_, part) in &held {
+        assert_eq!(read(part), b"another run's partition", "{} was written over", part.display());
+    }
+    assert_eq!(names(&backup_list(&walrs, &[])), [name.as_str()]);
+    let (chosen, restored) = fetch(&wd, &walrs, "restored", &["LATEST"]);
+    assert_eq!(chosen["name"], name.as_str());
+    primary.stop();
+    start_and_recover(&restored, &server_env(&store));
+    assert_eq!(pgbench_sums(&restored), expected);
+}
+
 // --- 5. refusals and corruption ----------------------------------------------------------------
 
 #[test]
@@ -773,9 +812,7 @@ fn s3_store_non_empty_dest_and_corrupt_partition_are_refused() {
 
 /// `other` is a store the primary does not archive into.
 fn refusals_and_corruption(wd: &WorkDir, store: &StoreEnv, other: &StoreEnv) {
-    let primary = PgCluster::init(wd, "primary");
-    primary.archive_to(store);
-    primary.start();
+    let primary = PgCluster::archiving(wd, "primary", store);
     primary.query("create table t (id int primary key, note text not null)");
     primary.query("insert into t select g, md5(g::text) from generate_series(1, 5000) g");
     let walrs = walrs_for(wd, store, &primary);

@@ -90,9 +90,7 @@ fn local_store_retention_across_a_timeline_switch() {
     let store = StoreEnv::local(&wd.pg_dir("store"));
 
     // Two backups on timeline 1, with WAL between and after them.
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.query("create table t (id int primary key, note text not null)");
     primary.query("insert into t select g, 'first' from generate_series(1, 1000) g");
     let walrs = walrs_for(&wd, &store, &primary);

@@ -77,9 +77,7 @@ fn s3_store_encrypted_archive_and_backup_round_trip() {
 fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
     let keys = key_file(wd, "keys", &[KEY_A]);
     let store = plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&keys));
-    let primary = PgCluster::init(wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(wd, "primary", &store);
     primary.query("create table secret (id int primary key, note text not null)");
     primary.query("insert into secret select g, 'TOPSECRET-' || g from generate_series(1, 5000) g");
     let walrs = walrs_for(wd, &store, &primary);
@@ -171,9 +169,7 @@ fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
 fn local_store_backup_verify_and_restore_drill_find_damage() {
     let wd = WorkDir::new("verify-drill");
     let store = StoreEnv::local(&wd.pg_dir("store"));
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.pgbench(&["-i", "-s", "2", "-q"]);
     let walrs = walrs_for(&wd, &store, &primary);
     let pushed = walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]);

@@ -19,9 +19,7 @@ fn a_second_recovery_follows_a_promoted_copy_onto_timeline_2() {
     let wd = WorkDir::new("timeline");
     let store = StoreEnv::local(&wd.pg_dir("store"));
 
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.query("create table t (id int primary key, tli int not null, note text not null)");
     primary.query("insert into t select g, 1, 'before backup' from generate_series(1, 1000) g");
     let backup = primary.base_backup("backup");

@@ -27,9 +27,7 @@ fn s3_store_archives_and_a_copy_recovers_to_the_same_tables() {
 }
 
 fn archive_and_recover(wd: &WorkDir, store: &StoreEnv) {
-    let primary = PgCluster::init(wd, "primary");
-    primary.archive_to(store);
-    primary.start();
+    let primary = PgCluster::archiving(wd, "primary", store);
     primary.pgbench(&["-i", "-s", "2", "-q"]);
     primary.query("create table t (id int primary key, payload text not null)");
 

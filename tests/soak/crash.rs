@@ -242,9 +242,7 @@ fn crash_backups() {
     let mut rng = Rng::new(seed);
     let wd = WorkDir::new("soak-crash-bk");
     let store = StoreEnv::local(&wd.pg_dir("store"));
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.pgbench(&["-i", "-s", "4", "-q"]);
     let walrs = walrs_for(&wd, &store, &primary);
 

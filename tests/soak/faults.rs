@@ -220,9 +220,7 @@ fn faults_pitr() {
     );
     let direct = s3.store("pitr");
     let faulty = proxy.store(&s3, "pitr");
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&direct);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &direct);
     primary.query("create table t (id bigint primary key, batch int not null, payload text not null)");
     let backup = primary.base_backup("backup");
     let batches = 40u64;

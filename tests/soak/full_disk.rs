@@ -72,9 +72,7 @@ fn full_disk() {
 
     // --- backup-fetch into a file system too small for the backup.
     let store = StoreEnv::local(&wd.pg_dir("pg-store"));
-    let primary = PgCluster::init(&wd, "primary");
-    primary.archive_to(&store);
-    primary.start();
+    let primary = PgCluster::archiving(&wd, "primary", &store);
     primary.pgbench(&["-i", "-s", "4", "-q"]);
     let dba = WalRs::new(&wd, &store)
         .run_as_postgres()

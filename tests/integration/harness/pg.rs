@@ -160,6 +160,14 @@ impl PgCluster {
     }
 
     /// Archives every WAL file into `store` with wal-rs (the copy in the work directory).
+    /// A new cluster archiving into `store` with wal-rs, started.
+    pub fn archiving(wd: &WorkDir, name: &str, store: &StoreEnv) -> PgCluster {
+        let cluster = PgCluster::init(wd, name);
+        cluster.archive_to(store);
+        cluster.start();
+        cluster
+    }
+
     pub fn archive_to(&self, store: &StoreEnv) {
         self.set(&[("archive_mode", "on"), ("archive_command", &store.archive_command(self.wd.walrs()))]);
     }
