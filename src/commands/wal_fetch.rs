@@ -77,8 +77,11 @@ pub(crate) async fn fetch_with_retry(
     config: &Config,
     prefetched: Option<&str>,
 ) -> Result<FetchReport, Error> {
+    // "Not in the archive" needs proof only where it ends a recovery: not for the
+    // prefetcher, which just stops, nor in a standby, where every failure is "ask again".
+    let prove_absence = prefetched.is_none() && !is_standby(config);
     retry_transient("wal-fetch", name, config.retry.deadline, || {
-        fetch_once(store, name, dest, config.compression, prefetched.map(str::to_owned))
+        fetch_once(store, name, dest, config.compression, prefetched.map(str::to_owned), prove_absence)
     })
     .await
 }
@@ -89,6 +92,7 @@ async fn fetch_once(
     dest: &Path,
     preferred: Compression,
     prefetched: Option<String>,
+    prove_absence: bool,
 ) -> Result<FetchReport, Error> {
     let candidates = layout::wal_candidates(name, preferred);
     // The configured compression first: one request in the usual case.
@@ -100,8 +104,7 @@ async fn fetch_once(
             // wrongly) is not saying "not in the archive".
             let keys: Vec<ObjectKey> = candidates.iter().map(|(k, _)| k.clone()).collect();
             let Some(found) = store.find_first(&keys).await? else {
-                // Only an answer to PostgreSQL needs this proof; the prefetcher just stops.
-                if prefetched.is_none() {
+                if prove_absence {
                     store.confirm_absent(&candidates[0].0).await?;
                 }
                 return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
