@@ -125,6 +125,22 @@ fn a_black_hole_ends_every_command_within_its_deadline() {
     assert!(store.wal_objects().is_empty());
 }
 
+/// Segment 1 of timeline 1, written to a file of its own: its name, bytes and path.
+fn first_segment(wd: &WorkDir) -> (String, Vec<u8>, PathBuf) {
+    let name = segment_name(1, 1);
+    let bytes = craft_segment(1, 1, SYSID, 1);
+    let file = wd.dir("src").join(&name);
+    std::fs::write(&file, &bytes).unwrap();
+    (name, bytes, file)
+}
+
+/// [`first_segment`], pushed into `store` directly (without a proxy).
+fn archived_first_segment(wd: &WorkDir, store: &StoreEnv) -> (String, Vec<u8>, PathBuf) {
+    let segment = first_segment(wd);
+    WalRs::new(wd, store).push(&segment.2).expect_code(0, "push, without the proxy");
+    segment
+}
+
 /// A 404 that is not S3's NoSuchKey (a gateway or a proxy routed wrongly answered, not the
 /// store) is not "not in the archive": wal-fetch retries and restores the segment, and if
 /// it keeps coming, aborts the recovery (exit 207) rather than end it at that segment.
@@ -132,30 +148,63 @@ fn a_black_hole_ends_every_command_within_its_deadline() {
 fn a_gateways_404_is_not_the_end_of_the_archive() {
     let wd = WorkDir::new("gateway-404");
     let s3 = S3Server::start(&wd);
-    let name = segment_name(1, 1);
-    let bytes = craft_segment(1, 1, SYSID, 1);
-    let file = wd.dir("src").join(&name);
-    std::fs::write(&file, &bytes).unwrap();
-    WalRs::new(&wd, &s3.store("gw")).push(&file).expect_code(0, "push, without the proxy");
-
-    // Once: the retry restores the right bytes.
-    let once = Proxy::start(
-        port_of(&s3),
-        &["--delay-ms", "0", "--rate-404", "1", "--only", "x-id=GetObject", "--fault-budget", "1"],
-    );
-    let walrs = WalRs::new(&wd, &once.store(&s3, "gw")).env("WALRS_PREFETCH_COUNT", "0");
-    let out = wd.join("out");
-    walrs.fetch(&name, &out).expect_code(0, "fetch after one gateway 404");
-    assert_eq!(sha256_hex(&read(&out)), sha256_hex(&bytes));
-    assert_eq!(once.injected("404"), 1);
-    std::fs::remove_file(&out).unwrap();
+    let segment = archived_first_segment(&wd, &s3.store("gw"));
+    one_faulty_read_is_retried(&wd, &s3, "gw", &segment, "--rate-404", "404");
 
     // Every read: the store's listing has the object, so this is an outage, not its end.
     let always = Proxy::start(port_of(&s3), &["--delay-ms", "0", "--rate-404", "1", "--only", "x-id=GetObject"]);
     let walrs = WalRs::new(&wd, &always.store(&s3, "gw"))
         .env("WALRS_PREFETCH_COUNT", "0")
         .env("WALRS_RETRY_DEADLINE_SECS", "3");
-    walrs.fetch(&name, &out).expect_code(207, "fetch while a gateway answers 404 to every read");
+    let out = wd.join("out");
+    walrs.fetch(&segment.0, &out).expect_code(207, "fetch while a gateway answers 404 to every read");
     assert!(!out.exists());
     assert!(always.injected("404") > 1);
+}
+
+/// A replica whose reads lag its listings: S3's own NoSuchKey for an object the listing
+/// shows is not "not in the archive" either; the retry restores the segment.
+#[test]
+fn a_read_that_misses_a_listed_object_is_retried() {
+    let wd = WorkDir::new("stale-read");
+    let s3 = S3Server::start(&wd);
+    let segment = archived_first_segment(&wd, &s3.store("stale"));
+    one_faulty_read_is_retried(&wd, &s3, "stale", &segment, "--rate-nosuchkey", "nosuchkey");
+}
+
+/// Fetches `segment` (pushed under `prefix`) through a proxy that answers the first read of
+/// an object with a fault (`flag`, counted as `kind`): the retry must restore its bytes.
+fn one_faulty_read_is_retried(
+    wd: &WorkDir,
+    s3: &S3Server,
+    prefix: &str,
+    segment: &(String, Vec<u8>, PathBuf),
+    flag: &str,
+    kind: &str,
+) {
+    let (name, bytes, _) = segment;
+    let proxy =
+        Proxy::start(port_of(s3), &["--delay-ms", "0", flag, "1", "--only", "x-id=GetObject", "--fault-budget", "1"]);
+    let walrs = WalRs::new(wd, &proxy.store(s3, prefix)).env("WALRS_PREFETCH_COUNT", "0");
+    let out = wd.join("out");
+    walrs.fetch(name, &out).expect_code(0, &format!("fetch after one {kind} answer to a read"));
+    assert_eq!(sha256_hex(&read(&out)), sha256_hex(bytes));
+    assert_eq!(proxy.injected(kind), 1);
+    std::fs::remove_file(&out).unwrap();
+}
+
+/// A 409 ConditionalRequestConflict on the upload (an earlier attempt's conditional write
+/// still in progress) is retried: wal-push stores the segment and exits 0.
+#[test]
+fn a_conditional_write_conflict_is_retried() {
+    let wd = WorkDir::new("conflict-409");
+    let s3 = S3Server::start(&wd);
+    let (name, bytes, file) = first_segment(&wd);
+    let upload = format!("wal_005/{name}.lz4?x-id=PutObject");
+    let proxy =
+        Proxy::start(port_of(&s3), &["--delay-ms", "0", "--rate-409", "1", "--only", &upload, "--fault-budget", "1"]);
+    let store = proxy.store(&s3, "c409");
+    WalRs::new(&wd, &store).push(&file).expect_code(0, "push through one 409");
+    assert_eq!(proxy.injected("409"), 1);
+    assert_eq!(crate::harness::lz4_cli_decompress(&store.wal_object(&name)), bytes);
 }

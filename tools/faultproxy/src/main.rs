@@ -56,6 +56,13 @@ struct Args {
     /// a gateway's "not found", not the store's.
     #[arg(long, default_value_t = 0.0)]
     rate_404: f64,
+    /// Share of requests answered 404 NoSuchKey (not forwarded): a replica whose reads lag
+    /// its listings.
+    #[arg(long, default_value_t = 0.0)]
+    rate_nosuchkey: f64,
+    /// Share of requests answered 409 ConditionalRequestConflict (not forwarded).
+    #[arg(long, default_value_t = 0.0)]
+    rate_409: f64,
     /// Inject faults only into requests whose `METHOD /path?query` contains this text
     /// (say `PUT ` or `x-id=GetObject`); the others are forwarded without a draw.
     #[arg(long, default_value = "")]
@@ -85,6 +92,8 @@ fn main() -> ExitCode {
         (Fault::Truncate, args.rate_truncate),
         (Fault::Blackhole, args.rate_blackhole),
         (Fault::GatewayNotFound, args.rate_404),
+        (Fault::StaleRead, args.rate_nosuchkey),
+        (Fault::Conflict, args.rate_409),
     ] {
         rates.set(f, r);
     }

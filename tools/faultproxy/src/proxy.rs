@@ -154,7 +154,7 @@ pub async fn handle(
         log(&format_args!("injected {}", f.name()));
     }
     match fault {
-        Some(f @ (Fault::Internal | Fault::SlowDown | Fault::GatewayNotFound)) => {
+        Some(f @ (Fault::Internal | Fault::SlowDown | Fault::GatewayNotFound | Fault::StaleRead | Fault::Conflict)) => {
             // Read the whole request first, so the client is done sending and the
             // connection stays usable.
             let drained = req.into_body().collect().await;
@@ -163,6 +163,12 @@ pub async fn handle(
                 Fault::SlowDown => {
                     xml_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.")
                 }
+                Fault::StaleRead => xml_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist."),
+                Fault::Conflict => xml_error(
+                    StatusCode::CONFLICT,
+                    "ConditionalRequestConflict",
+                    "A conflicting conditional operation is currently in progress against this resource.",
+                ),
                 _ => html_not_found(),
             };
             if drained.is_err() {

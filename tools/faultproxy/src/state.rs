@@ -24,11 +24,25 @@ pub enum Fault {
     /// 404 with an HTML body and no S3 error code, request not forwarded: what a gateway or
     /// proxy routed wrongly answers, which is not the store saying "no such key".
     GatewayNotFound,
+    /// 404 NoSuchKey, request not forwarded: a replica behind, whose reads miss an object
+    /// its listings already show.
+    StaleRead,
+    /// 409 ConditionalRequestConflict, request not forwarded: a conditional write of an
+    /// earlier attempt still in progress.
+    Conflict,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] =
-        [Fault::Internal, Fault::SlowDown, Fault::Reset, Fault::Truncate, Fault::Blackhole, Fault::GatewayNotFound];
+    pub const ALL: [Fault; 8] = [
+        Fault::Internal,
+        Fault::SlowDown,
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::Blackhole,
+        Fault::GatewayNotFound,
+        Fault::StaleRead,
+        Fault::Conflict,
+    ];
 
     /// The name used in the stats JSON, the control API and the log.
     pub fn name(self) -> &'static str {
@@ -39,6 +53,8 @@ impl Fault {
             Fault::Truncate => "truncate",
             Fault::Blackhole => "blackhole",
             Fault::GatewayNotFound => "404",
+            Fault::StaleRead => "nosuchkey",
+            Fault::Conflict => "409",
         }
     }
 
@@ -49,7 +65,7 @@ impl Fault {
 
 /// Probability of each fault per request; they are exclusive, so they must sum to at most 1.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Rates(pub [f64; 6]);
+pub struct Rates(pub [f64; 8]);
 
 impl Rates {
     pub fn get(&self, f: Fault) -> f64 {
@@ -190,7 +206,7 @@ pub struct Stats {
     /// Request body bytes sent upstream, response body bytes sent to clients.
     pub bytes_up: Arc<AtomicU64>,
     pub bytes_down: Arc<AtomicU64>,
-    injected: [AtomicU64; 6],
+    injected: [AtomicU64; 8],
     /// Per entry of METHODS, then "other".
     methods: [AtomicU64; 6],
 }

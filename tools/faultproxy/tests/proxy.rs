@@ -325,12 +325,31 @@ async fn injects_500_and_503_without_forwarding() {
     assert_eq!((r.status, r.content_type.as_deref()), (404, Some("text/html")));
     let body = String::from_utf8(r.body).unwrap();
     assert!(body.contains("404 Not Found") && !body.contains("<Code>"), "{body}");
+    // A replica behind, and a conditional write still in progress: S3's own errors.
+    for (set, status, code) in [
+        ("set?rate_404=0&rate_nosuchkey=1", 404, "NoSuchKey"),
+        ("set?rate_nosuchkey=0&rate_409=1", 409, "ConditionalRequestConflict"),
+    ] {
+        assert_eq!(proxy.control(set).await.0, 200);
+        send(&mut s, "GET", "/bucket/obj", &[], b"").await;
+        let r = timeout(PROMPT, read_resp(&mut s, false)).await.unwrap().unwrap();
+        assert_eq!(r.status, status);
+        let body = String::from_utf8(r.body).unwrap();
+        assert!(body.contains(&format!("<Code>{code}</Code>")), "{body}");
+    }
 
     assert!(up.seen().is_empty());
     let st = proxy.stats().await;
     assert_eq!(
-        (n(&st, "/injected/500"), n(&st, "/injected/503"), n(&st, "/injected/404"), n(&st, "/forwarded")),
-        (2, 1, 1, 0),
+        (
+            n(&st, "/injected/500"),
+            n(&st, "/injected/503"),
+            n(&st, "/injected/404"),
+            n(&st, "/injected/nosuchkey"),
+            n(&st, "/injected/409"),
+            n(&st, "/forwarded")
+        ),
+        (2, 1, 1, 1, 1, 0),
         "{st}"
     );
 }
