@@ -76,9 +76,14 @@ fn transient_faults_are_retried_and_never_restore_wrong_bytes() {
     let wd = WorkDir::new("faults");
     let s3 = S3Server::start(&wd);
     let src = wd.dir("src");
-    for (kind, flag) in
-        [("500", "--rate-500"), ("503", "--rate-503"), ("reset", "--rate-reset"), ("truncate", "--rate-truncate")]
-    {
+    for (kind, flag) in [
+        ("500", "--rate-500"),
+        ("503", "--rate-503"),
+        ("reset", "--rate-reset"),
+        ("truncate", "--rate-truncate"),
+        ("404", "--rate-404"),
+        ("409", "--rate-409"),
+    ] {
         let proxy = Proxy::start(port_of(&s3), &[flag, "0.3", "--delay-ms", "5"]);
         let store = proxy.store(&s3, kind);
         let walrs = WalRs::new(&wd, &store).env("WALRS_PREFETCH_COUNT", "0").env("WALRS_RETRY_DEADLINE_SECS", "60");
@@ -170,6 +175,17 @@ fn a_read_that_misses_a_listed_object_is_retried() {
     let s3 = S3Server::start(&wd);
     let segment = archived_first_segment(&wd, &s3.store("stale"));
     one_faulty_read_is_retried(&wd, &s3, "stale", &segment, "--rate-nosuchkey", "nosuchkey");
+    // wal-push reads too (the cluster's record): a miss there is not "no record".
+    let proxy = Proxy::start(
+        port_of(&s3),
+        &["--delay-ms", "0", "--rate-nosuchkey", "1", "--only", "x-id=GetObject", "--fault-budget", "1"],
+    );
+    let store = proxy.store(&s3, "stale");
+    let (input, bytes) = (wd.dir("src2").join(segment_name(1, 2)), craft_segment(1, 2, SYSID, 2));
+    std::fs::write(&input, &bytes).unwrap();
+    WalRs::new(&wd, &store).push(&input).expect_code(0, "push after one read that missed an object");
+    assert_eq!(proxy.injected("nosuchkey"), 1);
+    assert_eq!(crate::harness::lz4_cli_decompress(&store.wal_object(&segment_name(1, 2))), bytes);
 }
 
 /// Fetches `segment` (pushed under `prefix`) through a proxy that answers the first read of
