@@ -102,7 +102,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalFetch { name, dest } => {
             let standby = wal_fetch::is_standby(&config);
             exit::set_panic_code(exit::wal_fetch_internal_code(standby));
-            let fetch = wal_fetch::run(&config, &name, &dest, &child_args);
+            let fetch = wal_fetch::run(&config, &name, &dest, standby, &child_args);
             match runtime.block_on(within_deadline(&config, "wal-fetch", &dest, fetch)) {
                 Ok(r) => {
                     log::emit(

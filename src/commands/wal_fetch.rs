@@ -51,7 +51,14 @@ pub(super) fn is_standby(config: &Config) -> bool {
     }
 }
 
-pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[String]) -> Result<FetchReport, Error> {
+/// `standby`: failures answer "ask again" (see [`is_standby`]), decided once by the caller.
+pub(super) async fn run(
+    config: &Config,
+    name: &str,
+    dest: &Path,
+    standby: bool,
+    child_args: &[String],
+) -> Result<FetchReport, Error> {
     let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
     refuse_special_destination(dest)?;
     let prefetch = Prefetch::new(config, dest);
@@ -61,7 +68,9 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[
     }
     remove_leftovers(dest);
     let store = open_store(config).await?;
-    let report = fetch_with_retry(&store, &name, dest, config, None).await?;
+    // "Not in the archive" needs proof only where it ends a recovery: not in a standby,
+    // where every failure is "ask again".
+    let report = fetch_with_retry(&store, &name, dest, config, None, !standby).await?;
     prefetch.refill(&name, report.bytes_out, child_args);
     Ok(report)
 }
@@ -70,16 +79,16 @@ pub(super) async fn run(config: &Config, name: &str, dest: &Path, child_args: &[
 /// `prefetched` (the fingerprint of the configuration fetching it), the file is marked with
 /// it and with how it was verified, and fsynced before it is renamed into place (prefetched
 /// files must be whole after a crash, since their presence alone says they are complete).
+/// With `prove_absence`, "not in the archive" is said only of a location that holds an
+/// archive at all (see [`Store::confirm_absent`]).
 pub(crate) async fn fetch_with_retry(
     store: &Arc<Store>,
     name: &WalFileName,
     dest: &Path,
     config: &Config,
     prefetched: Option<&str>,
+    prove_absence: bool,
 ) -> Result<FetchReport, Error> {
-    // "Not in the archive" needs proof only where it ends a recovery: not for the
-    // prefetcher, which just stops, nor in a standby, where every failure is "ask again".
-    let prove_absence = prefetched.is_none() && !is_standby(config);
     retry_transient("wal-fetch", name, config.retry.deadline, || {
         fetch_once(store, name, dest, config.compression, prefetched.map(str::to_owned), prove_absence)
     })

@@ -425,6 +425,12 @@ impl Window {
             if self.in_flight.len() >= self.concurrency {
                 break;
             }
+            // Present, or already served (taken before its wal-fetch's call reached us).
+            let here = dir.join(name.to_string()).exists() || dir.join(format!(".{name}{SERVED}")).exists();
+            if here || self.in_flight.contains(&name) || self.elsewhere.contains(&name) {
+                continue;
+            }
+            // Asked only before a download starts, not for every name of the window.
             if !room_for(dir, self.in_flight.len() + 1, self.segment_size) {
                 if !self.warned_full {
                     self.warned_full = true;
@@ -438,11 +444,6 @@ impl Window {
                     );
                 }
                 break;
-            }
-            // Present, or already served (taken before its wal-fetch's call reached us).
-            let here = dir.join(name.to_string()).exists() || dir.join(format!(".{name}{SERVED}")).exists();
-            if here || self.in_flight.contains(&name) || self.elsewhere.contains(&name) {
-                continue;
             }
             self.in_flight.insert(name);
             let (store, dir, config, fingerprint) =
@@ -526,7 +527,8 @@ async fn fetch_claimed(
         // The folder is gone, say.
         Err(e) => return Err(Error::local("create", &claim, e)),
     }
-    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(fingerprint)).await;
+    // No proof of absence: a prefetcher that meets the end of the archive just stops.
+    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(fingerprint), false).await;
     let _ = fs::remove_file(&claim);
     result.map(|_| Fetched::Done)
 }

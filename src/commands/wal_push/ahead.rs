@@ -124,7 +124,7 @@ impl StatusDir {
         // missing checksum means the store did not give back the object's tail: no proof.
         match held_sha {
             Some(held) if held != sha => return None,
-            None if crate::crypto::sealing_key().is_none() => return None,
+            None if crate::crypto::ring().is_none() => return None,
             _ => {}
         }
         Some(PushReport {
