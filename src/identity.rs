@@ -3,8 +3,11 @@
 //! Two clusters archiving into one prefix overwrite each other's history without a sound:
 //! their segment names collide. The first wal-push of a segment records the cluster's system
 //! identifier (from the segment's long page header) in the store; every later push compares
-//! against it. Promoted copies and forks of the same cluster share its identifier, so a new
-//! timeline in the same prefix is allowed, as PostgreSQL intends.
+//! against it. A process that pushes many segments (the daemon, a push-ahead batch) reads
+//! the record once and compares each segment's header with it in memory: one check per
+//! process would let a wrong segment through after the first. Promoted copies and forks of
+//! the same cluster share its identifier, so a new timeline in the same prefix is allowed,
+//! as PostgreSQL intends.
 
 use std::sync::Arc;
 
@@ -28,10 +31,68 @@ pub struct ClusterIdentity {
     pub created_by: String,
 }
 
-/// Checks that `header`'s cluster owns the store, recording it if nobody does yet.
-pub async fn check_or_record(store: &Arc<Store>, name: &WalFileName, header: &SegmentHeader) -> Result<(), Error> {
-    check_or_record_cluster(store, &name.to_string(), header.system_identifier, header.pg_major, header.segment_size)
-        .await
+/// The cluster a store's record names, parsed: what every segment pushed is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// The system identifier.
+    pub system_identifier: u64,
+    /// PostgreSQL major version.
+    pub pg_major: u32,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u32,
+}
+
+impl Owner {
+    /// The cluster that wrote the segment with this long page header.
+    pub fn of(header: &SegmentHeader) -> Owner {
+        Owner {
+            system_identifier: header.system_identifier,
+            pg_major: header.pg_major,
+            wal_segment_size: header.segment_size,
+        }
+    }
+
+    fn from_record(recorded: &ClusterIdentity, store: &Store) -> Result<Owner, Error> {
+        let system_identifier = recorded.system_identifier.parse().map_err(|_| Error::Corrupt {
+            key: format!("{}/{}", store.url(), layout::cluster_identity_key()),
+            detail: format!("system_identifier {:?} is not a number", recorded.system_identifier),
+        })?;
+        Ok(Owner { system_identifier, pg_major: recorded.pg_major, wal_segment_size: recorded.wal_segment_size })
+    }
+
+    /// Checks that `found` (the cluster of `what`) is this owner, without asking the store:
+    /// a long-lived process reads the record once and compares every segment with it.
+    pub fn check(&self, what: &str, found: Owner, store_url: &str) -> Result<(), Error> {
+        if self.system_identifier != found.system_identifier {
+            return Err(Error::ClusterMismatch {
+                name: what.to_string(),
+                segment_sysid: found.system_identifier,
+                store_sysid: self.system_identifier,
+                store: store_url.to_string(),
+            });
+        }
+        // Same cluster, other format: a pg_upgrade'd cluster keeps neither, but a crafted or
+        // restored copy could; its WAL and backups cannot be replayed with the archive's.
+        if self.pg_major != found.pg_major || self.wal_segment_size != found.wal_segment_size {
+            let describe = |major: u32, size: u32| format!("PostgreSQL {major} with {} MiB WAL segments", size >> 20);
+            return Err(Error::VersionMismatch {
+                name: what.to_string(),
+                found: describe(found.pg_major, found.wal_segment_size),
+                recorded: describe(self.pg_major, self.wal_segment_size),
+                store: store_url.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `header`'s cluster owns the store, recording it if nobody does yet; returns
+/// the owner, for later segments to be compared with in memory ([`Owner::check`]).
+pub async fn check_or_record(store: &Arc<Store>, name: &WalFileName, header: &SegmentHeader) -> Result<Owner, Error> {
+    let mine = Owner::of(header);
+    let owner = owner_or_record(store, mine).await?;
+    owner.check(&name.to_string(), mine, &store.url())?;
+    Ok(owner)
 }
 
 /// Checks that the cluster `system_identifier` owns the store, recording it if nobody does
@@ -43,20 +104,26 @@ pub async fn check_or_record_cluster(
     pg_major: u32,
     wal_segment_size: u32,
 ) -> Result<(), Error> {
-    let key = layout::cluster_identity_key();
+    let mine = Owner { system_identifier, pg_major, wal_segment_size };
+    owner_or_record(store, mine).await?.check(what, mine, &store.url())
+}
+
+/// The store's owner, recording `mine` as the owner if the store has none yet.
+async fn owner_or_record(store: &Arc<Store>, mine: Owner) -> Result<Owner, Error> {
     let recorded = match read(store).await? {
         Some(id) => id,
         None => {
-            let mine = ClusterIdentity {
-                system_identifier: system_identifier.to_string(),
-                pg_major,
-                wal_segment_size,
+            let record = ClusterIdentity {
+                system_identifier: mine.system_identifier.to_string(),
+                pg_major: mine.pg_major,
+                wal_segment_size: mine.wal_segment_size,
                 created_by: format!("wal-rs {}", env!("CARGO_PKG_VERSION")),
             };
-            let bytes = serde_json::to_vec_pretty(&mine).expect("identity serialises");
+            let bytes = serde_json::to_vec_pretty(&record).expect("identity serialises");
             let opts = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+            let key = layout::cluster_identity_key();
             match store.put_bytes(&key, bytes, opts).await? {
-                PutOutcome::Stored => return Ok(()),
+                PutOutcome::Stored => return Ok(mine),
                 // Another push recorded one first: compare with that.
                 PutOutcome::AlreadyExists => {
                     read(store).await?.ok_or_else(|| Error::Store(StoreError::NotFound { key: key.to_string() }))?
@@ -64,30 +131,7 @@ pub async fn check_or_record_cluster(
             }
         }
     };
-    let store_sysid: u64 = recorded.system_identifier.parse().map_err(|_| Error::Corrupt {
-        key: format!("{}/{key}", store.url()),
-        detail: format!("system_identifier {:?} is not a number", recorded.system_identifier),
-    })?;
-    if store_sysid != system_identifier {
-        return Err(Error::ClusterMismatch {
-            name: what.to_string(),
-            segment_sysid: system_identifier,
-            store_sysid,
-            store: store.url(),
-        });
-    }
-    // Same cluster, other format: a pg_upgrade'd cluster keeps neither, but a crafted or
-    // restored copy could; its WAL and backups cannot be replayed with the archive's.
-    if recorded.pg_major != pg_major || recorded.wal_segment_size != wal_segment_size {
-        let describe = |major: u32, size: u32| format!("PostgreSQL {major} with {} MiB WAL segments", size >> 20);
-        return Err(Error::VersionMismatch {
-            name: what.to_string(),
-            found: describe(pg_major, wal_segment_size),
-            recorded: describe(recorded.pg_major, recorded.wal_segment_size),
-            store: store.url(),
-        });
-    }
-    Ok(())
+    Owner::from_record(&recorded, store)
 }
 
 /// The recorded identity, if any.
@@ -100,5 +144,22 @@ pub async fn read(store: &Store) -> Result<Option<ClusterIdentity>, Error> {
         }),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_refuses_another_cluster_version_or_segment_size() {
+        let owner = Owner { system_identifier: 1, pg_major: 15, wal_segment_size: 16 << 20 };
+        assert!(owner.check("a", owner, "memory://").is_ok());
+        let other_cluster = Owner { system_identifier: 2, ..owner };
+        assert!(matches!(owner.check("a", other_cluster, "memory://"), Err(Error::ClusterMismatch { .. })));
+        let other_major = Owner { pg_major: 16, ..owner };
+        assert!(matches!(owner.check("a", other_major, "memory://"), Err(Error::VersionMismatch { .. })));
+        let other_size = Owner { wal_segment_size: 64 << 20, ..owner };
+        assert!(matches!(owner.check("a", other_size, "memory://"), Err(Error::VersionMismatch { .. })));
     }
 }

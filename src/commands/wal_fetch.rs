@@ -203,6 +203,12 @@ fn restore(
         }
         (None, None) => "none",
     };
+    if name.wal_segment().is_none() && summary.bytes_out == 0 {
+        // History and backup-history files have no size to check against. wal-push never
+        // archives an empty one, so an empty result is an empty or cut object (a foreign
+        // lz4 frame cut after its header decodes to nothing), never the file.
+        return Err(corrupt("restored 0 bytes: no file wal-push archives is empty".into()));
+    }
     if let Some(segment) = name.wal_segment() {
         // A last check that costs one read: the bytes are the segment the name promises.
         let mut first = [0u8; LONG_HEADER_SIZE];

@@ -58,23 +58,13 @@ impl LocalStore {
         let target = self.path_of(key);
         let dir = target.parent().expect("keys have a parent under the root").to_path_buf();
         create_dirs_durably(&self.root, &dir)?;
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let temp = dir.join(format!(
-            ".{}.tmp.{}.{}",
-            key.file_name(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|e| Self::io_err("create", &temp, e))?;
+        let (temp, file) = create_temp_beside(&dir, key.file_name())?;
         Ok(Box::new(LocalWriter {
             file: Some(BufWriter::with_capacity(super::super::codec::CHUNK_SIZE, file)),
             written: 0,
             flushed_to: 0,
             temp,
+            temp_gone: false,
             target,
             dir,
             opts,
@@ -267,6 +257,8 @@ struct LocalWriter {
     /// Bytes whose writeback to disk has been started.
     flushed_to: u64,
     temp: PathBuf,
+    /// The temporary name is removed (published, or cleaned up): nothing for `Drop` to do.
+    temp_gone: bool,
     target: PathBuf,
     dir: PathBuf,
     opts: PutOptions,
@@ -333,6 +325,7 @@ impl ObjectWriter for LocalWriter {
         // The temporary name goes (a no-op after a rename) before the directory fsync, so
         // the fsync also makes its removal durable.
         let _ = fs::remove_file(&self.temp);
+        self.temp_gone = true;
         fsync_dir(&self.dir)?;
         Ok(outcome)
     }
@@ -340,11 +333,38 @@ impl ObjectWriter for LocalWriter {
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
-        // Not finished: an error or an early return. Leave nothing behind.
-        if self.file.is_some() {
+        // Not finished, or finish failed part way (setting metadata, fsync, publishing): an
+        // error or an early return. Leave nothing behind; a retry writes a new temporary.
+        if !self.temp_gone {
             let _ = fs::remove_file(&self.temp);
         }
     }
+}
+
+/// The last part of temporary names, unique within the process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a new temporary file for `file_name` in `dir`: `.<file_name>.tmp.<pid>.<n>`.
+/// A name left by a crash before a reboot can come back with the same process id (PIDs
+/// repeat, in containers especially), so a name in use is skipped, never reused: it may
+/// also be a live writer's.
+fn create_temp_beside(dir: &Path, file_name: &str) -> Result<(PathBuf, File), StoreError> {
+    const TRIES: usize = 64;
+    let mut last = None;
+    for _ in 0..TRIES {
+        let temp = dir.join(format!(
+            ".{file_name}.tmp.{}.{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some((temp, e)),
+            Err(e) => return Err(LocalStore::io_err("create", &temp, e)),
+        }
+    }
+    let (temp, e) = last.expect("at least one try");
+    Err(LocalStore::io_err("create", &temp, e))
 }
 
 fn read_metadata(path: &Path) -> Metadata {
@@ -411,5 +431,51 @@ mod tests {
         assert!(old.exists(), "a dry run removed a file");
         assert_eq!(store.sweep_abandoned(minute, true).unwrap(), (1, 5));
         assert!(!old.exists() && fresh.exists() && object.exists());
+    }
+
+    fn temporaries_in(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp."))
+            .collect()
+    }
+
+    /// A put that fails inside `finish` (here setting metadata: an attribute name longer
+    /// than the 255 bytes Linux allows) removes its temporary file, as one that fails
+    /// before `finish` does: repeated failures must not fill the disk.
+    #[test]
+    fn a_put_that_fails_while_finishing_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let key = ObjectKey::new("wal_005/000000010000000000000001").unwrap();
+        let metadata = Metadata::from([("x".repeat(300), "v".to_string())]);
+        let mut writer = store.writer(&key, PutOptions { mode: PutMode::Create, metadata }).unwrap();
+        writer.write_all(b"segment").unwrap();
+        assert!(writer.finish().is_err());
+        assert_eq!(temporaries_in(&dir.path().join("wal_005")), Vec::<String>::new());
+        assert!(!dir.path().join("wal_005/000000010000000000000001").exists());
+    }
+
+    /// A temporary name left by a crash before a reboot, that this process's id and counter
+    /// would give again, is stepped over: the put succeeds and the leftover is not touched.
+    #[test]
+    fn a_leftover_temporary_name_is_stepped_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal_005");
+        fs::create_dir_all(&wal).unwrap();
+        let name = "000000010000000000000002";
+        // Plant the next names this process would pick (other tests may take some first).
+        let pid = std::process::id();
+        let next = TEMP_COUNTER.load(Ordering::Relaxed);
+        let planted: Vec<PathBuf> = (next..next + 8).map(|n| wal.join(format!(".{name}.tmp.{pid}.{n}"))).collect();
+        for p in &planted {
+            fs::write(p, b"left by a crash").unwrap();
+        }
+        let (temp, _file) = create_temp_beside(&wal, name).unwrap();
+        assert!(!planted.contains(&temp), "{temp:?} was in use");
+        for p in &planted {
+            assert_eq!(fs::read(p).unwrap(), b"left by a crash");
+        }
     }
 }

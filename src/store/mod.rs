@@ -95,7 +95,7 @@ pub enum StoreError {
         key: String,
     },
     /// The store itself (bucket or root directory) does not exist.
-    #[error("the store {store} does not exist: create it, or fix WALRS_STORE")]
+    #[error("the store {store} does not exist: create it (or mount the file system it is on), or fix WALRS_STORE")]
     StoreMissing {
         /// The store's URL.
         store: String,

@@ -13,8 +13,11 @@ pub const LONG_HEADER_SIZE: usize = 40;
 
 /// `XLP_LONG_HEADER`: set in `xlp_info` on the first page of every segment.
 const XLP_LONG_HEADER: u16 = 0x0002;
-/// `XLP_ALL_FLAGS`: every flag bit a valid page header may carry.
-const XLP_ALL_FLAGS: u16 = 0x0007;
+/// `XLP_ALL_FLAGS`: every flag bit a valid page header may carry. `0x0008`
+/// (`XLP_FIRST_IS_OVERWRITE_CONTRECORD`, PostgreSQL 14, and 10.19, 11.14, 12.9 and 13.5
+/// onward) marks the page after a record cut off by a crash; when that page starts a
+/// segment, the segment is valid WAL and must be archived like any other.
+const XLP_ALL_FLAGS: u16 = 0x000F;
 
 /// `XLOG_PAGE_MAGIC` of each PostgreSQL major version whose WAL wal-rs accepts.
 const PAGE_MAGICS: &[(u16, u32)] = &[
@@ -174,6 +177,19 @@ pub(crate) mod tests {
         ));
     }
 
+    /// After a crash that cut a record spanning a segment boundary, PostgreSQL starts the
+    /// next segment with `XLP_FIRST_IS_OVERWRITE_CONTRECORD` (0x0008) beside the long-header
+    /// flag (0x000A), alone or with the other flags: such segments are archived.
+    #[test]
+    fn a_segment_that_overwrites_a_cut_record_is_accepted() {
+        for info in [0x000Au16, 0x000B, 0x000E, 0x000F] {
+            let mut page = pg15_first_page(1, 0x3000000, 1, SEG);
+            page[2..4].copy_from_slice(&info.to_le_bytes());
+            let parsed = SegmentHeader::parse(&page, TimelineId(1), SegmentId { log: 0, seg: 3 });
+            assert!(parsed.is_ok(), "xlp_info {info:#06x}: {parsed:?}");
+        }
+    }
+
     #[test]
     fn headers_that_disagree_with_the_name_are_refused() {
         let id = SegmentId { log: 0, seg: 3 };
@@ -186,6 +202,9 @@ pub(crate) mod tests {
         let mut short_header = pg15_first_page(1, 0x3000000, 1, SEG);
         short_header[2] = 0;
         assert!(matches!(SegmentHeader::parse(&short_header, t, id), Err(PageHeaderError::BadFlags(_))));
+        let mut unknown_flag = pg15_first_page(1, 0x3000000, 1, SEG);
+        unknown_flag[2] |= 0x10;
+        assert!(matches!(SegmentHeader::parse(&unknown_flag, t, id), Err(PageHeaderError::BadFlags(_))));
         let odd_size = pg15_first_page(1, 0x3000000, 1, 3 << 20);
         assert!(matches!(SegmentHeader::parse(&odd_size, t, id), Err(PageHeaderError::BadSegmentSize(_))));
         assert_eq!(SegmentHeader::parse(&[0; 10], t, id), Err(PageHeaderError::TooShort(10)));

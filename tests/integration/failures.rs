@@ -274,6 +274,36 @@ fn damaged_object_is_never_restored(wd: &WorkDir, store: &StoreEnv, damage: fn(&
     assert!(files_under(&out).is_empty(), "left in {}: {:?}", out.display(), files_under(&out));
 }
 
+/// History and backup-history files have no size to check a restore against, as segments
+/// do. An empty object (no data, no checksum), or a foreign lz4 frame cut after its header,
+/// decodes to nothing; wal-push never archives an empty file and PostgreSQL never writes
+/// one, so such a restore is damage, never the file: an empty timeline history would make
+/// recovery fail on that timeline.
+#[test]
+fn an_empty_or_cut_object_is_never_restored_as_a_history_file() {
+    let wd = WorkDir::new("empty-history");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_RETRY_DEADLINE_SECS", "3");
+    // Something else in the archive, so that it is a store with an archive in it.
+    walrs.push(&segment_file(&wd, 3, SYSID, 1).0).expect_code(0, "push");
+    let wal = store.object_path("wal_005");
+    // An lz4 frame header as the lz4 tool writes it (4 MiB blocks, content checksum), and
+    // nothing after it.
+    let cut_frame = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
+    write_file(&wal, "00000002.history.lz4", b"");
+    write_file(&wal, "00000003.history", b"");
+    write_file(&wal, "00000004.history.lz4", &cut_frame);
+    write_file(&wal, "000000010000000000000003.00000028.backup.zst", b"");
+    let out = wd.dir("out");
+    let dest = out.join("RECOVERYHISTORY");
+    for name in ["00000002.history", "00000003.history", "00000004.history", "000000010000000000000003.00000028.backup"]
+    {
+        let run = walrs.fetch(name, &dest);
+        assert_eq!(run.code, code::RECOVERY_ABORT + code::CORRUPT, "wal-fetch {name}: {run:#?}");
+        assert!(files_under(&out).is_empty(), "{name}: left in {}: {:?}", out.display(), files_under(&out));
+    }
+}
+
 /// Inverts the last byte: part of the sha256 in wal-rs's trailer. The lz4 data itself
 /// still decodes; only the checksum can tell.
 fn flip_last_byte(path: &Path) {

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::harness::s3::S3Server;
-use crate::harness::{craft_segment, read, segment_name, sha256_hex, wait_until, StoreEnv, WalRs, WorkDir};
+use crate::harness::{
+    craft_incompressible_segment, craft_segment, read, segment_name, sha256_hex, wait_until, StoreEnv, WalRs, WorkDir,
+};
 
 const SYSID: u64 = 7_300_000_000_000_000_042;
 
@@ -232,6 +234,51 @@ fn a_record_is_not_trusted_over_the_stores_own_checksum() {
     assert!(!run.logged("outcome", "archived-ahead"), "the record was trusted over the store: {run:#?}");
     run.expect_code(5, "push of a file whose name holds other bytes in the store (conflict)");
     assert_eq!(read(&store.object_path(&format!("wal_005/{name}"))), other, "the stored object changed");
+}
+
+/// On a slow or throttled store, the file PostgreSQL asked for is acknowledged once it is
+/// durable, even when its batch of ready files pushed ahead cannot finish: the batch gets
+/// what is left of the deadline, and what it did not finish PostgreSQL asks for in turn.
+/// Before, the call waited for the whole batch and timed out, the file asked for stored.
+#[test]
+fn a_slow_push_ahead_batch_never_fails_the_file_asked_for() {
+    let wd = WorkDir::new("ahead-slow");
+    let store = StoreEnv::local(&wd.dir("store"));
+    let data = wd.dir("data");
+    let pg_wal = data.join("pg_wal");
+    fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+    let segments: Vec<(String, Vec<u8>)> = (1..9)
+        .map(|segno| {
+            let name = segment_name(1, segno);
+            let bytes = craft_incompressible_segment(1, segno, SYSID, segno);
+            fs::write(pg_wal.join(&name), &bytes).unwrap();
+            fs::write(pg_wal.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
+            (name, bytes)
+        })
+        .collect();
+    // 16 MiB/s to the store, two uploads at once: the first segment takes about 2 s, all
+    // eight about 8 s, beyond the 6 s deadline.
+    let walrs = WalRs::new(&wd, &store)
+        .env("WALRS_ARCHIVE_DAEMON", "false")
+        .env("WALRS_ARCHIVE_AHEAD", "7")
+        .env("WALRS_ARCHIVE_CONCURRENCY", "2")
+        .env("WALRS_NETWORK_RATE_LIMIT", &(16u64 << 20).to_string())
+        .env("WALRS_RETRY_DEADLINE_SECS", "6");
+    let (first, bytes) = &segments[0];
+    let run = walrs.clone().cwd(&data).run(&["wal-push", &format!("pg_wal/{first}")]);
+    run.expect_code(0, "wal-push of the file asked for, its batch unfinished");
+    assert!(run.logged("outcome", "ahead-unfinished"), "the batch finished after all: {run:#?}");
+    let unfinished = segments.iter().filter(|(n, _)| !store.wal_objects().contains(&format!("{n}.lz4"))).count();
+    assert!(unfinished > 0, "every segment was stored: {:?}", store.wal_objects());
+    // What is stored is whole: the file asked for, and each segment pushed ahead.
+    let out = wd.join("fetched");
+    for (name, content) in segments.iter().filter(|(n, _)| store.wal_objects().contains(&format!("{n}.lz4"))) {
+        walrs.fetch(name, &out).expect_code(0, "fetch back");
+        assert_eq!(sha256_hex(&read(&out)), sha256_hex(content), "{name}");
+        fs::remove_file(&out).unwrap();
+    }
+    walrs.fetch(first, &out).expect_code(0, "fetch of the file asked for");
+    assert_eq!(sha256_hex(&read(&out)), sha256_hex(bytes));
 }
 
 /// The safety valve (`WALRS_ARCHIVE_QUEUE_MAX`) drops only what would otherwise pile up: a

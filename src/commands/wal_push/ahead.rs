@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::super::common::recorded_sha256;
-use super::file::{local_sha256, PushContext, PushReport};
+use super::file::{find_stored, local_sha256, PushContext, PushReport};
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
@@ -53,15 +53,19 @@ pub(super) struct FileStamp {
 
 impl FileStamp {
     pub(super) fn of(path: &Path) -> Option<FileStamp> {
+        fs::metadata(path).ok().map(|m| FileStamp::from_metadata(&m))
+    }
+
+    /// The stamp of an open file (its `fstat`).
+    pub(super) fn from_metadata(m: &fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        let m = fs::metadata(path).ok()?;
-        Some(FileStamp {
+        FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
             ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-        })
+        }
     }
 }
 
@@ -73,6 +77,11 @@ pub(super) struct StatusDir {
 impl StatusDir {
     pub(super) fn new(pg_wal: &Path) -> StatusDir {
         StatusDir { pg_wal: pg_wal.to_path_buf(), dir: pg_wal.join(STATUS_DIR) }
+    }
+
+    /// The pg_wal folder.
+    pub(super) fn pg_wal(&self) -> &Path {
+        &self.pg_wal
     }
 
     /// The WAL file `name` in pg_wal.
@@ -199,6 +208,37 @@ impl StatusDir {
         ready
     }
 
+    /// Where the valve keeps the gap records the store could not take.
+    fn local_gaps(&self) -> PathBuf {
+        self.dir.join("gaps")
+    }
+
+    /// Uploads the gap records the valve had to keep locally (the store was down when it
+    /// dropped), removing each once stored: only records in the store are seen by
+    /// backup-list and wal-verify. Costs one `read_dir` when there are none.
+    pub(super) async fn upload_local_gaps(&self, ctx: &PushContext) {
+        let Ok(entries) = fs::read_dir(self.local_gaps()) else { return };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let file = entry.file_name();
+            // Temporary files start with a dot, which no WAL file name does.
+            let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+            if WalFileName::parse(name).is_err() {
+                continue;
+            }
+            let Ok(bytes) = fs::read(entry.path()) else { continue };
+            let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+            if let Err(e) = ctx.store.put_bytes(&layout::gap_key(name), bytes, opts).await {
+                let path = entry.path();
+                let error =
+                    format!("cannot upload the gap record {}: {e}; a later wal-push tries again", path.display());
+                log::emit(Level::Warn, &[("op", &"wal-push"), ("file", &name), ("error", &error)]);
+                // The store is failing again: the rest waits for a later call too.
+                return;
+            }
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+
     /// Removes records of files PostgreSQL no longer has (archived and recycled).
     pub(super) fn prune(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else { return };
@@ -215,7 +255,9 @@ impl StatusDir {
 /// The safety valve (`archive_queue_max_bytes`, off by default): when more than that many
 /// bytes of ready WAL wait in pg_wal, acknowledge `name` without archiving it, loudly, and
 /// record the gap in the store (and locally when the store cannot take it), so that
-/// verification and backup-list show that recovery past it is impossible.
+/// verification and backup-list show that recovery past it is impossible; a later push
+/// uploads the local records. A segment found stored already is acknowledged instead, and a
+/// store of another cluster fails the call as it would without the valve.
 ///
 /// Only WAL segments are ever dropped: a timeline history file is a few bytes and recovery
 /// cannot follow its timeline without it, and a `.partial` or backup history file is one of
@@ -245,6 +287,15 @@ pub(super) async fn drop_if_over_queue_limit(
     if waiting <= limit {
         return Ok(None);
     }
+    // Only what is not stored may be dropped: a segment already stored is acknowledged, not
+    // reported missing. A store of another cluster (or holding other bytes under this name)
+    // is a configuration error, never a reason to write a gap record into it. A store that
+    // cannot be asked is what the valve is for: drop, with a local record if need be.
+    match find_stored(ctx, path).await {
+        Ok(Some(report)) => return Ok(Some(report)),
+        Err(e) if belongs_elsewhere(&e) => return Err(e),
+        Ok(None) | Err(_) => {}
+    }
     let gap = serde_json::json!({
         "name": name,
         "dropped_at": crate::backup::sentinel::format_time(time::OffsetDateTime::now_utc()),
@@ -258,8 +309,12 @@ pub(super) async fn drop_if_over_queue_limit(
         .put_bytes(&key, bytes.clone(), PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })
         .await;
     if stored.is_err() {
-        let local = status.dir.join("gaps");
-        let _ = fs::create_dir_all(&local).and_then(|_| fs::write(local.join(format!("{name}.json")), &bytes));
+        // Written whole or not at all: a later push uploads what it finds here.
+        let local = status.local_gaps();
+        let temp = local.join(format!(".{name}.{}", std::process::id()));
+        let _ = fs::create_dir_all(&local)
+            .and_then(|_| fs::write(&temp, &bytes))
+            .and_then(|_| fs::rename(&temp, local.join(format!("{name}.json"))));
     }
     log::emit(
         Level::Error,
@@ -277,4 +332,89 @@ pub(super) async fn drop_if_over_queue_limit(
     );
     let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(Some(PushReport { bytes_in: size, bytes_stored: 0, outcome: "dropped", sha256: None, key: None }))
+}
+
+/// Whether `e` says the store is not this cluster's archive (or not for this file): a
+/// configuration to fix, not a store to write gap records into.
+fn belongs_elsewhere(e: &Error) -> bool {
+    matches!(e, Error::ClusterMismatch { .. } | Error::VersionMismatch { .. } | Error::Conflict { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::file::push_file;
+    use super::super::file::tests::{block_on, default_config, memory_context, write_segment};
+    use super::*;
+
+    const NAME: &str = "000000010000000000000007";
+
+    /// A pg_wal with `NAME` of the cluster `sysid` marked ready, and a context whose valve
+    /// opens at once.
+    fn over_the_limit(sysid: u64) -> (tempfile::TempDir, StatusDir, std::sync::Arc<PushContext>, PathBuf) {
+        let pg_wal = tempfile::tempdir().unwrap();
+        fs::create_dir(pg_wal.path().join("archive_status")).unwrap();
+        fs::write(pg_wal.path().join("archive_status").join(format!("{NAME}.ready")), b"").unwrap();
+        let path = write_segment(pg_wal.path(), NAME, sysid, 0);
+        let mut config = default_config();
+        config.archive.queue_max_bytes = 1;
+        let status = StatusDir::new(pg_wal.path());
+        (pg_wal, status, memory_context(config), path)
+    }
+
+    async fn gaps_in_store(ctx: &PushContext) -> Vec<String> {
+        ctx.store.list(layout::GAP_PREFIX).await.unwrap().iter().map(|m| m.key.to_string()).collect()
+    }
+
+    #[test]
+    fn the_valve_drops_a_segment_not_stored_and_records_the_gap() {
+        let (_pg_wal, status, ctx, path) = over_the_limit(1);
+        block_on(async {
+            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap().unwrap();
+            assert_eq!(report.outcome, "dropped");
+            assert_eq!(gaps_in_store(&ctx).await, [format!("walrs/gaps/{NAME}.json")]);
+        });
+    }
+
+    #[test]
+    fn the_valve_acknowledges_a_segment_already_stored_without_a_gap() {
+        let (_pg_wal, status, ctx, path) = over_the_limit(1);
+        block_on(async {
+            push_file(&ctx, &path).await.unwrap();
+            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap().unwrap();
+            assert_eq!(report.outcome, "already-archived");
+            assert!(gaps_in_store(&ctx).await.is_empty());
+        });
+    }
+
+    #[test]
+    fn the_valve_never_records_a_gap_in_another_clusters_store() {
+        let (pg_wal, status, ctx, path) = over_the_limit(1);
+        block_on(async {
+            // The store belongs to cluster 2.
+            let theirs = tempfile::tempdir().unwrap();
+            push_file(&ctx, &write_segment(theirs.path(), "000000010000000000000001", 2, 0)).await.unwrap();
+            let err = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap_err();
+            assert!(matches!(err, Error::ClusterMismatch { .. }), "{err}");
+            assert!(gaps_in_store(&ctx).await.is_empty());
+            assert!(!pg_wal.path().join(STATUS_DIR).join("gaps").exists());
+        });
+    }
+
+    #[test]
+    fn gap_records_kept_locally_are_uploaded_later_and_then_removed() {
+        let (pg_wal, status, ctx, _) = over_the_limit(1);
+        let local = pg_wal.path().join(STATUS_DIR).join("gaps");
+        fs::create_dir_all(&local).unwrap();
+        let record = local.join("000000010000000000000003.json");
+        fs::write(&record, br#"{"name":"000000010000000000000003"}"#).unwrap();
+        // A writer's temporary file is left alone.
+        fs::write(local.join(".000000010000000000000004.123"), b"{").unwrap();
+        block_on(async {
+            status.upload_local_gaps(&ctx).await;
+            let key = layout::gap_key("000000010000000000000003");
+            assert_eq!(ctx.store.get_bytes(&key).await.unwrap(), br#"{"name":"000000010000000000000003"}"#);
+            assert_eq!(gaps_in_store(&ctx).await.len(), 1);
+        });
+        assert!(!record.exists());
+    }
 }

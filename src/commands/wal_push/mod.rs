@@ -22,6 +22,7 @@ mod file;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub(crate) use daemon::run as run_daemon;
 pub(crate) use file::PushReport;
@@ -35,24 +36,45 @@ use crate::wal::WalFileName;
 
 /// `child_args`: the command-line settings, for a daemon this call starts.
 pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> Result<PushReport, Error> {
+    let started = Instant::now();
     let store = open_store(config).await?;
     let ctx = PushContext::new(store, config.clone());
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     let pg_wal = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
     let status = ahead::StatusDir::new(&pg_wal);
+    let result = push(&ctx, &status, path, child_args, started).await;
+    // Gap records the valve kept locally while the store was down go up once a push has
+    // reached the store again (and proved it this cluster's): after the file PostgreSQL
+    // waits for, never delaying it, and never into a store that just failed.
+    if result.as_ref().is_ok_and(|report| report.outcome != "dropped") {
+        status.upload_local_gaps(&ctx).await;
+    }
+    result
+}
+
+/// Archives the file at `path` (or has the daemon do it), pushing ready files ahead.
+async fn push(
+    ctx: &PushContext,
+    status: &ahead::StatusDir,
+    path: &Path,
+    child_args: &[String],
+    started: Instant,
+) -> Result<PushReport, Error> {
+    let config = &ctx.config;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let pg_wal = status.pg_wal();
 
     // Pushed ahead by an earlier call: answer at once if the record proves out.
-    if let Some(report) = status.acknowledge(&ctx, path, &name).await {
+    if let Some(report) = status.acknowledge(ctx, path, &name).await {
         return Ok(report);
     }
     let mut budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
     // A daemon serves a running server: PostgreSQL runs archive_command in its data
     // directory, where postmaster.pid is, and the daemon exits when that file changes.
     if budget > 0 && config.archive.daemon && Path::new("postmaster.pid").exists() {
-        match daemon::ask(&ctx, &pg_wal, path, &name, child_args).await {
+        match daemon::ask(ctx, pg_wal, path, &name, child_args).await {
             daemon::Asked::Stored(report) => return Ok(report),
             // The daemon pushes the others ahead; this call uploads only its own file.
             daemon::Asked::NotStored => budget = 0,
@@ -60,7 +82,7 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
         }
     }
     // Only what is not stored already may be dropped.
-    if let Some(report) = ahead::drop_if_over_queue_limit(&ctx, &status, path, &name).await? {
+    if let Some(report) = ahead::drop_if_over_queue_limit(ctx, status, path, &name).await? {
         return Ok(report);
     }
     let others = status.ready_files(&name, budget);
@@ -69,13 +91,11 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
         let _permit = permits.acquire().await.expect("the semaphore is never closed");
         // PostgreSQL would retry a failed archive_command too, but only after a pause and
         // with a failure in its log: a cut response or a 5xx is retried here first.
-        super::common::retry_transient("wal-push", &name, config.retry.deadline, || push_file(&ctx, path)).await
+        super::common::retry_transient("wal-push", &name, config.retry.deadline, || push_file(ctx, path)).await
     };
-    let (pg_wal, name) = (&pg_wal, &name);
+    let name = &name;
     let ahead_pushes = futures_util::future::join_all(others.iter().map(|other| {
-        let ctx = &ctx;
         let permits = &permits;
-        let status = &status;
         async move {
             let _permit = permits.acquire().await.expect("the semaphore is never closed");
             let other_path = pg_wal.join(other);
@@ -102,7 +122,75 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
             }
         }
     }));
-    let (result, _) = tokio::join!(main, ahead_pushes);
+    let mut ahead_pushes = std::pin::pin!(ahead_pushes);
+    let mut ahead_done = false;
+    let mut main = std::pin::pin!(main);
+    let result = loop {
+        tokio::select! {
+            result = &mut main => break result,
+            _ = &mut ahead_pushes, if !ahead_done => ahead_done = true,
+        }
+    };
+    if !ahead_done {
+        let grace = ahead_grace(config.retry.deadline, started.elapsed());
+        if tokio::time::timeout(grace, &mut ahead_pushes).await.is_err() {
+            log::emit(
+                Level::Warn,
+                &[
+                    ("op", &"wal-push"),
+                    ("file", name),
+                    ("outcome", &"ahead-unfinished"),
+                    ("error", &"pushing ready files ahead did not finish within the deadline; PostgreSQL asks for them in turn"),
+                ],
+            );
+        }
+    }
     status.prune();
     result
+}
+
+/// How long a wal-push still waits for its push-ahead uploads once the file asked for is
+/// done: what is left of the command's deadline, less a margin to answer in. On a slow or
+/// throttled store a batch of ready files can take longer than the deadline; waiting for
+/// all of it would turn the durable push of the file asked for into a timeout (a failure
+/// PostgreSQL retries). The uploads cut off publish nothing: objects are published only
+/// once whole.
+fn ahead_grace(deadline: Duration, elapsed: Duration) -> Duration {
+    let margin = (deadline / 10).min(Duration::from_secs(5));
+    deadline.saturating_sub(elapsed).saturating_sub(margin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file::tests::{block_on, default_config, write_segment};
+    use super::*;
+    use crate::config::StoreUrl;
+
+    #[test]
+    fn push_ahead_is_given_what_is_left_of_the_deadline_less_a_margin() {
+        let s = Duration::from_secs;
+        assert_eq!(ahead_grace(s(120), s(20)), s(95));
+        assert_eq!(ahead_grace(s(10), s(2)), s(7));
+        assert_eq!(ahead_grace(s(10), s(9)), Duration::ZERO);
+        assert_eq!(ahead_grace(s(10), s(30)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_push_that_reaches_the_store_uploads_the_gap_records_kept_locally() {
+        let (pg_wal, root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut config = default_config();
+        config.store = Some(StoreUrl::File(root.path().to_path_buf()));
+        config.archive.daemon = false;
+        let local = pg_wal.path().join(ahead::STATUS_DIR).join("gaps");
+        std::fs::create_dir_all(&local).unwrap();
+        let dropped = "000000010000000000000003";
+        std::fs::write(local.join(format!("{dropped}.json")), br#"{"name":"000000010000000000000003"}"#).unwrap();
+        let path = write_segment(pg_wal.path(), "000000010000000000000004", 1, 0);
+        block_on(async {
+            assert_eq!(run(&config, &path, &[]).await.unwrap().outcome, "stored");
+            let store = open_store(&config).await.unwrap();
+            assert!(store.head(&crate::layout::gap_key(dropped)).await.unwrap().is_some());
+        });
+        assert!(!local.join(format!("{dropped}.json")).exists());
+    }
 }
