@@ -7,14 +7,14 @@ use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo};
 use crate::config::Config;
 use crate::error::Error;
+use crate::store::{Store, StoreError};
 use crate::wal::{Lsn, WalFileName};
 
 pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<usize, Error> {
     let store = open_store(config).await?;
     let backups = catalog::list(&store).await?;
     // WAL dropped by the archive queue valve: say so wherever backups are listed.
-    for gap in store.list(crate::layout::GAP_PREFIX).await.unwrap_or_default() {
-        let name = gap.key.file_name().trim_end_matches(".json").to_string();
+    for name in gap_records(&store).await? {
         crate::log::emit(
             crate::log::Level::Warn,
             &[
@@ -70,6 +70,17 @@ pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<
     Ok(backups.len())
 }
 
+/// The WAL files named by gap records. A listing that fails is an error, not "no gaps":
+/// the listing would then hide that recovery past a dropped file is impossible.
+async fn gap_records(store: &Store) -> Result<Vec<String>, Error> {
+    let records = match store.list(crate::layout::GAP_PREFIX).await {
+        Ok(r) => r,
+        Err(StoreError::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(records.iter().map(|r| r.key.file_name().trim_end_matches(".json").to_string()).collect())
+}
+
 fn short_time(t: &str) -> String {
     t.chars().take(19).collect::<String>().replace('T', " ")
 }
@@ -105,4 +116,28 @@ fn row(b: &BackupInfo, detail: bool) -> serde_json::Value {
         v["verified_by_manifest"] = json!(s.manifest.is_some());
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+
+    #[test]
+    fn a_failed_listing_of_gap_records_is_an_error() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("walrs/gaps")).unwrap();
+        std::fs::write(dir.path().join("walrs/gaps/000000010000000000000003.json"), b"{}").unwrap();
+        let store = Store::Local(LocalStore::new(dir.path().to_path_buf()));
+        assert_eq!(rt.block_on(gap_records(&store)).unwrap(), ["000000010000000000000003"]);
+        // `walrs/gaps` cannot be read as a folder (here: a file stands in its place).
+        std::fs::remove_dir_all(dir.path().join("walrs/gaps")).unwrap();
+        std::fs::write(dir.path().join("walrs/gaps"), b"").unwrap();
+        let err = rt.block_on(gap_records(&store)).unwrap_err();
+        assert!(matches!(err, Error::Store(_)), "{err}");
+        // No gap ever recorded: no folder, no gaps.
+        std::fs::remove_file(dir.path().join("walrs/gaps")).unwrap();
+        assert!(rt.block_on(gap_records(&store)).unwrap().is_empty());
+    }
 }

@@ -3,7 +3,7 @@
 //! file's sha256 and size inside it, and that the WAL the backup needs to be consistent is
 //! in the store. Every problem is collected and reported, not just the first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,8 @@ use crate::codec::{self, Sha256};
 use crate::config::Config;
 use crate::error::Error;
 use crate::layout;
+use crate::retention::inventory;
+use crate::retention::plan::{backup_timeline, wal_name_of, PlanError};
 use crate::store::{Store, StoreError};
 use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
 
@@ -239,50 +241,141 @@ impl Read for HashingSource {
 /// Checks that every WAL segment from the backup's start to its finish is in the store:
 /// without them the backup cannot be made consistent.
 async fn check_wal(store: &Arc<Store>, backup: &BackupInfo) -> Result<(u64, Vec<Problem>), Error> {
-    let s = &backup.sentinel;
-    let segment_size = s.wal_segment_size.unwrap_or(16 << 20);
-    let timeline = match s.timeline {
-        Some(t) => TimelineId(t),
-        None => match WalFileName::parse(backup.name.trim_start_matches("base_").get(..24).unwrap_or("")) {
-            Ok(n) => n.timeline(),
-            Err(_) => return Ok((0, Vec::new())),
-        },
+    let Some(timeline) = backup_timeline(backup) else { return Ok((0, Vec::new())) };
+    let Some(segment_size) = wal_segment_size(store, backup).await? else {
+        let problem = Problem {
+            object: layout::sentinel_key(&backup.name).to_string(),
+            detail: format!("its WAL cannot be checked: {}", PlanError::UnknownSegmentSize),
+        };
+        return Ok((0, vec![problem]));
     };
+    let listed = match store.list(&format!("{}/", layout::WAL_DIR)).await {
+        Ok(o) => o,
+        Err(StoreError::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let stored = whole_segments(listed.iter().map(|o| o.key.as_str()));
+    Ok(missing_wal(backup, timeline, segment_size, &stored))
+}
+
+/// The backup's WAL segment size: its sentinel's, `walrs/cluster.json`'s, or read off the
+/// backups' names and start LSNs (`retention::inventory`); never assumed.
+async fn wal_segment_size(store: &Arc<Store>, backup: &BackupInfo) -> Result<Option<u32>, Error> {
+    if let Some(size) = inventory::segment_size(store, std::slice::from_ref(backup)).await? {
+        return Ok(Some(size));
+    }
+    // Its own name and LSN fit several sizes (segment 0 of a log): ask the other backups.
+    Ok(inventory::infer_segment_size(&catalog::list(store).await?))
+}
+
+/// The whole segments among `keys` (under `wal_005/`): a `.partial` or `.backup` file of a
+/// segment is not the segment, and recovery cannot replay it in its place.
+fn whole_segments<'a>(keys: impl Iterator<Item = &'a str>) -> HashSet<(TimelineId, SegmentId)> {
+    keys.filter_map(wal_name_of)
+        .filter_map(|n| match n {
+            WalFileName::Segment(t, s) => Some((t, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The segments from the backup's start to the record that ends it, and a problem naming
+/// those not in `stored`.
+fn missing_wal(
+    backup: &BackupInfo,
+    timeline: TimelineId,
+    segment_size: u32,
+    stored: &HashSet<(TimelineId, SegmentId)>,
+) -> (u64, Vec<Problem>) {
+    let s = &backup.sentinel;
     // The record that ends the backup is the byte before its finish LSN.
     let first = SegmentId::containing(Lsn(s.start_lsn), segment_size);
     let last = SegmentId::containing(Lsn(s.finish_lsn.saturating_sub(1).max(s.start_lsn)), segment_size);
-    let stored: std::collections::HashSet<String> = store
-        .list(&format!("{}/", layout::WAL_DIR))
-        .await
-        .or_else(|e| if matches!(e, StoreError::NotFound { .. }) { Ok(Vec::new()) } else { Err(e) })?
-        .into_iter()
-        .filter_map(|o| o.key.file_name().get(..24).map(str::to_string))
-        .collect();
     let mut missing = Vec::new();
     let mut needed = 0u64;
     let mut segment = first;
     loop {
         needed += 1;
-        let name = WalFileName::Segment(timeline, segment).to_string();
-        if !stored.contains(&name) {
-            missing.push(name);
+        if !stored.contains(&(timeline, segment)) {
+            missing.push(WalFileName::Segment(timeline, segment).to_string());
         }
         if segment >= last || needed > 1 << 20 {
             break;
         }
         segment = segment.next(segment_size);
     }
-    let problems = if missing.is_empty() {
-        Vec::new()
-    } else {
-        vec![Problem {
-            object: format!("{}/{}..{}", layout::WAL_DIR, missing[0], missing[missing.len() - 1]),
+    let problems = match (missing.first(), missing.last()) {
+        (Some(first), Some(last)) => vec![Problem {
+            object: format!("{}/{first}..{last}", layout::WAL_DIR),
             detail: format!(
                 "{} of the {} WAL segments the backup needs to be consistent are missing: it cannot be restored",
                 missing.len(),
                 needed
             ),
-        }]
+        }],
+        _ => Vec::new(),
     };
-    Ok((needed, problems))
+    (needed, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Metadata, ObjectKey, PutMode, PutOptions};
+
+    fn walg_backup(name: &str, start_lsn: u64, finish_lsn: u64) -> BackupInfo {
+        let json = format!(r#"{{"LSN":{start_lsn},"FinishLSN":{finish_lsn},"FinishTime":"2026-11-20T10:00:00Z"}}"#);
+        BackupInfo { name: name.into(), sentinel: serde_json::from_str(&json).unwrap() }
+    }
+
+    #[test]
+    fn backup_and_partial_files_are_not_the_segment() {
+        // Segment 3 itself is lost; its .backup and .partial files are there.
+        let keys = [
+            "wal_005/000000010000000000000002.lz4",
+            "wal_005/000000010000000000000003.00000028.backup.lz4",
+            "wal_005/000000010000000000000003.partial.zst",
+            "wal_005/000000010000000000000004.br",
+        ];
+        let stored = whole_segments(keys.into_iter());
+        let b = walg_backup("base_000000010000000000000002", 0x200_0028, 0x400_0100);
+        let (needed, problems) = missing_wal(&b, TimelineId(1), 16 << 20, &stored);
+        assert_eq!(needed, 3);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "wal_005/000000010000000000000003..000000010000000000000003");
+        let whole = whole_segments(keys.into_iter().chain(["wal_005/000000010000000000000003.lz4"]));
+        assert!(missing_wal(&b, TimelineId(1), 16 << 20, &whole).1.is_empty());
+    }
+
+    #[test]
+    fn the_wal_check_uses_the_recorded_segment_size() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            let put = |key: &str, bytes: Vec<u8>| {
+                let store = store.clone();
+                let key = ObjectKey::new(key).unwrap();
+                async move {
+                    let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+                    store.put_bytes(&key, bytes, opts).await.unwrap();
+                }
+            };
+            let cluster = br#"{"system_identifier":"1","pg_major":15,"wal_segment_size":67108864,"created_by":"t"}"#;
+            put("walrs/cluster.json", cluster.to_vec()).await;
+            for n in 5..=7 {
+                put(&format!("wal_005/00000001000000000000000{n}.lz4"), vec![1]).await;
+            }
+            // A WAL-G backup from 0/14000028 to 0/1C000100: segments 5 to 7 of 64 MiB.
+            let b = walg_backup("base_000000010000000000000005", 0x1400_0028, 0x1C00_0100);
+            let (needed, problems) = check_wal(&store, &b).await.unwrap();
+            assert_eq!((needed, problems.len()), (3, 0), "{problems:?}");
+            // No record, and a name that fits every size: a problem, not a guess.
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            let first = walg_backup("base_000000010000000000000000", 0x28, 0x100);
+            let (needed, problems) = check_wal(&store, &first).await.unwrap();
+            assert_eq!(needed, 0);
+            assert!(problems[0].detail.contains("segment size is unknown"), "{problems:?}");
+        });
+    }
 }

@@ -62,6 +62,7 @@ pub(super) async fn run(config: &Config, words: &[String], confirm: bool, as_jso
     let policy = Policy { now: SystemTime::now(), garbage_min_age: config.retention.garbage_min_age };
     let plan = retention::plan(&inv, &request, &policy).map_err(|e| match e {
         PlanError::NoSuchBackup(_) => Error::NotFound(e.to_string()),
+        PlanError::UnknownSegmentSize => Error::Config(format!("nothing deleted in {}: {e}", store.url())),
     })?;
     let forced_note = matches!(request, Request::Everything { force: false }) && !plan.permanent_backups.is_empty();
     if as_json {

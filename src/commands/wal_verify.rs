@@ -1,13 +1,22 @@
 //! `wal-rs wal-verify [--json] [--pg-url URL]`: is the archive complete enough to recover?
 //!
-//! Walks `wal_005/` from the oldest backup's start segment (the oldest segment when there is
-//! no backup) to the newest segment, or to the newest backup's finish if that is later,
-//! along the path of timelines that leads to the newest one (read from its `.history`
-//! file): each segment number is looked for under the timeline a recovery following that
-//! path would read it from. Every missing stretch is reported per timeline, with the gap
-//! records under `walrs/gaps/`, and for each backup whether recovery from it to the newest
-//! WAL is possible. Exit 12 when it is impossible from some backup (or, with no backup,
-//! when any segment on the walk is missing).
+//! Walks `wal_005/` from the start segment of the oldest non-permanent backup (with none,
+//! of the newest permanent one; with no backup, from the oldest segment) to the newest
+//! segment, or to the newest backup's finish if that is later, along the path of timelines
+//! that leads to the newest one (read from its `.history` file): each segment number is
+//! looked for under the timeline a recovery following that path would read it from. A
+//! permanent backup older than that start is checked only for its own WAL, start to finish
+//! on its timeline: retention deletes the WAL after it by design. Only whole segments
+//! count, not `.partial` or `.backup` files.
+//!
+//! Every history file from the lowest backup timeline + 1 to the newest timeline must be
+//! in the store: PostgreSQL finds the newest timeline by probing those in turn and stops at
+//! the first one missing. Every missing stretch is reported per timeline, with the missing
+//! history files and the gap records under `walrs/gaps/`, and for each backup whether
+//! recovery from it to the newest WAL is possible (for an older permanent one: to its
+//! consistency point). A backup on a timeline the path left before it finished is not on
+//! the path. Exit 12 when recovery is impossible from some backup (or, with no backup, when
+//! any segment on the walk is missing).
 //!
 //! With `--pg-url` or libpq's environment (`PGHOST`, `PGPORT`...), it also asks the cluster
 //! which timeline it is on: a store holding a newer timeline than the cluster's means
@@ -24,7 +33,7 @@ use crate::backup::catalog::BackupInfo;
 use crate::config::Config;
 use crate::error::Error;
 use crate::retention::inventory;
-use crate::retention::plan::{backup_timeline, wal_name_of, Inventory};
+use crate::retention::plan::{backup_timeline, wal_name_of, Inventory, PlanError};
 use crate::retention::timelines::{segment_of, segno, TimelinePath};
 use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
 
@@ -48,11 +57,15 @@ pub(super) struct BackupVerdict {
     pub name: String,
     /// Its timeline.
     pub timeline: Option<u32>,
-    /// Whether it recovers to the newest WAL.
+    /// Whether it recovers to the newest WAL (with `own_wal_only`: to its consistency point).
     pub recoverable: bool,
     /// Why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A permanent backup older than the WAL retention keeps: only the WAL from its start to
+    /// its finish was checked (it recovers to its consistency point, not to the newest WAL).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_wal_only: bool,
 }
 
 /// What wal-verify found.
@@ -91,7 +104,7 @@ pub(super) struct Report {
 pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) -> Result<Report, Error> {
     let store = open_store(config).await?;
     let inv = inventory::read(&store).await?;
-    let mut report = verify(&inv);
+    let mut report = verify(&inv, segment_size(&inv, &store.url())?);
     report.store = store.url();
     let ask_cluster = pg_url.is_some()
         || ["PGHOST", "PGPORT", "PGDATABASE", "PGSERVICE"].iter().any(|v| std::env::var_os(v).is_some());
@@ -143,6 +156,17 @@ pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) ->
     Ok(report)
 }
 
+/// The segment size to walk with. Unknown, it is an error as soon as there is anything to
+/// walk: segment numbers, hence which segments are missing, depend on it.
+fn segment_size(inv: &Inventory, store: &str) -> Result<u32, Error> {
+    let holds_wal = inv.objects.iter().any(|o| wal_name_of(o.key.as_str()).is_some());
+    match inv.segment_size {
+        Some(s) => Ok(s),
+        None if inv.backups.is_empty() && !holds_wal => Ok(inventory::DEFAULT_SEGMENT_SIZE),
+        None => Err(Error::Config(format!("{store}: {}", PlanError::UnknownSegmentSize))),
+    }
+}
+
 /// The timeline the cluster is on, from its last checkpoint.
 async fn cluster_timeline(pg_url: Option<&str>) -> Result<u32, Error> {
     let client = crate::pg::conn::connect(pg_url).await?;
@@ -164,30 +188,74 @@ fn start_segno(b: &BackupInfo, seg_size: u32) -> u64 {
     segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size)
 }
 
-/// The walk, with no I/O.
-pub(super) fn verify(inv: &Inventory) -> Report {
-    let seg = inv.segment_size;
-    let mut present: HashSet<(TimelineId, u64)> = HashSet::new();
-    let mut timelines: Vec<TimelineId> = Vec::new();
-    let mut history_files: HashSet<TimelineId> = HashSet::new();
-    let mut gaps = Vec::new();
-    for o in &inv.objects {
-        if let Some(file) = o.key.as_str().strip_prefix(crate::layout::GAP_PREFIX) {
-            gaps.push(file.trim_end_matches(".json").to_string());
-            continue;
-        }
-        match wal_name_of(o.key.as_str()) {
-            Some(WalFileName::Segment(t, s)) => {
-                present.insert((t, segno(s, seg)));
-                timelines.push(t);
+/// The segment holding a backup's finish LSN (its start's when the sentinel has none).
+fn finish_segno(b: &BackupInfo, seg_size: u32) -> u64 {
+    segno(SegmentId::containing(Lsn(b.sentinel.finish_lsn.max(b.sentinel.start_lsn)), seg_size), seg_size)
+}
+
+/// The finish LSN, when the sentinel records one.
+fn finish_lsn(b: &BackupInfo) -> Option<Lsn> {
+    (b.sentinel.finish_lsn != 0 && b.sentinel.finish_lsn >= b.sentinel.start_lsn).then_some(Lsn(b.sentinel.finish_lsn))
+}
+
+/// Segments `lo..=hi` of one timeline, looked for as one stretch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    tli: TimelineId,
+    lo: u64,
+    hi: u64,
+}
+
+/// What the listing holds, by name.
+struct Listing {
+    /// Segments present, by timeline and segment number.
+    present: HashSet<(TimelineId, u64)>,
+    /// Timelines whose `.history` file is present.
+    history_files: HashSet<TimelineId>,
+    /// The newest timeline of any WAL file.
+    newest: Option<TimelineId>,
+    /// Gap records, by WAL file name.
+    gaps: Vec<String>,
+}
+
+impl Listing {
+    fn of(inv: &Inventory, seg: u32) -> Listing {
+        let mut out =
+            Listing { present: HashSet::new(), history_files: HashSet::new(), newest: None, gaps: Vec::new() };
+        for o in &inv.objects {
+            if let Some(file) = o.key.as_str().strip_prefix(crate::layout::GAP_PREFIX) {
+                out.gaps.push(file.trim_end_matches(".json").to_string());
+                continue;
             }
-            Some(WalFileName::History(t)) => {
-                history_files.insert(t);
-                timelines.push(t);
-            }
-            _ => {}
+            // Only whole segments count: a `.partial` or `.backup` file is not the segment.
+            let tli = match wal_name_of(o.key.as_str()) {
+                Some(WalFileName::Segment(t, s)) => {
+                    out.present.insert((t, segno(s, seg)));
+                    t
+                }
+                Some(WalFileName::History(t)) => {
+                    out.history_files.insert(t);
+                    t
+                }
+                _ => continue,
+            };
+            out.newest = out.newest.max(Some(tli));
         }
+        // A history file read but listed under another compression counts as present.
+        out.history_files.extend(inv.histories.keys().copied());
+        out
     }
+}
+
+/// The walk, with no I/O.
+///
+/// WAL is walked continuously from the oldest non-permanent backup's start (with none, the
+/// newest permanent one's; with no backup, the oldest segment), which is where retention
+/// keeps it from. A permanent backup older than that is checked only for the WAL from its
+/// start to its finish: retention deletes the WAL after it by design, so a gap there is
+/// no problem and a walk from it would report years of deleted segments.
+pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
+    let listing = Listing::of(inv, seg);
     let mut report = Report {
         store: String::new(),
         segment_size: seg,
@@ -198,13 +266,13 @@ pub(super) fn verify(inv: &Inventory) -> Report {
         segments_checked: 0,
         missing: Vec::new(),
         missing_history: Vec::new(),
-        gaps,
+        gaps: listing.gaps.clone(),
         backups: Vec::new(),
         cluster_timeline: None,
         store_ahead_of_cluster: false,
         recoverable: true,
     };
-    let Some(newest) = timelines.iter().max().copied() else {
+    let Some(newest) = listing.newest else {
         // No WAL at all: every backup lacks its WAL.
         for b in &inv.backups {
             report.backups.push(BackupVerdict {
@@ -212,92 +280,170 @@ pub(super) fn verify(inv: &Inventory) -> Report {
                 timeline: backup_timeline(b).map(|t| t.0),
                 recoverable: false,
                 reason: Some("the store holds no WAL".into()),
+                own_wal_only: false,
             });
         }
         report.recoverable = inv.backups.is_empty();
         return report;
     };
     report.newest_timeline = Some(newest.0);
-    let history = match inv.histories.get(&newest) {
-        Some(h) => h.clone(),
-        None => {
-            if newest.0 > 1 && !history_files.contains(&newest) {
-                report.missing_history.push(WalFileName::History(newest).to_string());
-            }
-            Vec::new()
-        }
-    };
-    let path = TimelinePath::new(newest, history);
+    let missing_history = missing_history_files(inv, &listing.history_files, newest);
+    report.missing_history = missing_history.iter().map(|&t| WalFileName::History(t).to_string()).collect();
+    let path = TimelinePath::new(newest, inv.histories.get(&newest).cloned().unwrap_or_default());
     report.timeline_path = path.timelines().iter().map(|t| t.0).collect();
-    let stretches = path.stretches(seg);
-    let on_path = |&(t, n): &(TimelineId, u64)| path.timeline_of(n, seg) == t;
+    let on_path = |&&(t, n): &&(TimelineId, u64)| path.timeline_of(n, seg) == t;
 
-    let last_present = present.iter().filter(|p| on_path(p)).map(|&(_, n)| n).max();
-    let last_needed = inv
-        .backups
-        .iter()
-        .map(|b| segno(SegmentId::containing(Lsn(b.sentinel.finish_lsn.max(b.sentinel.start_lsn)), seg), seg))
-        .max();
-    let first = match inv.backups.iter().map(|b| start_segno(b, seg)).min() {
+    let walk_from = match walk_start(&inv.backups, seg) {
         Some(f) => Some(f),
-        None => present.iter().filter(|p| on_path(p)).map(|&(_, n)| n).min(),
+        None => listing.present.iter().filter(on_path).map(|&(_, n)| n).min(),
     };
+    let walked = |b: &BackupInfo| walk_from.is_some_and(|f| start_segno(b, seg) >= f);
+    let last_present = listing.present.iter().filter(on_path).map(|&(_, n)| n).max();
+    let last_needed = inv.backups.iter().filter(|b| walked(b)).map(|b| finish_segno(b, seg)).max();
     let end = last_present.max(last_needed);
-    let mut missing_segnos: Vec<u64> = Vec::new();
-    if let (Some(first), Some(end)) = (first, end) {
+
+    let mut spans = Vec::new();
+    let mut walk = Vec::new();
+    if let (Some(first), Some(end)) = (walk_from, end) {
         report.from = Some(name(path.timeline_of(first, seg), first, seg));
         report.to = Some(name(path.timeline_of(end, seg), end, seg));
-        for s in &stretches {
-            let lo = s.first.max(first);
-            let hi = s.last.unwrap_or(end).min(end);
-            if lo > hi {
-                continue;
-            }
-            let mut run: Option<(u64, u64)> = None;
-            for n in lo..=hi {
-                report.segments_checked += 1;
-                if present.contains(&(s.tli, n)) {
-                    if let Some((a, b)) = run.take() {
-                        report.missing.push(range(s.tli, a, b, seg));
-                    }
-                } else {
-                    missing_segnos.push(n);
-                    run = Some(run.map_or((n, n), |(a, _)| (a, n)));
-                }
-            }
-            if let Some((a, b)) = run {
-                report.missing.push(range(s.tli, a, b, seg));
-            }
-        }
+        walk = walk_spans(&path, seg, first, end);
+        spans.extend(walk.iter().copied());
     }
+    spans.extend(inv.backups.iter().filter(|b| !walked(b)).filter_map(|b| own_span(b, seg)));
+    let mut missing = Vec::new();
+    for span in merge(spans) {
+        report.segments_checked += span.hi - span.lo + 1;
+        missing.extend(missing_in(&listing.present, span));
+    }
+    missing.sort_by_key(|m| (m.lo, m.tli));
+    report.missing = missing.iter().map(|m| range(m.tli, m.lo, m.hi, seg)).collect();
 
     for b in &inv.backups {
         let tli = backup_timeline(b);
-        let start = start_segno(b, seg);
-        let reason = if let Some(h) = report.missing_history.first() {
-            Some(format!("{h} is missing"))
-        } else if !tli.is_some_and(|t| path.passes(t, Lsn(b.sentinel.start_lsn))) {
-            Some(format!(
-                "its timeline {} is not on the path to timeline {newest} at its start",
-                tli.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
-            ))
-        } else {
-            missing_segnos
-                .iter()
-                .find(|&&n| n >= start)
-                .map(|&n| format!("{} is missing", name(path.timeline_of(n, seg), n, seg)))
-        };
+        let history_reason = missing_history
+            .iter()
+            .find(|&&t| t == newest || tli.is_none_or(|b_tli| t > b_tli))
+            .map(|&t| format!("{} is missing", WalFileName::History(t)));
+        let own_wal_only = !walked(b);
+        let reason = history_reason.or_else(|| {
+            if own_wal_only {
+                own_wal_problem(b, tli, &missing, seg)
+            } else {
+                walk_problem(b, tli, &path, &walk, &missing, seg)
+            }
+        });
         report.backups.push(BackupVerdict {
             name: b.name.clone(),
             timeline: tli.map(|t| t.0),
             recoverable: reason.is_none(),
             reason,
+            own_wal_only,
         });
     }
-    // Every missing segment lies after the oldest backup's start, so it fails that backup.
+    // Every missing segment lies on some backup's WAL (or, with no backup, on the walk).
     report.recoverable =
         report.missing.is_empty() && report.missing_history.is_empty() && report.backups.iter().all(|b| b.recoverable);
     report
+}
+
+/// The history files a recovery to the newest timeline needs that are not in the store.
+///
+/// Restored from a backup on timeline T, PostgreSQL looks for the newest timeline
+/// (`findNewestTimeLine`) by probing T+1, T+2... and stops at the first history file
+/// missing: every one from the lowest backup timeline + 1 up to the newest must be there,
+/// or recovery stops on an older timeline and a promotion reuses a timeline ID. The newest
+/// timeline's is needed besides to know the path the walk follows.
+fn missing_history_files(inv: &Inventory, present: &HashSet<TimelineId>, newest: TimelineId) -> Vec<TimelineId> {
+    let lowest_backup = inv.backups.iter().filter_map(backup_timeline).min().unwrap_or(newest);
+    let from = lowest_backup.0.min(newest.0.saturating_sub(1)) + 1;
+    // Timeline 1 has no history file.
+    (from.max(2)..=newest.0).map(TimelineId).filter(|t| !present.contains(t)).collect()
+}
+
+/// Where the continuous walk starts: the oldest non-permanent backup's start segment, or
+/// with none the newest permanent one's (retention's rule, `retention::plan`).
+fn walk_start(backups: &[BackupInfo], seg: u32) -> Option<u64> {
+    let oldest_ordinary = backups.iter().filter(|b| !b.sentinel.is_permanent).map(|b| start_segno(b, seg)).min();
+    oldest_ordinary.or_else(|| backups.iter().rev().find(|b| b.sentinel.is_permanent).map(|b| start_segno(b, seg)))
+}
+
+/// The walk from `first` to `end` along `path`, one span per timeline stretch.
+fn walk_spans(path: &TimelinePath, seg: u32, first: u64, end: u64) -> Vec<Span> {
+    path.stretches(seg)
+        .iter()
+        .map(|s| Span { tli: s.tli, lo: s.first.max(first), hi: s.last.unwrap_or(end).min(end) })
+        .filter(|s| s.lo <= s.hi)
+        .collect()
+}
+
+/// A backup's own WAL, from its start segment to its finish segment on its timeline.
+fn own_span(b: &BackupInfo, seg: u32) -> Option<Span> {
+    Some(Span { tli: backup_timeline(b)?, lo: start_segno(b, seg), hi: finish_segno(b, seg) })
+}
+
+/// The spans, overlapping ones of a timeline merged, so no segment is looked for twice.
+fn merge(mut spans: Vec<Span>) -> Vec<Span> {
+    spans.sort_by_key(|s| (s.tli, s.lo));
+    let mut out: Vec<Span> = Vec::new();
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if last.tli == s.tli && s.lo <= last.hi.saturating_add(1) => last.hi = last.hi.max(s.hi),
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// The missing stretches of `span`, oldest first.
+fn missing_in(present: &HashSet<(TimelineId, u64)>, span: Span) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut run: Option<Span> = None;
+    for n in span.lo..=span.hi {
+        if present.contains(&(span.tli, n)) {
+            out.extend(run.take());
+        } else {
+            run = Some(run.map_or(Span { tli: span.tli, lo: n, hi: n }, |r| Span { hi: n, ..r }));
+        }
+    }
+    out.extend(run);
+    out
+}
+
+/// The oldest missing segment of `tli` in `lo..=hi`, if any.
+fn first_missing(missing: &[Span], tli: TimelineId, lo: u64, hi: u64) -> Option<u64> {
+    missing.iter().filter(|m| m.tli == tli && m.lo <= hi && m.hi >= lo).map(|m| m.lo.max(lo)).min()
+}
+
+/// Why recovery from `b` to the newest WAL is impossible, if it is.
+fn walk_problem(
+    b: &BackupInfo,
+    tli: Option<TimelineId>,
+    path: &TimelinePath,
+    walk: &[Span],
+    missing: &[Span],
+    seg: u32,
+) -> Option<String> {
+    if !tli.is_some_and(|t| path.passes(t, Lsn(b.sentinel.start_lsn), finish_lsn(b))) {
+        return Some(format!(
+            "its timeline {} is not on the path to timeline {} from its start to its finish",
+            tli.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+            path.tip
+        ));
+    }
+    let start = start_segno(b, seg);
+    walk.iter()
+        .find_map(|s| first_missing(missing, s.tli, s.lo.max(start), s.hi).map(|n| (s.tli, n)))
+        .map(|(t, n)| format!("{} is missing", name(t, n, seg)))
+}
+
+/// Why a permanent backup older than the walk cannot be made consistent, if it cannot.
+fn own_wal_problem(b: &BackupInfo, tli: Option<TimelineId>, missing: &[Span], seg: u32) -> Option<String> {
+    let Some(tli) = tli else {
+        return Some("its timeline is unknown: its name is not base_<WAL file>".into());
+    };
+    first_missing(missing, tli, start_segno(b, seg), finish_segno(b, seg))
+        .map(|n| format!("{} is missing: the backup cannot be made consistent", name(tli, n, seg)))
 }
 
 fn range(tli: TimelineId, a: u64, b: u64, seg: u32) -> MissingRange {
@@ -327,9 +473,13 @@ fn print_text(r: &Report) {
         println!("gap record: {g} was acknowledged without being archived");
     }
     for b in &r.backups {
-        match &b.reason {
-            None => println!("backup {}: recovers to the newest WAL", b.name),
-            Some(why) => println!("backup {}: CANNOT recover to the newest WAL: {why}", b.name),
+        match (&b.reason, b.own_wal_only) {
+            (None, false) => println!("backup {}: recovers to the newest WAL", b.name),
+            (None, true) => {
+                println!("backup {}: permanent, its WAL to its finish is whole (the WAL after it is not kept)", b.name)
+            }
+            (Some(why), false) => println!("backup {}: CANNOT recover to the newest WAL: {why}", b.name),
+            (Some(why), true) => println!("backup {}: permanent, CANNOT be made consistent: {why}", b.name),
         }
     }
     if let Some(t) = r.cluster_timeline {
@@ -374,12 +524,12 @@ mod tests {
         let mut histories = Histories::new();
         histories.insert(TimelineId(2), parse_history("1\t0/5000000\tpromoted\n").unwrap());
         let backups = vec![backup(1, 2, 2, "2026-11-20T00:00:00Z"), backup(2, 7, 7, "2026-11-21T00:00:00Z")];
-        Inventory { objects, backups, histories, segment_size: SEG }
+        Inventory { objects, backups, histories, segment_size: Some(SEG) }
     }
 
     #[test]
     fn a_complete_archive_across_a_switch_verifies() {
-        let r = verify(&inv());
+        let r = verify(&inv(), SEG);
         assert_eq!(r.timeline_path, [1, 2]);
         assert_eq!(r.from.as_deref(), Some("000000010000000000000002"));
         assert_eq!(r.to.as_deref(), Some("000000020000000000000009"));
@@ -391,7 +541,7 @@ mod tests {
     fn a_missing_segment_is_named_and_fails_the_backups_before_it() {
         let mut i = inv();
         i.objects.retain(|o| o.key.as_str() != seg_key(2, 6) && o.key.as_str() != seg_key(1, 3));
-        let r = verify(&i);
+        let r = verify(&i, SEG);
         assert_eq!(
             r.missing,
             [
@@ -419,14 +569,82 @@ mod tests {
         let mut i = inv();
         i.objects.retain(|o| !o.key.as_str().contains("history"));
         i.histories.clear();
-        let r = verify(&i);
+        let r = verify(&i, SEG);
         assert_eq!(r.missing_history, ["00000002.history"]);
         assert!(!r.recoverable);
         // A backup on timeline 1 after the switch point is on another branch.
         let mut i = inv();
         i.backups.push(backup(1, 6, 6, "2026-11-22T00:00:00Z"));
-        let r = verify(&i);
+        let r = verify(&i, SEG);
         assert!(!r.backups[2].recoverable, "{r:#?}");
+        assert!(!r.recoverable);
+    }
+
+    #[test]
+    fn every_history_file_recovery_probes_is_needed() {
+        // Timeline 3 forked from 1 and is gone; timeline 4 forked from 2 at 0/A000000 and is
+        // the newest. Restored from the timeline-2 backup, PostgreSQL probes 00000003.history
+        // before 00000004.history: without it recovery stays on timeline 2.
+        let mut i = inv();
+        i.objects.extend((10..=11).map(|n| obj(&seg_key(4, n))));
+        i.objects.push(obj("wal_005/00000004.history.lz4"));
+        i.histories.insert(TimelineId(4), parse_history("1\t0/5000000\ta\n2\t0/A000000\tb\n").unwrap());
+        let r = verify(&i, SEG);
+        assert_eq!(r.timeline_path, [1, 2, 4]);
+        assert!(r.missing.is_empty(), "{r:#?}");
+        assert_eq!(r.missing_history, ["00000003.history"]);
+        assert_eq!(r.backups[1].reason.as_deref(), Some("00000003.history is missing"));
+        assert!(!r.recoverable);
+        // With it, both backups recover to timeline 4.
+        i.objects.push(obj("wal_005/00000003.history.lz4"));
+        let r = verify(&i, SEG);
+        assert!(r.missing_history.is_empty() && r.recoverable, "{r:#?}");
+        // A backup on timeline 4 alone does not probe timeline 3.
+        let mut only_newest = i.clone();
+        only_newest.objects.retain(|o| !o.key.as_str().contains("00000003.history"));
+        only_newest.backups = vec![backup(4, 10, 10, "2026-11-22T00:00:00Z")];
+        let r = verify(&only_newest, SEG);
+        assert!(r.missing_history.is_empty() && r.recoverable, "{r:#?}");
+    }
+
+    #[test]
+    fn an_old_permanent_backup_needs_only_its_own_wal() {
+        // Retention kept segment 2 for the permanent backup and 10.. for the newest one.
+        let mut objects: Vec<ObjectMeta> = [2, 10, 11, 12].iter().map(|&n| obj(&seg_key(1, n))).collect();
+        objects.push(obj("wal_005/000000010000000000000003.00000028.backup.lz4"));
+        let mut permanent = backup(1, 2, 2, "2026-11-20T00:00:00Z");
+        permanent.sentinel.is_permanent = true;
+        let backups = vec![permanent, backup(1, 10, 10, "2026-11-21T00:00:00Z")];
+        let mut i = Inventory { objects, backups, histories: Histories::new(), segment_size: Some(SEG) };
+        let r = verify(&i, SEG);
+        assert!(r.recoverable && r.missing.is_empty(), "{r:#?}");
+        assert_eq!(r.from.as_deref(), Some("00000001000000000000000A"));
+        assert_eq!(r.segments_checked, 4, "segment 2, then 10..=12");
+        assert!(r.backups[0].own_wal_only && !r.backups[1].own_wal_only);
+        // Its own segment lost: that backup cannot be made consistent.
+        i.objects.retain(|o| o.key.as_str() != seg_key(1, 2));
+        let r = verify(&i, SEG);
+        assert_eq!(r.missing.len(), 1, "{r:#?}");
+        assert_eq!(r.missing[0].first, "000000010000000000000002");
+        assert!(!r.backups[0].recoverable && r.backups[1].recoverable);
+        assert!(!r.recoverable);
+        // With only permanent backups the walk starts at the newest one's start.
+        i.backups[1].sentinel.is_permanent = true;
+        let r = verify(&i, SEG);
+        assert_eq!(r.from.as_deref(), Some("00000001000000000000000A"));
+        assert!(!r.backups[1].own_wal_only && r.backups[1].recoverable, "{r:#?}");
+    }
+
+    #[test]
+    fn a_backup_that_finished_after_the_switch_is_not_on_the_path() {
+        // Started on timeline 1 at segment 3, before the switch at 0/5000000, finished at
+        // segment 6: its backup-end record is on the abandoned part of timeline 1.
+        let mut i = inv();
+        i.backups.push(backup(1, 3, 6, "2026-11-22T00:00:00Z"));
+        let r = verify(&i, SEG);
+        assert!(r.missing.is_empty(), "{r:#?}");
+        assert!(!r.backups[2].recoverable, "{r:#?}");
+        assert!(r.backups[2].reason.as_deref().unwrap().contains("not on the path"));
         assert!(!r.recoverable);
     }
 
@@ -434,7 +652,7 @@ mod tests {
     fn wal_missing_at_the_end_of_the_newest_backup_counts() {
         let mut i = inv();
         i.backups[1].sentinel.finish_lsn = 11 * SEG as u64;
-        let r = verify(&i);
+        let r = verify(&i, SEG);
         assert_eq!(r.missing.last().unwrap().first, "00000002000000000000000A");
         assert_eq!(r.missing.last().unwrap().segments, 2);
         assert!(!r.recoverable);

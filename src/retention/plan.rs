@@ -14,8 +14,15 @@
 //!   human's call. With no such backup, WAL from the newest permanent backup's start is kept,
 //!   and with no backup at all no WAL goes (except for `delete everything`).
 //! - A `.history` file stays while any timeline it describes (its own or a descendant's)
-//!   keeps a segment or a backup; the newest timeline's stays always (unless everything
-//!   goes), so a later promotion never reuses a timeline ID.
+//!   keeps a segment or a backup, and so does every one of a timeline above the lowest
+//!   timeline of a kept backup (permanent ones and backup-pushes in progress included):
+//!   recovering to 'latest' from a backup on timeline T, PostgreSQL (`findNewestTimeLine`)
+//!   probes T+1, T+2... and stops at the first history file missing, then promotes to the
+//!   next ID, which may already be taken. The newest timeline's stays always (unless
+//!   everything goes), so a later promotion never reuses a timeline ID.
+//! - The WAL segment size comes from wal-rs's sentinels or `walrs/cluster.json`, else from
+//!   the backups' names and start LSNs ([`super::inventory`]); when none tells, no plan is
+//!   made while any backup is there, rather than one on a guessed size.
 //! - Objects of a backup that has no sentinel are garbage once nothing was written to them
 //!   for the garbage age: until then they may be a backup-push in progress, whose objects
 //!   and WAL are left alone.
@@ -62,8 +69,8 @@ pub struct Inventory {
     pub backups: Vec<BackupInfo>,
     /// The history files read, by the timeline each describes.
     pub histories: Histories,
-    /// WAL segment size in bytes.
-    pub segment_size: u32,
+    /// WAL segment size in bytes; `None` when nothing in the store tells it.
+    pub segment_size: Option<u32>,
 }
 
 /// Settings of the decision.
@@ -146,6 +153,11 @@ pub enum PlanError {
     /// `before NAME` names no complete backup.
     #[error("no complete backup is named {0}: see `wal-rs backup-list`")]
     NoSuchBackup(String),
+    /// Nothing in the store tells the WAL segment size, and the decision depends on it.
+    #[error(
+        "the WAL segment size is unknown: no wal-rs backup sentinel nor walrs/cluster.json records it and the backups' names and start LSNs do not settle it; archive one segment with `wal-rs wal-push`, which records it in walrs/cluster.json (docs/storage-layout.md, \"Cluster identity\")"
+    )]
+    UnknownSegmentSize,
 }
 
 /// A WAL segment range `[first, last]` (segment numbers) on one timeline, or on any when
@@ -159,7 +171,6 @@ struct Range {
 
 /// Decides which objects go.
 pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan, PlanError> {
-    let seg_size = inv.segment_size;
     let (doomed_backups, kept): (Vec<&BackupInfo>, Vec<&BackupInfo>) = split_backups(&inv.backups, request)?;
     let mut out = Plan {
         deleted_backups: doomed_backups.iter().map(|b| b.name.clone()).collect(),
@@ -179,7 +190,6 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
         }
     }
     let mut garbage = Vec::new();
-    let mut in_progress_starts = Vec::new();
     for (dir, objects) in &unfinished {
         let young = objects.iter().any(|o| match o.modified {
             // Unknown write time: treat as in progress. Safe, never the other way round.
@@ -188,9 +198,6 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
         });
         if young {
             out.in_progress.push(dir.to_string());
-            if let Some(seg) = start_segment_of_name(dir) {
-                in_progress_starts.push(segno(seg, seg_size));
-            }
         } else if matches!(request, Request::Garbage | Request::Everything { .. }) {
             garbage.extend(objects.iter().map(|o| Doomed {
                 key: o.key.to_string(),
@@ -201,6 +208,9 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
     }
 
     // Where WAL retention starts, and the ranges permanent backups pin.
+    let seg_size = segment_size_for(inv, &out.in_progress)?;
+    let in_progress_starts: Vec<u64> =
+        out.in_progress.iter().filter_map(|dir| start_segment_of_name(dir)).map(|s| segno(s, seg_size)).collect();
     let everything = matches!(request, Request::Everything { .. });
     let start_of = |b: &BackupInfo| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size);
     let oldest_kept = kept.iter().filter(|b| !b.sentinel.is_permanent).map(|b| start_of(b)).min();
@@ -238,17 +248,12 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
     let mut wal = Vec::new();
     let mut backup_history = Vec::new();
     let mut history_files = Vec::new();
-    let mut kept_timelines: BTreeSet<TimelineId> = BTreeSet::new();
-    for b in &kept {
-        if let Some(t) = backup_timeline(b) {
-            kept_timelines.insert(t);
-        }
-    }
-    for dir in &out.in_progress {
-        if let Some(t) = start_segment_name(dir).map(|n| n.timeline()) {
-            kept_timelines.insert(t);
-        }
-    }
+    let kept_backup_timelines: BTreeSet<TimelineId> = kept
+        .iter()
+        .filter_map(|b| backup_timeline(b))
+        .chain(out.in_progress.iter().filter_map(|dir| start_segment_name(dir)).map(|n| n.timeline()))
+        .collect();
+    let mut kept_timelines = kept_backup_timelines.clone();
     for o in &inv.objects {
         let Some(name) = wal_name_of(o.key.as_str()) else { continue };
         match name {
@@ -277,11 +282,14 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
     // A kept timeline whose own history file is not in the store hides which ancestors it
     // has: then no history file goes.
     let ancestry_known = kept_timelines.iter().all(|k| k.0 == 1 || inv.histories.contains_key(k));
+    // Recovery to 'latest' from a kept backup probes every timeline above its own.
+    let probed_from = kept_backup_timelines.first().copied();
     let mut histories = Vec::new();
     for (t, o) in history_files {
         let describes_kept = kept_timelines.iter().any(|&k| descends_from(&inv.histories, k, t));
+        let probed = probed_from.is_some_and(|lowest| t > lowest);
         let newest = !everything && Some(t) == newest_timeline;
-        if prune_wal && ancestry_known && !describes_kept && !newest {
+        if prune_wal && ancestry_known && !describes_kept && !probed && !newest {
             histories.push(Doomed { key: o.key.to_string(), size: o.size, kind: Kind::History });
         }
     }
@@ -322,6 +330,17 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
     Ok(out)
 }
 
+/// The segment size the decision uses. Unknown, it matters as soon as there is a backup
+/// (complete or in progress): which segments come before a backup's start depends on it.
+/// With none, no WAL goes but for `everything`, which takes all of it whatever the size.
+fn segment_size_for(inv: &Inventory, in_progress: &[String]) -> Result<u32, PlanError> {
+    match inv.segment_size {
+        Some(s) => Ok(s),
+        None if inv.backups.is_empty() && in_progress.is_empty() => Ok(super::inventory::DEFAULT_SEGMENT_SIZE),
+        None => Err(PlanError::UnknownSegmentSize),
+    }
+}
+
 /// Splits the complete backups (oldest first) into (deleted, kept) for `request`.
 fn split_backups<'a>(
     backups: &'a [BackupInfo],
@@ -360,7 +379,7 @@ fn backup_folder_of(key: &str) -> Option<&str> {
 }
 
 /// The WAL file a `base_<WAL file>[_<offset>]` backup name starts in.
-fn start_segment_name(name: &str) -> Option<WalFileName> {
+pub fn start_segment_name(name: &str) -> Option<WalFileName> {
     WalFileName::parse(name.strip_prefix("base_")?.get(..24)?).ok()
 }
 
@@ -457,7 +476,7 @@ mod tests {
         objects.push(obj("walrs/gaps/00000002000000000000000B.json", 60, old));
         let mut histories = Histories::new();
         histories.insert(TimelineId(2), parse_history("1\t0/6000000\tpromoted\n").unwrap());
-        Inventory { objects, backups, histories, segment_size: SEG }
+        Inventory { objects, backups, histories, segment_size: Some(SEG) }
     }
 
     fn keys(p: &Plan) -> Vec<&str> {
@@ -533,7 +552,10 @@ mod tests {
         assert!(!k.contains(&"wal_005/000000010000000000000004.00000028.backup.lz4"));
         assert!(k.contains(&"wal_005/000000010000000000000005.lz4"));
         assert!(k.contains(&"wal_005/00000002000000000000000C.lz4"));
-        assert!(k.contains(&"wal_005/00000002.history.lz4"), "nothing on timeline 2 is kept");
+        assert!(
+            !k.contains(&"wal_005/00000002.history.lz4"),
+            "recovery to 'latest' from the permanent backup on timeline 1 probes timeline 2"
+        );
         assert!(!k.contains(&"wal_005/README"), "unknown objects are never deleted");
 
         let forced = plan(&inv, &Request::Everything { force: true }, &policy(now)).unwrap();
@@ -652,17 +674,48 @@ mod tests {
         assert!(k.contains(&"wal_005/000000030000000000000003.lz4"));
         assert!(!k.contains(&"wal_005/00000003.history.lz4"), "timeline 3 is the newest ID: its history stays");
 
-        // Timeline 4 (from 2) comes: timeline 3's history describes nothing kept and goes.
+        // Timeline 4 (from 2) comes. Timeline 3's history describes nothing kept, but
+        // restoring a kept timeline-2 backup to 'latest', PostgreSQL probes 00000003.history
+        // before 00000004.history: without it, recovery would stop on timeline 2 and
+        // promote to timeline 3, an ID already used.
         inv.objects.push(obj(&seg_key(4, 12), 16, now));
         inv.objects.push(obj("wal_005/00000004.history.lz4", 40, now));
         inv.histories.insert(TimelineId(4), parse_history("1\t0/6000000\ta\n2\t0/C000000\tb\n").unwrap());
         let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
-        assert!(keys(&p).contains(&"wal_005/00000003.history.lz4"), "{:?}", keys(&p));
-        // Without timeline 4's history its ancestors are unknown: no history file goes.
-        inv.objects.retain(|o| o.key.as_str() != "wal_005/00000004.history.lz4");
-        inv.histories.remove(&TimelineId(4));
-        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
         assert!(!p.delete.iter().any(|d| d.kind == Kind::History), "{:?}", keys(&p));
+
+        // Without timeline 4's history its ancestors are unknown: no history file goes.
+        let mut unknown = inv.clone();
+        unknown.objects.retain(|o| o.key.as_str() != "wal_005/00000004.history.lz4");
+        unknown.histories.remove(&TimelineId(4));
+        let p = plan(&unknown, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(!p.delete.iter().any(|d| d.kind == Kind::History), "{:?}", keys(&p));
+
+        // Once the only backup kept is on timeline 4, recovery probes from 5 on: timeline
+        // 3's history goes, timeline 2's stays (an ancestor of 4).
+        let on_4 = backup(4, 12, 12, "2026-11-24T10:00:00Z", false);
+        inv.objects.extend(backup_objects(&on_4, now));
+        inv.backups.push(on_4);
+        let p = plan(&inv, &Request::Retain(1), &policy(now)).unwrap();
+        let histories: Vec<&str> =
+            p.delete.iter().filter(|d| d.kind == Kind::History).map(|d| d.key.as_str()).collect();
+        assert_eq!(histories, ["wal_005/00000003.history.lz4"]);
+    }
+
+    #[test]
+    fn an_unknown_segment_size_plans_nothing_while_backups_exist() {
+        let now = SystemTime::now();
+        let mut inv = store(now);
+        inv.segment_size = None;
+        assert_eq!(plan(&inv, &Request::Retain(2), &policy(now)).unwrap_err(), PlanError::UnknownSegmentSize);
+        // With no backup, no WAL goes (or all of it, for `everything`): the size is moot.
+        inv.backups.clear();
+        inv.objects.retain(|o| !o.key.as_str().starts_with("basebackups_005"));
+        assert!(plan(&inv, &Request::Garbage, &policy(now)).unwrap().delete.is_empty());
+        // A backup-push in progress gives WAL a line again.
+        inv.objects.push(obj("basebackups_005/base_000000020000000000000009/metadata.json", 9, now));
+        let everything = Request::Everything { force: false };
+        assert_eq!(plan(&inv, &everything, &policy(now)).unwrap_err(), PlanError::UnknownSegmentSize);
     }
 
     #[test]

@@ -116,13 +116,18 @@ impl TimelinePath {
             .unwrap_or(self.tip)
     }
 
-    /// Whether a backup that started at `lsn` on `tli` lies on this path: its timeline is on
-    /// the path and the path had not left that timeline yet at its start.
-    pub fn passes(&self, tli: TimelineId, lsn: Lsn) -> bool {
+    /// Whether a backup that ran from `start` to `finish` (when known) on `tli` lies on this
+    /// path: its timeline is on the path and the path had not left that timeline yet, at
+    /// its start nor at its finish. A backup that finished after the switch is not: its
+    /// backup-end record is on the abandoned part of `tli`, which a recovery following the
+    /// path never replays, so it never becomes consistent.
+    pub fn passes(&self, tli: TimelineId, start: Lsn, finish: Option<Lsn>) -> bool {
         if tli == self.tip {
             return true;
         }
-        self.ancestors.iter().any(|e| e.tli == tli && lsn < e.switchpoint)
+        self.ancestors
+            .iter()
+            .any(|e| e.tli == tli && start < e.switchpoint && finish.is_none_or(|f| f <= e.switchpoint))
     }
 }
 
@@ -182,10 +187,23 @@ mod tests {
         assert_eq!(path.timeline_of(4, SEG), TimelineId(1));
         assert_eq!(path.timeline_of(9, SEG), TimelineId(3));
         assert_eq!(path.timeline_of(900, SEG), TimelineId(3));
-        assert!(path.passes(TimelineId(1), Lsn(0x300_0028)));
-        assert!(!path.passes(TimelineId(1), Lsn(0x600_0028)), "timeline 1 after the switch is another branch");
-        assert!(path.passes(TimelineId(3), Lsn(0x100)));
+        assert!(path.passes(TimelineId(1), Lsn(0x300_0028), None));
+        assert!(!path.passes(TimelineId(1), Lsn(0x600_0028), None), "timeline 1 after the switch is another branch");
+        assert!(path.passes(TimelineId(3), Lsn(0x100), None));
         assert!(!path.contains(TimelineId(4)));
+    }
+
+    #[test]
+    fn a_backup_that_finished_after_the_switch_is_off_the_path() {
+        let path = TimelinePath::new(TimelineId(2), parse_history("1\t0/5000000\tpromoted\n").unwrap());
+        let start = Lsn(0x300_0028);
+        assert!(path.passes(TimelineId(1), start, Some(Lsn(0x480_0000))));
+        assert!(path.passes(TimelineId(1), start, Some(Lsn(0x500_0000))), "the end record ends at the switch");
+        assert!(
+            !path.passes(TimelineId(1), start, Some(Lsn(0x600_0100))),
+            "its backup-end record is on timeline 1 past the switch, which the path never replays"
+        );
+        assert!(path.passes(TimelineId(2), start, Some(Lsn(0x600_0100))), "the tip has no end");
     }
 
     #[test]
