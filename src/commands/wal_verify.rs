@@ -110,10 +110,16 @@ pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) ->
         || ["PGHOST", "PGPORT", "PGDATABASE", "PGSERVICE"].iter().any(|v| std::env::var_os(v).is_some());
     if ask_cluster {
         match cluster_timeline(pg_url).await {
-            Ok(tli) => {
+            Ok(Some(tli)) => {
                 report.cluster_timeline = Some(tli);
                 report.store_ahead_of_cluster = report.newest_timeline.is_some_and(|n| n > tli);
             }
+            // A standby, or a copy still recovering, may trail the archive's newest timeline
+            // by design: it follows it.
+            Ok(None) => crate::log::emit(
+                crate::log::Level::Info,
+                &[("op", &"wal-verify"), ("cluster_check", &"skipped"), ("reason", &"the cluster is in recovery")],
+            ),
             // Asked for explicitly: a failure is the answer.
             Err(e) if pg_url.is_some() => return Err(e),
             // Only libpq's environment: the archive is worth checking with the server down.
@@ -167,13 +173,23 @@ fn segment_size(inv: &Inventory, store: &str) -> Result<u32, Error> {
     }
 }
 
-/// The timeline the cluster is on, from its last checkpoint.
-async fn cluster_timeline(pg_url: Option<&str>) -> Result<u32, Error> {
+/// The timeline a primary writes WAL on, from the name of the file it writes into; `None`
+/// for a server in recovery. Not `pg_control_checkpoint()`: after a promotion that keeps
+/// the old timeline until the next checkpoint, which PostgreSQL spreads out, while the new
+/// timeline's history file is archived at once; the check would blame a second primary.
+async fn cluster_timeline(pg_url: Option<&str>) -> Result<Option<u32>, Error> {
     let client = crate::pg::conn::connect(pg_url).await?;
-    let row = client.query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[]).await.map_err(|e| {
-        Error::Config(format!("asking the cluster its timeline failed: {}", crate::pg::conn::one_line(&e)))
-    })?;
-    Ok(row.get::<_, i32>(0) as u32)
+    let failed = |detail: String| Error::Config(format!("asking the cluster its timeline failed: {detail}"));
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+             ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+            &[],
+        )
+        .await
+        .map_err(|e| failed(crate::pg::conn::one_line(&e)))?;
+    let Some(hex) = row.get::<_, Option<String>>(0) else { return Ok(None) };
+    u32::from_str_radix(&hex, 16).map(Some).map_err(|_| failed(format!("unexpected WAL file name prefix {hex:?}")))
 }
 
 fn total_missing(r: &Report) -> u64 {

@@ -113,6 +113,12 @@ fn local_store_retention_across_a_timeline_switch() {
     assert!(promoted.current_wal_file().starts_with("00000002"), "{}", promoted.current_wal_file());
     assert_eq!(promoted.one("select count(*) from t"), "3000");
     let walrs = walrs_for(&wd, &store, &promoted);
+    // Just promoted, its history file archived: the cluster is on timeline 2, though its
+    // last checkpoint (a spread one, still running or just done) may say timeline 1.
+    promoted.switch_wal_and_wait_archived();
+    let verify = walrs.run(&["wal-verify", "--json"]);
+    verify.expect_code(0, "wal-verify against the just-promoted cluster");
+    assert_eq!(json_of(&verify)["cluster_timeline"], 2);
     promoted.query("insert into t select g, 'fourth' from generate_series(3001, 4000) g");
     promoted.switch_wal_and_wait_archived();
     let at_b3 = t_sum(&promoted);
