@@ -39,13 +39,22 @@ pub async fn read(store: &Arc<Store>) -> Result<Inventory, Error> {
             Err(e) => return Err(e.into()),
         }
     }
-    let backups = catalog::list(store).await?;
+    let backups = only_listed(catalog::list(store).await?, &objects);
     let histories = read_histories(store, &objects).await?;
     let segment_size = match segment_size(store, &backups).await? {
         Some(size) => Some(size),
         None => segment_size_of_oldest_segment(store, &objects).await?,
     };
     Ok(Inventory { objects, backups, histories, segment_size })
+}
+
+/// The backups whose sentinel is among `objects`. The catalog lists the store again: a
+/// backup-push that finished between the two listings has a sentinel there and not here,
+/// and planning with it would delete its listed objects and leave its sentinel, a complete
+/// backup with no data. Left out, its folder reads as a backup in progress, left alone.
+fn only_listed(backups: Vec<BackupInfo>, objects: &[ObjectMeta]) -> Vec<BackupInfo> {
+    let listed: std::collections::HashSet<&str> = objects.iter().map(|o| o.key.as_str()).collect();
+    backups.into_iter().filter(|b| listed.contains(layout::sentinel_key(&b.name).as_str())).collect()
 }
 
 /// The segment size in the page header of the oldest segment among `objects`: what a store
@@ -227,6 +236,29 @@ mod tests {
             put(&store, "wal_005/000000010000000000000005", vec![7; 8192]).await;
             assert_eq!(read(&store).await.unwrap().segment_size, None);
         });
+    }
+
+    /// A backup whose sentinel the catalog read but the store's listing did not show (it
+    /// finished in between) is left out: planned on, its sentinel would outlive its data.
+    #[test]
+    fn a_backup_finished_between_the_listings_is_left_out() {
+        let meta = |key: &str| ObjectMeta {
+            key: ObjectKey::new(key).unwrap(),
+            size: 1,
+            modified: None,
+            metadata: Default::default(),
+        };
+        let objects = [
+            meta("basebackups_005/base_000000010000000000000005_backup_stop_sentinel.json"),
+            meta("basebackups_005/base_000000010000000000000005/tar_partitions/part_1.tar.lz4"),
+            meta("basebackups_005/base_000000010000000000000009/tar_partitions/part_1.tar.lz4"),
+        ];
+        let backups = vec![
+            walg_backup("base_000000010000000000000005", 0x500_0028),
+            walg_backup("base_000000010000000000000009", 0x900_0028),
+        ];
+        let kept: Vec<String> = only_listed(backups, &objects).into_iter().map(|b| b.name).collect();
+        assert_eq!(kept, ["base_000000010000000000000005"]);
     }
 
     #[test]
