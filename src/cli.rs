@@ -285,11 +285,9 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
     let help = if op == "wal-rs" { "wal-rs --help".to_string() } else { format!("wal-rs {op} --help") };
     message.push_str(&format!("; see {help}"));
     let code = if op == "wal-fetch" {
-        let standby = match std::env::var("WALRS_FETCH_MODE").ok().as_deref() {
-            Some("standby") => true,
-            Some("recovery") => false,
-            _ => crate::pg::standby::signalled(),
-        };
+        // The command line did not parse, so there are no flags: the environment and the
+        // config file decide, as they would once the configuration resolves.
+        let standby = crate::config::fetch_mode_without_config(None, &crate::config::ProcessEnv).is_standby();
         crate::exit::wal_fetch_code(&crate::error::Error::Usage(message.clone()), standby)
     } else {
         crate::exit::USAGE

@@ -247,11 +247,13 @@ pub enum StoreUrl {
 
 impl StoreUrl {
     /// Parses `file:///abs/dir` or `s3://bucket/prefix`.
+    /// Errors show the URL with any user-info redacted: a mistyped URL may hold credentials.
     pub fn parse(url: &str) -> Result<StoreUrl, String> {
         let hint = "expected file:///absolute/dir or s3://bucket/prefix";
+        let shown = redact_url(url);
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(format!("store {url:?} is not an absolute path: {hint}"));
+                return Err(format!("store {shown:?} is not an absolute path: {hint}"));
             }
             let path = path.trim_end_matches('/');
             return Ok(StoreUrl::File(PathBuf::from(if path.is_empty() { "/" } else { path })));
@@ -259,15 +261,23 @@ impl StoreUrl {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("store {url:?} names no bucket: {hint}"));
+                return Err(format!("store {shown:?} names no bucket: {hint}"));
+            }
+            // S3 bucket names never hold ':' or '@': such a "bucket" is user-info
+            // (`s3://AK:SK@bucket`), and credentials do not belong in the store URL.
+            if bucket.contains([':', '@']) {
+                return Err(format!(
+                    "store {shown:?} has ':' or '@' in its bucket name: remove any credentials from the URL \
+                     (give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile): {hint}"
+                ));
             }
             let prefix = prefix.trim_matches('/');
             if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
-                return Err(format!("store {url:?} has an invalid prefix: {hint}"));
+                return Err(format!("store {shown:?} has an invalid prefix: {hint}"));
             }
             return Ok(StoreUrl::S3 { bucket: bucket.to_string(), prefix: prefix.to_string() });
         }
-        Err(format!("store {url:?} is not a store URL: {hint}"))
+        Err(format!("store {shown:?} is not a store URL: {hint}"))
     }
 }
 
@@ -292,6 +302,49 @@ pub enum FetchMode {
     Recovery,
 }
 
+impl FetchMode {
+    /// Parses a `fetch_mode` value, in any case.
+    fn parse(text: &str) -> Option<FetchMode> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Some(FetchMode::Auto),
+            "standby" => Some(FetchMode::Standby),
+            "recovery" => Some(FetchMode::Recovery),
+            _ => None,
+        }
+    }
+
+    /// Whether wal-fetch answers failures as a standby ("ask again", exit 1); `Auto` asks
+    /// the data directory (the current directory).
+    pub fn is_standby(self) -> bool {
+        match self {
+            FetchMode::Standby => true,
+            FetchMode::Recovery => false,
+            FetchMode::Auto => crate::pg::standby::signalled(),
+        }
+    }
+}
+
+/// wal-fetch's failure mode when the configuration did not resolve (or has not yet, or the
+/// command line did not parse: `overrides` is then `None`). A bad key file must not turn
+/// `fetch_mode = standby` into a recovery abort, so this follows [`Config::resolve`]'s
+/// precedence (flag, environment, config file) over whatever still reads; a value that does
+/// not is `auto`.
+pub fn fetch_mode_without_config(overrides: Option<&Overrides>, env: &dyn Env) -> FetchMode {
+    let from_flag = || overrides.and_then(|o| o.values.get("fetch_mode").cloned());
+    let from_env = || setting("fetch_mode").env.iter().find_map(|name| env.var(name));
+    let from_file = || {
+        let path =
+            overrides.and_then(|o| o.config_file.clone()).or_else(|| env.var("WALRS_CONFIG").map(PathBuf::from))?;
+        read_file(&path).ok()?.remove("fetch_mode")
+    };
+    from_flag().or_else(from_env).or_else(from_file).and_then(|v| FetchMode::parse(&v)).unwrap_or(FetchMode::Auto)
+}
+
+/// The row of [`SETTINGS`] for `key`, which must be one.
+fn setting(key: &str) -> &'static Setting {
+    SETTINGS.iter().find(|s| s.key == key).expect("a known setting")
+}
+
 /// Retry limits for storage operations.
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySettings {
@@ -303,8 +356,8 @@ pub struct RetrySettings {
     pub deadline: Duration,
 }
 
-/// The resolved configuration.
-#[derive(Debug, Clone)]
+/// The resolved configuration. `Debug` redacts secrets (see [`printable`]).
+#[derive(Clone)]
 pub struct Config {
     /// The store; `None` when unset (only `wal-rs config` runs without one).
     pub store: Option<StoreUrl>,
@@ -389,8 +442,8 @@ pub struct RateSettings {
     pub disk: u64,
 }
 
-/// S3 settings from the configuration.
-#[derive(Debug, Clone)]
+/// S3 settings from the configuration. `Debug` redacts the endpoint's user-info.
+#[derive(Clone)]
 pub struct S3Options {
     /// Region.
     pub region: Option<String>,
@@ -410,8 +463,8 @@ pub struct S3Options {
     pub upload_concurrency: usize,
 }
 
-/// What the command line said, before resolution.
-#[derive(Debug, Default, Clone)]
+/// What the command line said, before resolution. `Debug` redacts secrets.
+#[derive(Default, Clone)]
 pub struct Overrides {
     /// `--config`.
     pub config_file: Option<PathBuf>,
@@ -432,6 +485,66 @@ impl Overrides {
             args.push(format!("{k}={v}"));
         }
         args
+    }
+}
+
+/// A setting's value as it may be printed: never the encryption key, URLs without
+/// user-info. Raw values sit in [`Config::report`] and [`Overrides`], so their `Debug` goes
+/// through here: one `{config:?}` in a log line must not leak a key.
+pub fn printable(key: &str, value: &str) -> String {
+    match key {
+        "encryption_key" => "<redacted>".to_string(),
+        "store" | "s3_endpoint" => redact_url(value),
+        _ => value.to_string(),
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let report: Vec<(&str, Option<String>, &Source)> = self
+            .report
+            .iter()
+            .map(|(setting, value, source)| (setting.key, value.as_deref().map(|v| printable(setting.key, v)), source))
+            .collect();
+        f.debug_struct("Config")
+            .field("store", &self.store)
+            .field("compression", &self.compression)
+            .field("zstd_level", &self.zstd_level)
+            .field("log_level", &self.log_level)
+            .field("fetch_mode", &self.fetch_mode)
+            .field("retry", &self.retry)
+            .field("s3", &self.s3)
+            .field("backup", &self.backup)
+            .field("archive", &self.archive)
+            .field("prefetch", &self.prefetch)
+            .field("rate", &self.rate)
+            .field("retention", &self.retention)
+            .field("encryption", &self.encryption)
+            .field("report", &report)
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint.as_deref().map(redact_url))
+            .field("path_style", &self.path_style)
+            .field("storage_class", &self.storage_class)
+            .field("sse", &self.sse)
+            .field("sse_kms_key_id", &self.sse_kms_key_id)
+            .field("part_size", &self.part_size)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let values: BTreeMap<&str, String> = self.values.iter().map(|(k, v)| (k.as_str(), printable(k, v))).collect();
+        f.debug_struct("Overrides").field("config_file", &self.config_file).field("values", &values).finish()
     }
 }
 
@@ -509,12 +622,21 @@ impl Config {
             .map_err(|e| format!("{}: {e}", named("compression")))?;
         let log_level =
             get("log_level").unwrap_or("info").parse::<Level>().map_err(|e| format!("{}: {e}", named("log_level")))?;
-        let fetch_mode = match get("fetch_mode").unwrap_or("auto").to_ascii_lowercase().as_str() {
-            "auto" => FetchMode::Auto,
-            "standby" => FetchMode::Standby,
-            "recovery" => FetchMode::Recovery,
-            other => return Err(format!("{} is {other:?}: set auto, standby or recovery", named("fetch_mode"))),
+        let fetch_mode = {
+            let raw = get("fetch_mode").unwrap_or("auto");
+            FetchMode::parse(raw)
+                .ok_or_else(|| format!("{} is {raw:?}: set auto, standby or recovery", named("fetch_mode")))?
         };
+        // Checked with or without a key: a typo here must not wait for the day a key is set.
+        let allow_plaintext = boolean("encryption_allow_plaintext")?;
+        let value_and_source = |key: &str| {
+            report.iter().find(|(s, _, _)| s.key == key).and_then(|(_, v, source)| v.as_deref().map(|v| (v, source)))
+        };
+        let encryption =
+            match key_source(value_and_source("encryption_key"), value_and_source("encryption_key_file"), &named)? {
+                None => None,
+                Some(source) => Some(Arc::new(source.key_ring(&named)?.allow_plaintext(allow_plaintext))),
+            };
         let sse = get("s3_sse").map(str::to_string);
         if let Some(v) = &sse {
             if v != "AES256" && v != "aws:kms" {
@@ -565,38 +687,10 @@ impl Config {
             retention: RetentionSettings {
                 garbage_min_age: Duration::from_secs(number("delete_garbage_min_age_secs", 0, 10 * 365 * 86400)?),
             },
-            encryption: Self::key_ring(get("encryption_key"), get("encryption_key_file"), &named)?
-                .map(|r| boolean("encryption_allow_plaintext").map(|allow| Arc::new(r.allow_plaintext(allow))))
-                .transpose()?,
+            encryption,
             report,
             file,
         })
-    }
-
-    /// The key ring from `encryption_key` or `encryption_key_file` (not both: which key seals
-    /// would be ambiguous). Errors name the setting, never the key.
-    fn key_ring(
-        key: Option<&str>,
-        file: Option<&str>,
-        named: &dyn Fn(&str) -> String,
-    ) -> Result<Option<KeyRing>, String> {
-        match (key, file) {
-            (None, None) => Ok(None),
-            (Some(_), Some(_)) => Err(format!(
-                "{} and {} are both set: keep the keys in the file (the first line seals new objects)",
-                named("encryption_key"),
-                named("encryption_key_file")
-            )),
-            (Some(k), None) => {
-                let key = Key::parse(k).map_err(|e| format!("{}: {e}", named("encryption_key")))?;
-                Ok(KeyRing::new(vec![key]))
-            }
-            (None, Some(path)) => {
-                let what = named("encryption_key_file");
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?;
-                KeyRing::parse_file(&text, &format!("{what} ({path})")).map(Some)
-            }
-        }
     }
 
     /// The store URL, or the one-line error saying how to set it.
@@ -624,6 +718,86 @@ impl Config {
             deadline: self.retry.deadline,
         }
     }
+}
+
+/// Where the encryption keys come from.
+enum KeySource<'a> {
+    /// `encryption_key`: one key.
+    Inline(&'a str),
+    /// `encryption_key_file`: the path of a key file.
+    File(&'a str),
+}
+
+/// How strongly a source binds: flags over the environment over the file over defaults.
+fn precedence(source: &Source) -> u8 {
+    match source {
+        Source::Flag => 3,
+        Source::Env(_) => 2,
+        Source::File(_) => 1,
+        Source::Default => 0,
+    }
+}
+
+/// Which of `encryption_key` and `encryption_key_file` (each a value and its source) holds
+/// the keys. Like any setting, the one from the stronger source wins (a key in the
+/// environment over a key file named in the config file); both from one source are an
+/// error, as which key seals new objects would be ambiguous.
+fn key_source<'a>(
+    key: Option<(&'a str, &Source)>,
+    file: Option<(&'a str, &Source)>,
+    named: &dyn Fn(&str) -> String,
+) -> Result<Option<KeySource<'a>>, String> {
+    use std::cmp::Ordering;
+    match (key, file) {
+        (None, None) => Ok(None),
+        (Some((key, _)), None) => Ok(Some(KeySource::Inline(key))),
+        (None, Some((path, _))) => Ok(Some(KeySource::File(path))),
+        (Some((key, key_from)), Some((path, path_from))) => match precedence(key_from).cmp(&precedence(path_from)) {
+            Ordering::Greater => Ok(Some(KeySource::Inline(key))),
+            Ordering::Less => Ok(Some(KeySource::File(path))),
+            Ordering::Equal => Err(format!(
+                "{} and {} are both set: keep the keys in the file (the first line seals new objects)",
+                named("encryption_key"),
+                named("encryption_key_file")
+            )),
+        },
+    }
+}
+
+impl KeySource<'_> {
+    /// The key ring. Errors name the setting, never a key.
+    fn key_ring(&self, named: &dyn Fn(&str) -> String) -> Result<KeyRing, String> {
+        match self {
+            KeySource::Inline(text) => {
+                let key = Key::parse(text).map_err(|e| format!("{}: {e}", named("encryption_key")))?;
+                Ok(KeyRing::new(vec![key]).expect("one key"))
+            }
+            KeySource::File(path) => read_key_file(path, &named("encryption_key_file")),
+        }
+    }
+}
+
+/// The key ring in the file at `path`, set by the setting `what`.
+fn read_key_file(path: &str, what: &str) -> Result<KeyRing, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        // A key pasted where its path belongs must not reach the log through this error.
+        if looks_like_a_key(path) {
+            format!(
+                "{what}: the encryption key file setting holds what looks like a key, not a path: \
+                 write the key to a file only the PostgreSQL user can read and set its path"
+            )
+        } else {
+            format!("{what}: cannot read {path}: {e}: fix the path or the file's permissions")
+        }
+    })?;
+    KeyRing::parse_file(&text, &format!("{what} ({path})"))
+}
+
+/// Whether a value meant to be a path looks like a key instead: 32 or more hex digits and
+/// nothing else (a path has a '/' or a name), or anything [`Key::parse`] takes (base64).
+fn looks_like_a_key(value: &str) -> bool {
+    let value = value.trim();
+    (value.len() >= 32 && value.chars().all(|c| c.is_ascii_hexdigit())) || Key::parse(value).is_ok()
 }
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
@@ -658,16 +832,17 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
-/// Hides what must never be printed: URL user-info (`https://user:pass@host`).
+/// Hides what must never be printed: URL user-info (`https://user:pass@host`). Everything
+/// from `://` to the last '@' goes, since a secret may itself hold '/' or '@'; a path with
+/// an '@' loses more than it needs to, which is the safe way to be wrong.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if !userinfo.contains('/') {
-                return format!("{scheme}://<redacted>@{host}");
-            }
-        }
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_userinfo, host)) => format!("{scheme}://<redacted>@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
-    url.to_string()
 }
 
 #[cfg(test)]
@@ -751,6 +926,114 @@ mod tests {
     fn urls_lose_their_passwords() {
         assert_eq!(redact_url("http://ak:sk@127.0.0.1:9000"), "http://<redacted>@127.0.0.1:9000");
         assert_eq!(redact_url("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn urls_lose_passwords_holding_slashes_and_ats() {
+        assert_eq!(redact_url("http://ak:se/cret@h"), "http://<redacted>@h");
+        assert_eq!(redact_url("http://ak:p@ss@h:9000/x"), "http://<redacted>@h:9000/x");
+    }
+
+    #[test]
+    fn store_urls_with_credentials_are_refused_without_echoing_them() {
+        for url in ["s3://AKIDX:s3cr3t@bucket/p", "s3://AKIDX:s3/cr3t@bucket/p", "s3://AKIDX@bucket"] {
+            let err = StoreUrl::parse(url).unwrap_err();
+            assert!(err.contains("':' or '@'"), "{err}");
+            assert!(!err.contains("AKIDX") && !err.contains("s3cr3t") && !err.contains("cr3t"), "{err}");
+        }
+    }
+
+    const HEX_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn debug_output_never_holds_the_key() {
+        let env = FakeEnv(HashMap::from([("WALRS_ENCRYPTION_KEY", HEX_KEY)]));
+        let config = Config::resolve(&Overrides::default(), &env).unwrap();
+        assert!(config.encryption.is_some());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(HEX_KEY) && shown.contains("encryption_key"), "{shown}");
+        let mut o = Overrides::default();
+        o.values.insert("encryption_key".into(), HEX_KEY.into());
+        o.values.insert("s3_endpoint".into(), "http://ak:s3cr3t@h".into());
+        let config = Config::resolve(&o, &FakeEnv(HashMap::new())).unwrap();
+        for shown in [format!("{o:?}"), format!("{config:?}")] {
+            assert!(!shown.contains(HEX_KEY) && !shown.contains("s3cr3t"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_key_from_a_stronger_source_beats_a_key_file_from_a_weaker_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wal-rs.toml");
+        std::fs::write(&file, "encryption_key_file = \"/nonexistent/keys\"\n").unwrap();
+        let key_id = Key::parse(HEX_KEY).unwrap().id();
+        let from_file = Overrides { config_file: Some(file.clone()), ..Default::default() };
+        let env = FakeEnv(HashMap::from([("WALRS_ENCRYPTION_KEY", HEX_KEY)]));
+        let c = Config::resolve(&from_file, &env).unwrap();
+        assert_eq!(c.encryption.unwrap().active().id(), key_id);
+        let mut with_flag = from_file.clone();
+        with_flag.values.insert("encryption_key".into(), HEX_KEY.into());
+        let c = Config::resolve(&with_flag, &FakeEnv(HashMap::new())).unwrap();
+        assert_eq!(c.encryption.unwrap().active().id(), key_id);
+        // A key file flag beats a key in the environment.
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", "ab".repeat(32))).unwrap();
+        let mut file_flag = Overrides::default();
+        file_flag.values.insert("encryption_key_file".into(), keys.display().to_string());
+        let c = Config::resolve(&file_flag, &env).unwrap();
+        assert_eq!(c.encryption.unwrap().active().id(), Key::parse(&"ab".repeat(32)).unwrap().id());
+    }
+
+    #[test]
+    fn a_key_and_a_key_file_from_one_source_are_refused() {
+        let env = FakeEnv(HashMap::from([
+            ("WALRS_ENCRYPTION_KEY", HEX_KEY),
+            ("WALRS_ENCRYPTION_KEY_FILE", "/nonexistent/keys"),
+        ]));
+        let err = Config::resolve(&Overrides::default(), &env).unwrap_err();
+        assert!(err.contains("both set") && !err.contains(HEX_KEY), "{err}");
+    }
+
+    #[test]
+    fn allow_plaintext_is_checked_without_a_key() {
+        let env = FakeEnv(HashMap::from([("WALRS_ENCRYPTION_ALLOW_PLAINTEXT", "maybe")]));
+        let err = Config::resolve(&Overrides::default(), &env).unwrap_err();
+        assert!(err.contains("WALRS_ENCRYPTION_ALLOW_PLAINTEXT") && err.contains("true or false"), "{err}");
+    }
+
+    #[test]
+    fn a_key_pasted_as_the_key_file_is_not_echoed() {
+        let env = FakeEnv(HashMap::from([("WALRS_ENCRYPTION_KEY_FILE", HEX_KEY)]));
+        let err = Config::resolve(&Overrides::default(), &env).unwrap_err();
+        assert!(err.contains("looks like a key, not a path") && !err.contains(HEX_KEY), "{err}");
+        let env = FakeEnv(HashMap::from([("WALRS_ENCRYPTION_KEY_FILE", "/nonexistent/keys")]));
+        let err = Config::resolve(&Overrides::default(), &env).unwrap_err();
+        assert!(err.contains("cannot read /nonexistent/keys"), "{err}");
+    }
+
+    #[test]
+    fn wal_fetch_keeps_its_fetch_mode_when_the_config_fails() {
+        let env = FakeEnv(HashMap::from([
+            ("WALRS_FETCH_MODE", "standby"),
+            ("WALRS_ENCRYPTION_KEY_FILE", "/nonexistent/keys"),
+        ]));
+        assert!(Config::resolve(&Overrides::default(), &env).is_err());
+        assert_eq!(fetch_mode_without_config(None, &env), FetchMode::Standby);
+        assert!(fetch_mode_without_config(None, &env).is_standby());
+        // Read like the resolved setting: any case, a flag over the environment.
+        let upper = FakeEnv(HashMap::from([("WALRS_FETCH_MODE", "RECOVERY")]));
+        assert_eq!(fetch_mode_without_config(None, &upper), FetchMode::Recovery);
+        let mut o = Overrides::default();
+        o.values.insert("fetch_mode".into(), "recovery".into());
+        assert_eq!(fetch_mode_without_config(Some(&o), &env), FetchMode::Recovery);
+        // The config file counts too, even when another of its settings is what fails.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wal-rs.toml");
+        std::fs::write(&file, "fetch_mode = \"standby\"\nencryption_key_file = \"/nonexistent/keys\"\n").unwrap();
+        let o = Overrides { config_file: Some(file), ..Default::default() };
+        assert_eq!(fetch_mode_without_config(Some(&o), &FakeEnv(HashMap::new())), FetchMode::Standby);
+        let junk = FakeEnv(HashMap::from([("WALRS_FETCH_MODE", "sometimes")]));
+        assert_eq!(fetch_mode_without_config(None, &junk), FetchMode::Auto);
     }
 }
 

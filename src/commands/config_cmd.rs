@@ -4,7 +4,8 @@
 
 use serde_json::json;
 
-use crate::config::{redact_url, Config};
+use crate::config::{printable, Config};
+use crate::crypto::Key;
 
 /// Environment variables holding credentials: shown as set or not, never by value.
 const SECRET_ENV: &[&str] = &["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
@@ -15,13 +16,13 @@ pub(super) fn run(config: &Config, as_json: bool) {
         .iter()
         .map(|(setting, value, source)| {
             let shown = match value {
-                Some(v) if setting.key == "s3_endpoint" || setting.key == "store" => redact_url(v),
-                // The key itself is never shown: its id tells keys apart.
-                Some(_) if setting.key == "encryption_key" => match &config.encryption {
-                    Some(ring) => format!("(set, key id {})", ring.active().id()),
-                    None => "(set)".to_string(),
+                // The key itself is never shown: its id tells keys apart. Its own id, not the
+                // ring's: a key file from a stronger source may be the one in use.
+                Some(v) if setting.key == "encryption_key" => match Key::parse(v) {
+                    Ok(key) => format!("(set, key id {})", key.id()),
+                    Err(_) => "(set)".to_string(),
                 },
-                Some(v) => v.clone(),
+                Some(v) => printable(setting.key, v),
                 None => "(not set)".to_string(),
             };
             (setting.key, shown, source.to_string())

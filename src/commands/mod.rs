@@ -19,19 +19,18 @@ mod wal_verify;
 use std::time::Instant;
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, ProcessEnv};
+use crate::config::{fetch_mode_without_config, redact_url, Config, ProcessEnv};
 use crate::error::Error;
 use crate::exit;
 use crate::log::{self, Level};
-use crate::pg::standby;
 
 pub use common::open_store;
 
 /// Runs the command line and returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
     if let Command::WalFetch { .. } = cli.command {
-        // Until the configuration says whether this is a standby, the data directory does.
-        exit::set_panic_code(exit::wal_fetch_internal_code(standby::signalled()));
+        // Until the configuration resolves, the settings that can be read say if this is a standby.
+        exit::set_panic_code(exit::wal_fetch_internal_code(standby_without_config(&cli)));
     }
     let op = match &cli.command {
         Command::WalPush { .. } => "wal-push",
@@ -59,7 +58,7 @@ pub fn run(cli: Cli) -> u8 {
         Err(e) => {
             // The log level may be what failed to parse: errors are always shown.
             let code = match &cli.command {
-                Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby::signalled()),
+                Command::WalFetch { .. } => exit::wal_fetch_code(&e, standby_without_config(&cli)),
                 _ => exit::code_of(&e),
             };
             log::emit(Level::Error, &[("op", &op), ("outcome", &"error"), ("exit", &code), ("error", &e)]);
@@ -331,6 +330,12 @@ pub fn run(cli: Cli) -> u8 {
     code
 }
 
+/// Whether wal-fetch answers as a standby while the configuration is not resolved: a bad
+/// key file must not turn `WALRS_FETCH_MODE=standby` into a recovery abort.
+fn standby_without_config(cli: &Cli) -> bool {
+    fetch_mode_without_config(cli.overrides().ok().as_ref(), &ProcessEnv).is_standby()
+}
+
 /// Bounds a whole WAL command by `retry_deadline_secs`: each storage request has that
 /// deadline too, but a command makes several, and PostgreSQL must get an answer in time.
 async fn within_deadline<T>(
@@ -344,14 +349,20 @@ async fn within_deadline<T>(
         Err(_) => Err(Error::Store(crate::store::StoreError::Unavailable {
             op,
             key: path.display().to_string(),
-            detail: format!(
-                "not finished within {} s (retry_deadline_secs) with the store {}{}",
-                config.retry.deadline.as_secs(),
-                config.store.as_ref().map(|s| s.to_string()).unwrap_or_default(),
-                config.s3.endpoint.as_ref().map(|e| format!(" at {e}")).unwrap_or_default()
-            ),
+            detail: deadline_detail(config),
         })),
     }
+}
+
+/// What a command that ran out of time was doing, for PostgreSQL's log: the endpoint
+/// without its user-info, as `wal-rs config` shows it.
+fn deadline_detail(config: &Config) -> String {
+    format!(
+        "not finished within {} s (retry_deadline_secs) with the store {}{}",
+        config.retry.deadline.as_secs(),
+        config.store.as_ref().map(|s| redact_url(&s.to_string())).unwrap_or_default(),
+        config.s3.endpoint.as_deref().map(|e| format!(" at {}", redact_url(e))).unwrap_or_default()
+    )
 }
 
 /// backup-verify's result: a log line per problem and a summary; exit 10 when any.
@@ -454,4 +465,28 @@ fn fail(op: &str, file: &str, started: Instant, err: &Error, code: u8) -> u8 {
         ],
     );
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Env, Overrides};
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_deadline_error_redacts_the_endpoint() {
+        let mut o = Overrides::default();
+        o.values.insert("store".into(), "s3://bucket/p".into());
+        o.values.insert("s3_endpoint".into(), "http://ak:se/cret@minio:9000".into());
+        let config = Config::resolve(&o, &NoEnv).unwrap();
+        let detail = deadline_detail(&config);
+        assert!(!detail.contains("se/cret") && !detail.contains("ak:"), "{detail}");
+        assert!(detail.contains("s3://bucket/p at http://<redacted>@minio:9000"), "{detail}");
+    }
 }

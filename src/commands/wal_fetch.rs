@@ -19,10 +19,9 @@ use super::background::process_exists;
 use super::common::{open_store, retry_transient, SHA256_METADATA};
 use super::wal_prefetch::Prefetch;
 use crate::codec::{self, decode::DecodeError, Compression, Sha256};
-use crate::config::{Config, FetchMode};
+use crate::config::Config;
 use crate::error::Error;
 use crate::layout;
-use crate::pg::standby;
 
 use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
 use crate::wal::page::LONG_HEADER_SIZE;
@@ -44,11 +43,7 @@ pub(crate) struct FetchReport {
 
 /// Whether failures should be reported as a standby expects (exit 1, ask again later).
 pub(super) fn is_standby(config: &Config) -> bool {
-    match config.fetch_mode {
-        FetchMode::Standby => true,
-        FetchMode::Recovery => false,
-        FetchMode::Auto => standby::signalled(),
-    }
+    config.fetch_mode.is_standby()
 }
 
 /// `standby`: failures answer "ask again" (see [`is_standby`]), decided once by the caller.

@@ -166,6 +166,9 @@ pub struct Opener<R: Read> {
     /// One byte read past a full chunk: it proves that chunk was not the last.
     carry: Option<u8>,
     done: bool,
+    /// A chunk failed to read or to open: `buf` may hold ciphertext and the source sits
+    /// mid-chunk, so every later read fails too rather than return those bytes.
+    failed: bool,
 }
 
 impl<R: Read> Opener<R> {
@@ -181,7 +184,16 @@ impl<R: Read> Opener<R> {
             pos: 0,
             carry: None,
             done: false,
+            failed: false,
         }
+    }
+
+    /// Enters the failed state for good, dropping whatever `buf` holds.
+    fn fail(&mut self) {
+        self.failed = true;
+        self.buf.clear();
+        self.pos = 0;
+        self.decryptor = None;
     }
 
     /// Reads and opens the next chunk into `buf`.
@@ -216,10 +228,18 @@ impl<R: Read> Opener<R> {
 impl<R: Read> Read for Opener<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.buf.len() {
+            if self.failed {
+                return Err(tampered("an earlier read of this object failed"));
+            }
             if self.done {
                 return Ok(0);
             }
-            self.next_chunk()?;
+            if let Err(e) = self.next_chunk() {
+                // read_full retries Interrupted itself, so any error here left the chunk
+                // half-read: nothing after it can be trusted.
+                self.fail();
+                return Err(e);
+            }
         }
         let n = (self.buf.len() - self.pos).min(out.len());
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -361,6 +381,22 @@ mod tests {
         swapped.extend_from_slice(&sealed[HEADER_LEN..HEADER_LEN + sealed_len]);
         swapped.extend_from_slice(&sealed[HEADER_LEN + 2 * sealed_len..]);
         assert!(open_bytes(Some(&ring), &swapped).is_err());
+    }
+
+    #[test]
+    fn reads_after_a_failed_chunk_keep_failing() {
+        let k = key(5);
+        let ring = KeyRing::new(vec![k.clone()]).unwrap();
+        let c = 1 << CHUNK_LOG2;
+        let mut sealed = seal(&k, &sample(2 * c));
+        sealed[HEADER_LEN + 3] ^= 0x01;
+        let mut opened = unseal(&sealed[..], Some(&ring)).unwrap();
+        let mut out = vec![0u8; 4 * c];
+        assert!(opened.read(&mut out).is_err());
+        for _ in 0..3 {
+            let again = opened.read(&mut out);
+            assert!(again.is_err(), "a read after a failure returned {again:?}");
+        }
     }
 
     #[test]
