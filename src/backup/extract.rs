@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
@@ -106,8 +106,25 @@ fn refuse_links_above(root: &Path, target: &Path, rel: &str) -> Result<(), Extra
     Ok(())
 }
 
-fn is_symlink(path: &Path) -> bool {
+/// Whether `path` is a symbolic link (not followed).
+pub fn is_symlink(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// The mode of a restored file: owner read-write, plus group read when the backup had it
+/// (a cluster initialised with group access, PostgreSQL 11+). The tar's other bits are
+/// never kept: a tampered backup must not plant setuid, executable or world-readable files.
+fn restored_file_mode(tar_mode: u32) -> u32 {
+    0o600 | (tar_mode & 0o040)
+}
+
+/// The mode of a restored folder: 0700, or 0750 when the backup had group read.
+fn restored_dir_mode(tar_mode: u32) -> u32 {
+    if tar_mode & 0o040 != 0 {
+        0o750
+    } else {
+        0o700
+    }
 }
 
 /// Extracts every entry of the tar stream `reader` according to `plan`. With `expected`,
@@ -128,7 +145,7 @@ pub fn extract<R: Read>(
             continue;
         };
         let local = |source: io::Error| ExtractError::Local { path: target.display().to_string(), source };
-        let mode = entry.header().mode().unwrap_or(0o600) & 0o7777;
+        let mode = entry.header().mode().unwrap_or(0o600);
         refuse_links_above(root, &target, &rel)?;
         match entry.header().entry_type() {
             tar::EntryType::Directory => {
@@ -137,8 +154,8 @@ pub fn extract<R: Read>(
                         "{rel:?} is both a symbolic link and a folder in the backup: refused"
                     )));
                 }
-                fs::create_dir_all(&target).map_err(local)?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).map_err(local)?;
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(&target).map_err(local)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(restored_dir_mode(mode))).map_err(local)?;
             }
             tar::EntryType::Symlink => {
                 let link = entry.link_name().map_err(|e| bad("bad link", e))?.unwrap_or_default().into_owned();
@@ -153,14 +170,17 @@ pub fn extract<R: Read>(
                 if is_symlink(&target) {
                     fs::remove_file(&target).map_err(local)?;
                 }
+                let file_mode = restored_file_mode(mode);
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .mode(if mode == 0 { 0o600 } else { mode })
+                    .mode(file_mode)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&target)
                     .map_err(local)?;
+                // Exactly this mode, whatever the umask or a file left by an earlier try.
+                file.set_permissions(fs::Permissions::from_mode(file_mode)).map_err(local)?;
                 let (got, size) = copy_hashed(&mut entry, &mut file, &mut buf).map_err(|e| match e {
                     CopyError::Read(e) => bad(&format!("reading {rel}"), e),
                     CopyError::Write(e) => local(e),
@@ -270,10 +290,69 @@ fn copy_hashed<R: Read, W: Write>(entry: &mut R, file: &mut W, first: &mut [u8])
     }
 }
 
+/// Creates the folders above `path` that are missing, owner-only until their own entry (if
+/// the backup has one) sets their mode.
 fn make_parent(path: &Path) -> io::Result<()> {
     match path.parent() {
-        Some(p) if !p.exists() => fs::create_dir_all(p),
+        Some(p) if !p.exists() => fs::DirBuilder::new().recursive(true).mode(0o700).create(p),
         _ => Ok(()),
+    }
+}
+
+/// What is at a name wal-rs reads back after extraction.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing.
+    Nothing,
+    /// A symbolic link, which the backup restored and which is never followed: it may lead
+    /// to the live cluster's files on this host.
+    Link,
+    /// A file, and its text.
+    Text(String),
+}
+
+/// Reads `path` unless it is a symbolic link.
+pub fn read_without_following(path: &Path) -> io::Result<Found> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::Nothing),
+        Err(e) => return Err(e),
+        Ok(m) if m.file_type().is_symlink() => return Ok(Found::Link),
+        Ok(_) => {}
+    }
+    let mut file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(Found::Text(text))
+}
+
+/// Writes `contents` as the file `path` (mode 0600) without ever writing through what is
+/// there: a new file is written beside it and renamed over the name, which replaces a
+/// symbolic link itself, not the file it points to.
+pub fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(".walrs-new");
+    let temp = path.with_file_name(temp_name);
+    // A leftover of an interrupted run, or a link of that name from the backup: removed,
+    // so the new file is created (exclusively) and never opened through a link.
+    match fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .and_then(|mut file| file.write_all(contents));
+    match written.and_then(|()| fs::rename(&temp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
     }
 }
 
@@ -306,5 +385,75 @@ mod tests {
         assert_eq!(plan.target_of("pg_tblspc/16385/PG_15/5/1").unwrap(), Some(PathBuf::from("/new/ts/PG_15/5/1")));
         assert_eq!(plan.target_of("pg_tblspc/16385/").unwrap(), None);
         assert!(plan.target_of("base/../../etc/passwd").is_err());
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, u32)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, mode) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_mode(*mode);
+            header.set_size(if *kind == tar::EntryType::Regular { 2 } else { 0 });
+            let body: &[u8] = if *kind == tar::EntryType::Regular { b"ok" } else { b"" };
+            builder.append_data(&mut header, path, body).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn restored_modes_are_owner_only_plus_group_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = ExtractPlan { dest: dir.path().to_path_buf(), tablespaces: HashMap::new() };
+        let tar = tar_of(&[
+            ("base", tar::EntryType::Directory, 0o2775),
+            ("private", tar::EntryType::Directory, 0o1777),
+            ("owner_only", tar::EntryType::Directory, 0o700),
+            ("base/setuid", tar::EntryType::Regular, 0o4755),
+            ("base/world", tar::EntryType::Regular, 0o606),
+            ("base/group", tar::EntryType::Regular, 0o640),
+            ("base/plain", tar::EntryType::Regular, 0o600),
+            ("deep/er/file", tar::EntryType::Regular, 0o600),
+        ]);
+        extract(&tar[..], &plan, None).unwrap();
+        let at = |rel: &str| mode_of(&dir.path().join(rel));
+        assert_eq!(at("base"), 0o750);
+        assert_eq!(at("private"), 0o750);
+        assert_eq!(at("owner_only"), 0o700);
+        assert_eq!(at("base/setuid"), 0o640);
+        assert_eq!(at("base/world"), 0o600);
+        assert_eq!(at("base/group"), 0o640);
+        assert_eq!(at("base/plain"), 0o600);
+        // Folders the backup has no entry for are made owner-only.
+        assert_eq!(at("deep"), 0o700);
+        assert_eq!(at("deep/er"), 0o700);
+    }
+
+    #[test]
+    fn replacing_a_linked_file_leaves_the_link_target_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "x").unwrap();
+        let inside = dir.path().join("data");
+        fs::create_dir(&inside).unwrap();
+        let name = inside.join("pg_hba.conf");
+        std::os::unix::fs::symlink(&outside, &name).unwrap();
+        // Neither read nor written through.
+        assert_eq!(read_without_following(&name).unwrap(), Found::Link);
+        replace_file(&name, b"local all all trust\n").unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "x");
+        assert!(fs::symlink_metadata(&name).unwrap().file_type().is_file());
+        assert_eq!(read_without_following(&name).unwrap(), Found::Text("local all all trust\n".into()));
+        assert_eq!(mode_of(&name), 0o600);
+        // A link where the new file is written first is removed, not followed.
+        std::os::unix::fs::symlink(&outside, inside.join(".pg_hba.conf.walrs-new")).unwrap();
+        replace_file(&name, b"again").unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "x");
+        assert_eq!(fs::read_to_string(&name).unwrap(), "again");
+        assert_eq!(fs::read_dir(&inside).unwrap().count(), 1, "no temporary file is left");
+        assert_eq!(read_without_following(&inside.join("absent")).unwrap(), Found::Nothing);
     }
 }

@@ -99,6 +99,51 @@ pub struct BackupMetadata {
     pub user_data: Option<Value>,
 }
 
+/// Where a WAL-G delta backup comes from (`DeltaFrom`, `DeltaFullName`, `DeltaFromLSN`,
+/// `DeltaCount` in its sentinel). A delta backup's partitions hold page increments, not
+/// relation files: restored as they are, they would be a damaged cluster. wal-rs lists
+/// such backups but never restores them.
+///
+/// Read from the sentinel's JSON beside [`Sentinel`], not as fields of it: the sentinel is
+/// rewritten by other commands and its shape is WAL-G's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeltaOrigin {
+    /// `DeltaFrom`: the backup this one is an increment on.
+    pub from: Option<String>,
+    /// `DeltaFullName`: the full backup at the root of the chain.
+    pub full_name: Option<String>,
+    /// `DeltaFromLSN`: the LSN the increments start at.
+    pub from_lsn: Option<u64>,
+    /// `DeltaCount`: how many deltas lie between this one and the full backup.
+    pub count: Option<u64>,
+}
+
+impl DeltaOrigin {
+    /// The delta fields of a sentinel, or `None` for a full backup. Any of them present
+    /// (WAL-G writes them all, or none) makes a delta: a half-written set is not taken for
+    /// a full backup.
+    pub fn of_sentinel(json: &[u8]) -> Option<DeltaOrigin> {
+        let value: Value = serde_json::from_slice(json).ok()?;
+        let text = |field: &str| value.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let number = |field: &str| value.get(field).and_then(Value::as_u64);
+        let present = |field: &str| value.get(field).is_some_and(|v| !v.is_null());
+        let is_delta = ["DeltaFrom", "DeltaFullName", "DeltaFromLSN"].into_iter().any(present)
+            || number("DeltaCount").is_some_and(|n| n > 0);
+        is_delta.then(|| DeltaOrigin {
+            from: text("DeltaFrom"),
+            full_name: text("DeltaFullName"),
+            from_lsn: number("DeltaFromLSN"),
+            count: number("DeltaCount"),
+        })
+    }
+
+    /// The backup it is a delta from, for messages: `DeltaFrom`, else the chain's full
+    /// backup, else "an unnamed backup".
+    pub fn base(&self) -> &str {
+        self.from.as_deref().or(self.full_name.as_deref()).unwrap_or("an unnamed backup")
+    }
+}
+
 /// A tablespace in a backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tablespace {
@@ -179,6 +224,21 @@ mod tests {
         assert_eq!(s.system_identifier, Some(7712412929493074945));
         assert!(s.finish_timestamp().unwrap() > s.start_timestamp().unwrap());
         assert!(s.tablespaces().is_empty());
+    }
+
+    #[test]
+    fn walg_delta_backups_are_told_from_full_ones() {
+        let delta = br#"{"LSN":50331688,"DeltaFromLSN":33554472,"DeltaFrom":"base_000000010000000000000002","DeltaFullName":"base_000000010000000000000002","DeltaCount":1,"FinishLSN":50331904,"Version":2}"#;
+        let origin = DeltaOrigin::of_sentinel(delta).expect("a delta backup");
+        assert_eq!(origin.from.as_deref(), Some("base_000000010000000000000002"));
+        assert_eq!(origin.full_name.as_deref(), Some("base_000000010000000000000002"));
+        assert_eq!((origin.from_lsn, origin.count), (Some(33554472), Some(1)));
+        assert_eq!(origin.base(), "base_000000010000000000000002");
+        // Only part of the set still marks a delta.
+        assert!(DeltaOrigin::of_sentinel(br#"{"LSN":1,"DeltaFromLSN":5}"#).is_some());
+        // Full backups: no delta fields, or empty ones.
+        assert_eq!(DeltaOrigin::of_sentinel(br#"{"LSN":1,"FinishLSN":2}"#), None);
+        assert_eq!(DeltaOrigin::of_sentinel(br#"{"LSN":1,"DeltaFrom":null,"DeltaCount":0}"#), None);
     }
 
     #[test]

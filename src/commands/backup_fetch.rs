@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
-use crate::backup::extract::{self, ExtractError, ExtractPlan};
+use crate::backup::extract::{self, ExtractError, ExtractPlan, Found};
 use crate::backup::manifest::{FileEntry, Manifest, PartitionEntry};
 use crate::codec::{self, Sha256};
 use crate::config::{Config, Source};
@@ -62,18 +62,12 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         refuse_non_empty(&args.dest)?;
     }
     let store = open_store(config).await?;
-    let backups = catalog::list(&store).await?;
+    let (backups, deltas) = catalog::list_with_deltas(&store).await?;
     let selector = selector(args)?;
-    let backup = catalog::select(&backups, &selector).cloned().ok_or_else(|| {
-        Error::NotFound(match &selector {
-            Selector::Named(n) => format!("no complete backup named {n} in {}: see wal-rs backup-list", store.url()),
-            Selector::Latest => format!("no complete backup in {}: run backup-push first", store.url()),
-            _ => format!(
-                "no backup in {} finished before the recovery target: choose a later target or an older archive",
-                store.url()
-            ),
-        })
-    })?;
+    let backup = catalog::select_restorable(&backups, &deltas, &selector)
+        .cloned()
+        .ok_or_else(|| Error::NotFound(nothing_to_restore(&selector, &store.url(), deltas.len())))?;
+    refuse_delta(&backup.name, &deltas)?;
     let (manifest, partitions) = partitions_of(&store, &backup).await?;
 
     // Tablespace locations: as backed up, or remapped; all must be absent or empty.
@@ -143,6 +137,7 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
     .expect("the restore task panicked");
     let (files, bytes) = summary?;
     progress.finish();
+    require_backup_label(&args.dest, &backup.name, &store.url())?;
 
     rewrite_tablespace_map(&args.dest, &tablespaces)?;
     write_recovery_settings(config, args)?;
@@ -166,6 +161,53 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         });
     }
     Ok(FetchedBackup { name: backup.name, partitions: partitions.len(), files, bytes, verified: manifest.is_some() })
+}
+
+/// Why no backup matches `selector`. Delta backups, which LATEST and the targets pass over,
+/// are counted so that a store holding only deltas is not called empty.
+fn nothing_to_restore(selector: &Selector, store: &impl std::fmt::Display, deltas: usize) -> String {
+    let passed_over = match deltas {
+        0 => String::new(),
+        n => format!(" other than WAL-G delta backups ({n}, restored only by WAL-G)"),
+    };
+    match selector {
+        Selector::Named(n) => format!("no complete backup named {n} in {store}: see wal-rs backup-list"),
+        Selector::Latest => format!("no complete backup in {store}{passed_over}: run backup-push first"),
+        _ => format!(
+            "no backup in {store}{passed_over} finished before the recovery target: choose a later target or an older archive"
+        ),
+    }
+}
+
+/// A WAL-G delta backup holds page increments on an earlier backup: unpacked as it is, it
+/// would be a damaged cluster that PostgreSQL may well start.
+fn refuse_delta(name: &str, deltas: &catalog::Deltas) -> Result<(), Error> {
+    match deltas.get(name) {
+        None => Ok(()),
+        Some(origin) => Err(Error::Usage(format!(
+            "{name} is a WAL-G delta backup (delta from {}): restore it with WAL-G, or fetch a full backup",
+            origin.base()
+        ))),
+    }
+}
+
+/// A base backup restores into a cluster only with its `backup_label`: without it PostgreSQL
+/// would start replay from pg_control's (later) checkpoint and silently miss changes. It is
+/// missing when a partition is (another tool's backups are restored from the store listing)
+/// or ends early (tar takes an end of stream at a header for the end of the archive).
+fn require_backup_label(dest: &Path, name: &str, store_url: &str) -> Result<(), Error> {
+    let label = dest.join("backup_label");
+    let present = fs::symlink_metadata(&label).is_ok_and(|m| m.file_type().is_file() && m.len() > 0);
+    if present {
+        return Ok(());
+    }
+    Err(Error::Corrupt {
+        key: format!("{store_url}/{}/{name}", layout::BACKUP_DIR),
+        detail: format!(
+            "the restore of {name} has no backup_label (a partition is missing or cut short), so {} was left unstartable",
+            dest.display()
+        ),
+    })
 }
 
 fn selector(args: &FetchArgs) -> Result<Selector, Error> {
@@ -409,12 +451,12 @@ impl RestoreJob {
         let staged_plan = ExtractPlan { dest: staging.clone(), tablespaces: HashMap::new() };
         self.restore_partition(part, &staged_plan)?;
         let from = staging.join("global/pg_control");
-        let to = self.plan.dest.join("global/pg_control");
+        let global = real_global_dir(&self.plan.dest)?;
+        let to = global.join("pg_control");
         let file = fs::File::open(&from).map_err(|e| Error::local("open", &from, e))?;
         file.sync_all().map_err(|e| Error::local("fsync", &from, e))?;
-        fs::create_dir_all(self.plan.dest.join("global")).map_err(|e| Error::local("create", &to, e))?;
         fs::rename(&from, &to).map_err(|e| Error::local("rename into", &to, e))?;
-        for dir in [self.plan.dest.join("global"), self.plan.dest.clone()] {
+        for dir in [global, self.plan.dest.clone()] {
             fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::local("fsync", &dir, e))?;
         }
         fs::remove_dir_all(&staging).map_err(|e| Error::local("remove", &staging, e))?;
@@ -441,11 +483,64 @@ impl Read for SharedReader {
     }
 }
 
+/// `DEST/global`, made when the backup had none, which must be a real folder: pg_control
+/// moved through a link restored from the backup would land outside DEST (in the live
+/// cluster's `global`, on the primary's host).
+fn real_global_dir(dest: &Path) -> Result<PathBuf, Error> {
+    let global = dest.join("global");
+    match fs::symlink_metadata(&global) {
+        Ok(m) if m.file_type().is_dir() => Ok(global),
+        Ok(_) => Err(Error::InvalidInput {
+            path: global.display().to_string(),
+            reason: "the backup restored it as a link or a file, not a folder: pg_control was not put in place; \
+                     restore another backup"
+                .into(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new().mode(0o700).create(&global).map_err(|e| Error::local("create", &global, e))?;
+            Ok(global)
+        }
+        Err(e) => Err(Error::local("inspect", &global, e)),
+    }
+}
+
+/// Reads a file DEST's restore carries, never through a symbolic link: a link is logged,
+/// treated as absent, and later replaced by the file wal-rs writes.
+pub(super) fn read_restored(path: &Path, op: &str) -> Result<Option<String>, Error> {
+    match extract::read_without_following(path).map_err(|e| Error::local("read", path, e))? {
+        Found::Text(text) => Ok(Some(text)),
+        Found::Nothing => Ok(None),
+        Found::Link => {
+            log::emit(
+                Level::Warn,
+                &[
+                    ("op", &op),
+                    ("file", &path.display()),
+                    (
+                        "outcome",
+                        &"a symbolic link in the backup: not read through; replaced or removed, never followed",
+                    ),
+                ],
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Writes a file into DEST's restore without following a link there.
+pub(super) fn write_restored(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    extract::replace_file(path, contents).map_err(|e| Error::local("write", path, e))
+}
+
 /// Points `tablespace_map` at the restored locations: PostgreSQL recreates the links from
-/// it when it starts from a backup label.
+/// it when it starts from a backup label. A linked map is removed: PostgreSQL would read
+/// it through the link, and the links wal-rs made in `pg_tblspc` are the right ones.
 fn rewrite_tablespace_map(dest: &Path, tablespaces: &HashMap<String, PathBuf>) -> Result<(), Error> {
     let path = dest.join("tablespace_map");
-    let Ok(text) = fs::read_to_string(&path) else {
+    let Some(text) = read_restored(&path, "backup-fetch")? else {
+        if extract::is_symlink(&path) {
+            fs::remove_file(&path).map_err(|e| Error::local("remove", &path, e))?;
+        }
         return Ok(());
     };
     let mut out = String::new();
@@ -460,7 +555,7 @@ fn rewrite_tablespace_map(dest: &Path, tablespaces: &HashMap<String, PathBuf>) -
             }
         }
     }
-    fs::write(&path, out).map_err(|e| Error::local("write", &path, e))
+    write_restored(&path, out.as_bytes())
 }
 
 /// `restore_command` and the targets in postgresql.auto.conf, and the signal file.
@@ -477,10 +572,11 @@ fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Erro
         targets = RecoveryTargets { timeline: targets.timeline, ..Default::default() };
     }
     let auto = args.dest.join("postgresql.auto.conf");
-    let text = recovery_conf::rewrite_auto_conf(&fs::read_to_string(&auto).unwrap_or_default(), &command, &targets);
-    fs::write(&auto, text).map_err(|e| Error::local("write", &auto, e))?;
+    let current = read_restored(&auto, "backup-fetch")?.unwrap_or_default();
+    let text = recovery_conf::rewrite_auto_conf(&current, &command, &targets);
+    write_restored(&auto, text.as_bytes())?;
     let signal = args.dest.join(if args.standby { "standby.signal" } else { "recovery.signal" });
-    fs::write(&signal, b"").map_err(|e| Error::local("write", &signal, e))
+    write_restored(&signal, b"")
 }
 
 /// `wal-rs wal-fetch %f %p` with the same store settings as this run. Credentials are never
@@ -493,7 +589,7 @@ fn restore_command(config: &Config) -> String {
     let mut parts = vec![literal(&exe)];
     if let Some(file) = &config.file {
         parts.push("--config".into());
-        parts.push(literal(&file.display().to_string()));
+        parts.push(literal(&absolute(file).display().to_string()));
     }
     const CARRIED: &[&str] = &[
         "store",
@@ -510,15 +606,31 @@ fn restore_command(config: &Config) -> String {
         "encryption_allow_plaintext",
     ];
     for (setting, value, source) in &config.report {
-        if !CARRIED.contains(&setting.key) || matches!(source, Source::Default | Source::File(_)) {
+        let Some(value) = value else {
+            continue;
+        };
+        let is_path = PATH_SETTINGS.contains(&setting.key);
+        let relative_path = is_path && Path::new(value).is_relative();
+        // The config file, carried above, gives its own settings, except a relative path,
+        // which wal-fetch would resolve from the data directory.
+        let carried_by_file = matches!(source, Source::File(_)) && !relative_path;
+        if !CARRIED.contains(&setting.key) || matches!(source, Source::Default) || carried_by_file {
             continue;
         }
-        if let Some(v) = value {
-            parts.push(format!("--set {}", literal(&format!("{}={v}", setting.key))));
-        }
+        let value = if is_path { absolute(Path::new(value)).display().to_string() } else { value.clone() };
+        parts.push(format!("--set {}", literal(&format!("{}={value}", setting.key))));
     }
     parts.push("wal-fetch %f %p".into());
     parts.join(" ")
+}
+
+/// Settings that are paths on this host.
+const PATH_SETTINGS: &[&str] = &["encryption_key_file"];
+
+/// `path` from the current directory: PostgreSQL runs restore_command in the data
+/// directory, where a relative path means something else.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn shell_quote(s: &str) -> String {
@@ -565,5 +677,141 @@ mod tests {
         // Only PostgreSQL's own placeholders stay single.
         assert_eq!(command.replace("%%", "").matches('%').count(), 2, "{command}");
         assert!(command.ends_with(" wal-fetch %f %p"), "{command}");
+    }
+
+    fn fetch_args(dest: &Path) -> FetchArgs {
+        FetchArgs {
+            dest: dest.to_path_buf(),
+            backup: None,
+            targets: RecoveryTargets::default(),
+            standby: false,
+            tablespace_map: Vec::new(),
+            restore_command: Some("wal-rs wal-fetch %f %p".into()),
+        }
+    }
+
+    fn link_to_x(dir: &Path, outside: &str, name: &Path) -> PathBuf {
+        let target = dir.join(outside);
+        fs::write(&target, "x").unwrap();
+        std::os::unix::fs::symlink(&target, name).unwrap();
+        target
+    }
+
+    fn is_regular(path: &Path) -> bool {
+        fs::symlink_metadata(path).unwrap().file_type().is_file()
+    }
+
+    /// Links the backup restored (or a tampered store planted) are replaced, never written
+    /// or read through.
+    #[test]
+    fn recovery_settings_replace_links_from_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("data");
+        fs::create_dir(&dest).unwrap();
+        let signal = link_to_x(dir.path(), "outside_signal", &dest.join("recovery.signal"));
+        let auto = link_to_x(dir.path(), "outside_auto", &dest.join("postgresql.auto.conf"));
+        let map = link_to_x(dir.path(), "outside_map", &dest.join("tablespace_map"));
+        let config = Config::resolve(&crate::config::Overrides::default(), &crate::config::ProcessEnv).unwrap();
+
+        rewrite_tablespace_map(&dest, &HashMap::from([("16385".to_string(), PathBuf::from("/ts"))])).unwrap();
+        write_recovery_settings(&config, &fetch_args(&dest)).unwrap();
+
+        for outside in [&signal, &auto, &map] {
+            assert_eq!(fs::read_to_string(outside).unwrap(), "x", "{} was written through", outside.display());
+        }
+        assert!(is_regular(&dest.join("recovery.signal")));
+        assert_eq!(fs::read_to_string(dest.join("recovery.signal")).unwrap(), "");
+        assert!(is_regular(&dest.join("postgresql.auto.conf")));
+        let text = fs::read_to_string(dest.join("postgresql.auto.conf")).unwrap();
+        assert!(text.contains("restore_command = 'wal-rs wal-fetch %f %p'"), "{text}");
+        assert!(!text.lines().any(|l| l.trim() == "x"), "read through the link: {text}");
+        assert!(fs::symlink_metadata(dest.join("tablespace_map")).is_err(), "a linked tablespace_map stays");
+    }
+
+    #[test]
+    fn a_regular_tablespace_map_is_rewritten_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("tablespace_map"), "16385 /old/ts\n16390 /kept\n").unwrap();
+        rewrite_tablespace_map(dir.path(), &HashMap::from([("16385".to_string(), PathBuf::from("/new/ts"))])).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("tablespace_map")).unwrap(), "16385 /new/ts\n16390 /kept\n");
+    }
+
+    #[test]
+    fn pg_control_goes_only_into_a_real_global_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("data");
+        fs::create_dir(&dest).unwrap();
+        // Absent: made. A folder: used.
+        assert_eq!(real_global_dir(&dest).unwrap(), dest.join("global"));
+        assert_eq!(real_global_dir(&dest).unwrap(), dest.join("global"));
+        // A link (to the live cluster's global, say): refused.
+        fs::remove_dir(dest.join("global")).unwrap();
+        let live = dir.path().join("live_global");
+        fs::create_dir(&live).unwrap();
+        std::os::unix::fs::symlink(&live, dest.join("global")).unwrap();
+        let err = real_global_dir(&dest).unwrap_err().to_string();
+        assert!(err.contains("global") && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_restore_without_backup_label_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let label = dir.path().join("backup_label");
+        let check = || require_backup_label(dir.path(), "base_000000010000000000000002", "file:///store");
+        let err = check().unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("the restore of base_000000010000000000000002 has no backup_label"), "{err}");
+        // Empty (cut short), or a link: no label either.
+        fs::write(&label, "").unwrap();
+        assert!(check().is_err());
+        fs::remove_file(&label).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "START WAL LOCATION: 0/2000028\n").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &label).unwrap();
+        assert!(check().is_err());
+        fs::remove_file(&label).unwrap();
+        fs::write(&label, "START WAL LOCATION: 0/2000028\n").unwrap();
+        check().unwrap();
+    }
+
+    #[test]
+    fn a_walg_delta_backup_is_refused_by_name() {
+        let deltas = catalog::Deltas::from([(
+            "base_000000010000000000000004".to_string(),
+            crate::backup::sentinel::DeltaOrigin {
+                from: Some("base_000000010000000000000002".into()),
+                ..Default::default()
+            },
+        )]);
+        refuse_delta("base_000000010000000000000002", &deltas).unwrap();
+        let err = refuse_delta("base_000000010000000000000004", &deltas).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "base_000000010000000000000004 is a WAL-G delta backup (delta from base_000000010000000000000002): \
+             restore it with WAL-G, or fetch a full backup"
+        );
+        let none = nothing_to_restore(&Selector::Latest, &"file:///s", 1);
+        assert!(none.contains("1 WAL-G delta backups"), "{none}");
+    }
+
+    /// PostgreSQL runs restore_command in the data directory: a relative path given to
+    /// backup-fetch would name another file there.
+    #[test]
+    fn paths_in_the_restore_command_are_absolute() {
+        let mut config = Config::resolve(&crate::config::Overrides::default(), &crate::config::ProcessEnv).unwrap();
+        config.file = Some(PathBuf::from("conf/walrs.toml"));
+        let cwd = std::env::current_dir().unwrap();
+        let key_file = config.report.iter_mut().find(|(s, _, _)| s.key == "encryption_key_file").unwrap();
+        key_file.1 = Some("keys/walrs.keys".into());
+        key_file.2 = Source::File(PathBuf::from("conf/walrs.toml"));
+        let command = restore_command(&config);
+        let config_file = cwd.join("conf/walrs.toml").display().to_string();
+        assert!(command.contains(&format!("--config {}", shell_quote(&config_file).replace('%', "%%"))), "{command}");
+        let key = format!("encryption_key_file={}", cwd.join("keys/walrs.keys").display());
+        assert!(command.contains(&format!("--set {}", shell_quote(&key).replace('%', "%%"))), "{command}");
+        // An absolute path from the file stays with the file.
+        let key_file = config.report.iter_mut().find(|(s, _, _)| s.key == "encryption_key_file").unwrap();
+        key_file.1 = Some("/etc/walrs.keys".into());
+        assert!(!restore_command(&config).contains("encryption_key_file"));
     }
 }

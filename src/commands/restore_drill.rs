@@ -7,14 +7,17 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
 use super::backup_fetch::{self, FetchArgs};
+use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::recovery_conf::RecoveryTargets;
+use crate::store::Store;
 
 /// What the drill was asked.
 #[derive(Debug, Clone)]
@@ -50,7 +53,7 @@ pub(super) struct DrillReport {
 pub(super) async fn run(config: &Config, args: &DrillArgs) -> Result<DrillReport, Error> {
     let started = Instant::now();
     let store = super::common::open_store(config).await?;
-    let backup = super::backup_verify::find_backup(&store, &args.backup).await?;
+    let backup = find_restorable(&store, &args.backup).await?;
     let bindir = find_bindir(args.bindir.as_deref(), backup.sentinel.pg_version)?;
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let folder = Folder::create(&parent, &backup.name, args.keep)?;
@@ -89,6 +92,23 @@ pub(super) async fn run(config: &Config, args: &DrillArgs) -> Result<DrillReport
     report.total_ms = started.elapsed().as_millis();
     drop(folder);
     Ok(report)
+}
+
+/// NAME, or for LATEST the newest backup wal-rs can restore: a WAL-G delta backup is not
+/// one (named, backup-fetch refuses it with the reason).
+async fn find_restorable(store: &Arc<Store>, name: &str) -> Result<BackupInfo, Error> {
+    if !name.eq_ignore_ascii_case("LATEST") {
+        return super::backup_verify::find_backup(store, name).await;
+    }
+    let (backups, deltas) = catalog::list_with_deltas(store).await?;
+    catalog::select_restorable(&backups, &deltas, &Selector::Latest).cloned().ok_or_else(|| {
+        Error::NotFound(format!(
+            "no full backup in {} to drill ({} complete backups, {} of them WAL-G delta backups): see `wal-rs backup-list`",
+            store.url(),
+            backups.len(),
+            deltas.len()
+        ))
+    })
 }
 
 /// Starts the server, waits for promotion, checks. The error is the one-line reason.
@@ -176,14 +196,19 @@ fn find_bindir(given: Option<&Path>, pg_version: u32) -> Result<PathBuf, Error> 
 /// Settings that make the restored copy safe to start here: no archiving into the store,
 /// no TCP, trust on its private socket, small memory. Later lines of postgresql.auto.conf
 /// win over anything the backup carried.
+///
+/// Every file is written without following a link: a backup keeps the links of its data
+/// directory (`pg_hba.conf -> /etc/postgresql/...`), and a drill on the primary's host
+/// would otherwise rewrite the live cluster's files.
 fn prepare(data: &Path, socket: &Path, owned: &[&Path]) -> Result<(), Error> {
     let conf = data.join("postgresql.conf");
     if !conf.exists() {
-        // Clusters configured under /etc (Debian) back up no postgresql.conf.
-        fs::write(&conf, b"").map_err(|e| Error::local("write", &conf, e))?;
+        // Clusters configured under /etc (Debian) back up no postgresql.conf, or a link to
+        // a file this host does not have.
+        backup_fetch::write_restored(&conf, b"")?;
     }
     let auto = data.join("postgresql.auto.conf");
-    let mut text = fs::read_to_string(&auto).unwrap_or_default();
+    let mut text = backup_fetch::read_restored(&auto, "restore-drill")?.unwrap_or_default();
     text.push_str(&format!(
         "# wal-rs restore drill\narchive_mode = 'off'\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
          shared_buffers = '32MB'\nhot_standby = 'off'\nhba_file = '{}'\nident_file = '{}'\n\
@@ -192,11 +217,9 @@ fn prepare(data: &Path, socket: &Path, owned: &[&Path]) -> Result<(), Error> {
         data.join("pg_hba.conf").display(),
         data.join("pg_ident.conf").display(),
     ));
-    fs::write(&auto, text).map_err(|e| Error::local("write", &auto, e))?;
-    let hba = data.join("pg_hba.conf");
-    fs::write(&hba, b"local all all trust\n").map_err(|e| Error::local("write", &hba, e))?;
-    let ident = data.join("pg_ident.conf");
-    fs::write(&ident, b"").map_err(|e| Error::local("write", &ident, e))?;
+    backup_fetch::write_restored(&auto, text.as_bytes())?;
+    backup_fetch::write_restored(&data.join("pg_hba.conf"), b"local all all trust\n")?;
+    backup_fetch::write_restored(&data.join("pg_ident.conf"), b"")?;
     if is_root() {
         // PostgreSQL refuses to run as root: the copy belongs to the postgres user.
         for dir in owned {
@@ -375,5 +398,72 @@ impl Server {
             }
             Err(e) => Err(format!("pg_amcheck found problems: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link_to_x(dir: &Path, outside: &str, name: &Path) -> PathBuf {
+        let target = dir.join(outside);
+        fs::write(&target, "x").unwrap();
+        std::os::unix::fs::symlink(&target, name).unwrap();
+        target
+    }
+
+    /// A backup of a cluster configured under /etc keeps `pg_hba.conf -> /etc/...`: the
+    /// drill must replace the links, never write the live cluster's files through them.
+    #[test]
+    fn prepare_never_writes_through_links_from_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let hba = link_to_x(dir.path(), "live_hba", &data.join("pg_hba.conf"));
+        let ident = link_to_x(dir.path(), "live_ident", &data.join("pg_ident.conf"));
+        let auto = link_to_x(dir.path(), "live_auto", &data.join("postgresql.auto.conf"));
+        // A dangling link: the file it names must not be created.
+        std::os::unix::fs::symlink(dir.path().join("nowhere.conf"), data.join("postgresql.conf")).unwrap();
+
+        prepare(&data, &dir.path().join("socket"), &[]).unwrap();
+
+        for outside in [&hba, &ident, &auto] {
+            assert_eq!(fs::read_to_string(outside).unwrap(), "x", "{} was written through", outside.display());
+        }
+        assert!(!dir.path().join("nowhere.conf").exists());
+        let file = |name: &str| {
+            let path = data.join(name);
+            assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file(), "{name} is still a link");
+            fs::read_to_string(path).unwrap()
+        };
+        assert_eq!(file("pg_hba.conf"), "local all all trust\n");
+        assert_eq!(file("pg_ident.conf"), "");
+        assert_eq!(file("postgresql.conf"), "");
+        let auto_text = file("postgresql.auto.conf");
+        assert!(auto_text.starts_with("# wal-rs restore drill\n"), "{auto_text}");
+    }
+
+    #[test]
+    fn latest_drills_the_newest_full_backup() {
+        use crate::store::{memory::MemoryStore, Metadata, ObjectKey, PutMode, PutOptions};
+        let store = Arc::new(Store::Memory(MemoryStore::new()));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let sentinels = [
+                ("base_000000010000000000000002", r#"{"LSN":1,"FinishTime":"2026-11-26T10:00:00Z"}"#),
+                (
+                    "base_000000010000000000000004",
+                    r#"{"LSN":3,"FinishTime":"2026-11-26T11:00:00Z","DeltaFrom":"base_000000010000000000000002"}"#,
+                ),
+            ];
+            for (name, json) in sentinels {
+                let key = ObjectKey::new(&format!("basebackups_005/{name}_backup_stop_sentinel.json")).unwrap();
+                let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+                store.put_bytes(&key, json.as_bytes().to_vec(), opts).await.unwrap();
+            }
+            assert_eq!(find_restorable(&store, "LATEST").await.unwrap().name, "base_000000010000000000000002");
+            let named = find_restorable(&store, "base_000000010000000000000004").await.unwrap();
+            assert_eq!(named.name, "base_000000010000000000000004");
+        });
     }
 }
