@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS servers (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- Bumped whenever something other than the server's own step changes what the server is
+-- (rollback re-pointing a follower, unfollow, destroy): a step that started before commits
+-- its result only if the generation it read is still the server's.
+ALTER TABLE servers ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS backups (
     timeline_id text NOT NULL REFERENCES timelines (id),
     name text NOT NULL,

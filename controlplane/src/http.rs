@@ -121,27 +121,69 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// `at` as UTC text for recovery_target_time; refused when unparsable or in the future.
+/// Attribute keys the control plane writes itself (`pending_leader` during a rollback, the
+/// origin of a fork or of an unfollowed follower); a client may not set them.
+const RESERVED_ATTRIBUTES: [&str; 3] = ["pending_leader", "forked_from", "unfollowed_from"];
+
+/// A database's `attributes`: a JSON object (none or null: `{}`) without reserved keys.
+fn check_attributes(attributes: Option<Value>) -> ApiResult<Value> {
+    match attributes {
+        None | Some(Value::Null) => Ok(json!({})),
+        Some(Value::Object(map)) => match RESERVED_ATTRIBUTES.iter().find(|k| map.contains_key(**k)) {
+            Some(k) => Err(ApiError::Invalid(format!("attributes: {k:?} is reserved for the control plane"))),
+            None => Ok(Value::Object(map)),
+        },
+        Some(_) => Err(ApiError::Invalid("attributes: must be a JSON object".into())),
+    }
+}
+
+/// `at` as UTC text for recovery_target_time; refused when unparsable, infinite or in the
+/// future.
 async fn parse_at(c: &impl GenericClient, at: &str) -> ApiResult<String> {
     let row = c
         .query_one(
-            "SELECT to_char(t at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', t <= now()
+            "SELECT to_char(t at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', t <= now(), isfinite(t)
              FROM (SELECT $1::text::timestamptz AS t) x",
             &[&at],
         )
         .await
         .map_err(|_| ApiError::Invalid(format!("at {at:?}: not a time; use RFC 3339, e.g. 2026-01-02T03:04:05Z")))?;
-    if !row.get::<_, bool>(1) {
-        return Err(ApiError::Invalid(format!("at {at:?} is in the future")));
+    let (text, past, finite): (Option<String>, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    match text {
+        _ if !finite => {
+            Err(ApiError::Invalid(format!("at {at:?}: not a finite time; use RFC 3339, e.g. 2026-01-02T03:04:05Z")))
+        }
+        _ if !past => Err(ApiError::Invalid(format!("at {at:?} is in the future"))),
+        Some(text) => Ok(text),
+        None => Err(ApiError::Invalid(format!("at {at:?}: not a time; use RFC 3339, e.g. 2026-01-02T03:04:05Z"))),
     }
-    Ok(row.get(0))
 }
 
 /// The live resource named `name`: (id, state, leader_id, timeline_id).
 async fn find(c: &impl GenericClient, name: &str) -> ApiResult<(String, String, Option<String>, String)> {
+    find_row(c, name, "").await
+}
+
+/// [`find`], with the resource row locked until the transaction `tx` ends: a handler that
+/// checks the state and then changes the resource or adds servers to it does both before any
+/// other handler (or a resource step, which locks the row too) sees the resource.
+async fn find_for_update(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> ApiResult<(String, String, Option<String>, String)> {
+    find_row(tx, name, " FOR UPDATE").await
+}
+
+async fn find_row(
+    c: &impl GenericClient,
+    name: &str,
+    lock: &str,
+) -> ApiResult<(String, String, Option<String>, String)> {
     let row = c
         .query_opt(
-            "SELECT id, state, leader_id, timeline_id FROM resources WHERE name = $1 AND state <> 'destroyed'",
+            &format!(
+                "SELECT id, state, leader_id, timeline_id FROM resources WHERE name = $1 AND state <> 'destroyed'{lock}"
+            ),
             &[&name],
         )
         .await?
@@ -170,10 +212,10 @@ async fn insert_resource(
 
 async fn create(State(ctx): State<Arc<Ctx>>, Json(b): Json<CreateBody>) -> ApiResult<(StatusCode, Json<Value>)> {
     check_name(&b.name)?;
+    let attrs = check_attributes(b.attributes)?;
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
     let tl = new_timeline(&tx, &ctx.store_root, None, None, None).await?;
-    let attrs = b.attributes.unwrap_or(json!({}));
     let id = insert_resource(&tx, &b.name, b.plan.as_deref().unwrap_or("local"), &attrs, &tl, "creating").await?;
     let sid = new_server(&tx, &id, "leader", &tl, &Spec::Initdb).await?;
     tx.execute("UPDATE resources SET leader_id = $2 WHERE id = $1", &[&id, &sid]).await?;
@@ -189,14 +231,14 @@ async fn fork(
     check_name(&b.name)?;
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
-    let (_, state, _, parent_tl) = find(&tx, &name).await?;
-    if state != "available" {
-        return Err(ApiError::Conflict(format!("database {name:?} is {state}; fork it once it is available")));
-    }
     let at = match &b.at {
         Some(at) => Some(parse_at(&tx, at).await?),
         None => None,
     };
+    let (_, state, _, parent_tl) = find_for_update(&tx, &name).await?;
+    if state != "available" {
+        return Err(ApiError::Conflict(format!("database {name:?} is {state}; fork it once it is available")));
+    }
     let tl = new_timeline(&tx, &ctx.store_root, Some(&parent_tl), at.as_deref(), None).await?;
     let id = insert_resource(&tx, &b.name, "local", &json!({ "forked_from": name }), &tl, "creating").await?;
     let spec = Spec::Pitr { from_timeline: parent_tl, target_time: at };
@@ -213,20 +255,29 @@ async fn rollback(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
-    let (id, state, _, tl) = find(&tx, &name).await?;
+    let at = parse_at(&tx, &b.at).await?;
+    let (id, state, _, tl) = find_for_update(&tx, &name).await?;
     if state != "available" {
         return Err(ApiError::Conflict(format!("database {name:?} is {state}; roll it back once it is available")));
     }
-    let at = parse_at(&tx, &b.at).await?;
     let new_tl = new_timeline(&tx, &ctx.store_root, Some(&tl), Some(&at), None).await?;
     let spec = Spec::Pitr { from_timeline: tl, target_time: Some(at) };
     let sid = new_server(&tx, &id, "leader", &new_tl, &spec).await?;
-    tx.execute(
-        "UPDATE resources SET state = 'rolling_back', attrs = attrs || jsonb_build_object('pending_leader', $2::text),
-                              updated_at = now() WHERE id = $1",
-        &[&id, &sid],
-    )
-    .await?;
+    // Only from `available` (the row is locked, so this is a second guard); attrs that are
+    // not an object (stored before they were checked) are replaced, not turned into an array.
+    let n = tx
+        .execute(
+            "UPDATE resources SET state = 'rolling_back',
+                    attrs = (CASE jsonb_typeof(attrs) WHEN 'object' THEN attrs ELSE '{}'::jsonb END)
+                            || jsonb_build_object('pending_leader', $2::text),
+                    updated_at = now()
+             WHERE id = $1 AND state = 'available'",
+            &[&id, &sid],
+        )
+        .await?;
+    if n != 1 {
+        return Err(ApiError::Conflict(format!("database {name:?} changed meanwhile; look again")));
+    }
     crate::info!("event" = "transition", "object" = "resource", "id" = id, "from" = state, "to" = "rolling_back");
     queue::enqueue(&tx, "resource", &id).await?;
     tx.commit().await?;
@@ -236,7 +287,7 @@ async fn rollback(
 async fn add_follower(State(ctx): State<Arc<Ctx>>, Path(name): Path<String>) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
-    let (id, state, leader, tl) = find(&tx, &name).await?;
+    let (id, state, leader, tl) = find_for_update(&tx, &name).await?;
     let Some(leader) = leader.filter(|_| state == "available") else {
         return Err(ApiError::Conflict(format!("database {name:?} is {state}; add followers once it is available")));
     };
@@ -271,12 +322,17 @@ async fn unfollow(
     let new_tl = new_timeline(&tx, &ctx.store_root, Some(&tl), None, lsn.as_deref()).await?;
     let id = insert_resource(&tx, &b.name, "local", &json!({ "unfollowed_from": old_resource }), &new_tl, "creating")
         .await?;
-    tx.execute(
-        "UPDATE servers SET resource_id = $2, role = 'leader', timeline_id = $3, state = 'promoting', updated_at = now()
-         WHERE id = $1",
-        &[&sid, &id, &new_tl],
-    )
-    .await?;
+    let n = tx
+        .execute(
+            "UPDATE servers SET resource_id = $2, role = 'leader', timeline_id = $3, state = 'promoting',
+                                generation = generation + 1, updated_at = now()
+             WHERE id = $1 AND role = 'follower' AND state = 'available'",
+            &[&sid, &id, &new_tl],
+        )
+        .await?;
+    if n != 1 {
+        return Err(ApiError::Conflict(format!("server {sid} changed meanwhile; look again")));
+    }
     tx.execute("UPDATE resources SET leader_id = $2 WHERE id = $1", &[&id, &sid]).await?;
     crate::info!(
         "event" = "transition",
@@ -294,16 +350,22 @@ async fn unfollow(
 async fn destroy(State(ctx): State<Arc<Ctx>>, Path(name): Path<String>) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
-    let (id, state, _, _) = find(&tx, &name).await?;
-    tx.execute(
-        "UPDATE resources SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1",
-        &[&id],
-    )
-    .await?;
+    let (id, state, _, _) = find_for_update(&tx, &name).await?;
+    let n = tx
+        .execute(
+            "UPDATE resources SET state = 'destroying', desired = 'destroyed', updated_at = now()
+             WHERE id = $1 AND state = $2",
+            &[&id, &state],
+        )
+        .await?;
+    if n != 1 {
+        return Err(ApiError::Conflict(format!("database {name:?} changed meanwhile; look again")));
+    }
     crate::info!("event" = "transition", "object" = "resource", "id" = id, "from" = state, "to" = "destroying");
     let servers = tx
         .query(
-            "UPDATE servers SET state = 'destroying', desired = 'destroyed', updated_at = now()
+            "UPDATE servers SET state = 'destroying', desired = 'destroyed', generation = generation + 1,
+                                updated_at = now()
              WHERE resource_id = $1 AND state <> 'destroyed' RETURNING id",
             &[&id],
         )
@@ -413,4 +475,21 @@ async fn server_view(c: &impl GenericClient, id: &str) -> ApiResult<Value> {
         None => Value::Null,
     };
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_must_be_an_object_without_reserved_keys() {
+        assert_eq!(check_attributes(None).unwrap(), json!({}));
+        assert_eq!(check_attributes(Some(Value::Null)).unwrap(), json!({}));
+        assert_eq!(check_attributes(Some(json!({ "team": "a" }))).unwrap(), json!({ "team": "a" }));
+        for bad in
+            [json!([]), json!("x"), json!(1), json!({ "pending_leader": "bogus" }), json!({ "forked_from": "x" })]
+        {
+            assert!(matches!(check_attributes(Some(bad.clone())), Err(ApiError::Invalid(_))), "{bad} accepted");
+        }
+    }
 }

@@ -64,10 +64,14 @@ async fn run(mut cli: Cli) -> Result<()> {
             format!("file://{}", data.join("store").display())
         }
     };
-    let walrs_env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("WALRS_") && !k.starts_with("WALRS_CONTROL_"))
-        .filter(|(k, _)| !matches!(k.as_str(), "WALRS_BIN" | "WALRS_STORE" | "WALRS_CONFIG"))
-        .collect();
+    let mut walrs_env = walrs_settings(std::env::vars())?;
+    let encryption_key_file = match walrs_env.iter_mut().find(|(k, _)| k == KEY_FILE_VAR) {
+        Some((_, path)) => {
+            *path = key_file_for_postgres(path).await?;
+            Some(path.clone())
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         cfg: cli.config.clone(),
         conninfo,
@@ -75,6 +79,7 @@ async fn run(mut cli: Cli) -> Result<()> {
         store_root,
         walrs_env,
         walrs_path: walrs_path.display().to_string(),
+        encryption_key_file,
     });
     let mut tasks = tokio::task::JoinSet::new();
     let p = cli.process;
@@ -113,6 +118,61 @@ async fn run(mut cli: Cli) -> Result<()> {
     }
 }
 
+/// The wal-rs setting that names the encryption key file.
+const KEY_FILE_VAR: &str = "WALRS_ENCRYPTION_KEY_FILE";
+
+/// The `WALRS_*` settings passed on to the wal-rs commands the workers run (not the control
+/// plane's own, nor the binary, store and config file, which it sets itself).
+///
+/// Encryption keys reach the servers only as a key file: archive_command and the
+/// restore_command that backup-fetch writes carry the file's path (`--set
+/// encryption_key_file=...`), never a key, since both end up in the server's configuration
+/// files and process list. A raw `WALRS_ENCRYPTION_KEY` is refused rather than copied into a
+/// file of ours: backups would be encrypted while WAL, pushed by archive_command, could not
+/// be, and where a key lives on disk is the operator's choice.
+fn walrs_settings(vars: impl Iterator<Item = (String, String)>) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (k, v) in vars {
+        if !k.starts_with("WALRS_")
+            || k.starts_with("WALRS_CONTROL_")
+            || matches!(k.as_str(), "WALRS_BIN" | "WALRS_STORE" | "WALRS_CONFIG")
+        {
+            continue;
+        }
+        if k == "WALRS_ENCRYPTION_KEY" {
+            if v.trim().is_empty() {
+                continue;
+            }
+            anyhow::bail!(
+                "WALRS_ENCRYPTION_KEY is set, but the control plane gives servers keys only as a file: write the key to a file the postgres user can read (mode 0600) and set {KEY_FILE_VAR} to its path instead"
+            );
+        }
+        if k == KEY_FILE_VAR && v.trim().is_empty() {
+            continue;
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// The absolute path of the key file `path`, checked readable by the postgres user (who runs
+/// archive_command and restore_command, from PGDATA). Errors never show a value that may be a
+/// key pasted where its path belongs.
+async fn key_file_for_postgres(path: &str) -> Result<String> {
+    let shown = if path.contains('/') { format!(" {path}") } else { String::new() };
+    let abs = Path::new(path)
+        .canonicalize()
+        .with_context(|| format!("{KEY_FILE_VAR}{shown}: not an existing file; set it to the key file's path"))?;
+    let abs = abs.display().to_string();
+    let out = sys::run_as_postgres(&["test".into(), "-r".into(), abs.clone()], &[]).await?;
+    if out.code != 0 {
+        anyhow::bail!(
+            "{KEY_FILE_VAR} {abs}: the postgres user cannot read it; give it to postgres (chown postgres, mode 0600)"
+        );
+    }
+    Ok(abs)
+}
+
 /// Copies the wal-rs binary to `<data>/bin/wal-rs` (mode 755), so that archive_command,
 /// running as postgres, can execute it whatever the permissions of the checkout it was built
 /// in. Returns the copy's path.
@@ -139,4 +199,42 @@ fn install_walrs(bin: &Path, data: &Path) -> Result<PathBuf> {
         std::fs::rename(&tmp, &dest)?;
     }
     Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn walrs_settings_keep_walrs_variables_but_not_the_control_planes() {
+        let env = walrs_settings(vars(&[
+            ("WALRS_NETWORK_RATE_LIMIT", "300000"),
+            ("WALRS_CONTROL_DATA", "/x"),
+            ("WALRS_STORE", "file:///elsewhere"),
+            ("WALRS_ENCRYPTION_KEY_FILE", "/etc/wal-rs/keys"),
+            ("HOME", "/root"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            env,
+            vec![
+                ("WALRS_NETWORK_RATE_LIMIT".to_string(), "300000".to_string()),
+                ("WALRS_ENCRYPTION_KEY_FILE".to_string(), "/etc/wal-rs/keys".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_raw_encryption_key_is_refused_without_showing_it() {
+        let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let err = walrs_settings(vars(&[("WALRS_ENCRYPTION_KEY", key)])).unwrap_err().to_string();
+        assert!(err.contains("WALRS_ENCRYPTION_KEY_FILE") && !err.contains(key), "{err}");
+        assert!(!err.contains('\n'), "not one line: {err}");
+        // Empty counts as unset.
+        assert!(walrs_settings(vars(&[("WALRS_ENCRYPTION_KEY", "")])).unwrap().is_empty());
+    }
 }

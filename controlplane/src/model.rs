@@ -57,6 +57,9 @@ pub struct Server {
     pub spec: Spec,
     /// The provider's handle, once created.
     pub handle: Option<Handle>,
+    /// Bumped by every change made by someone other than the server's own step (re-pointing
+    /// on rollback, unfollow, destroy); a step's result commits only if it is unchanged.
+    pub generation: i64,
 }
 
 /// States after which a server needs no work until something changes.
@@ -74,7 +77,7 @@ pub fn server_restartable(state: &str) -> bool {
 pub async fn load_server(c: &impl GenericClient, id: &str) -> Result<Option<Server>> {
     let row = c
         .query_opt(
-            "SELECT s.id, s.resource_id, s.role, s.state, s.timeline_id, t.store, s.spec, s.handle
+            "SELECT s.id, s.resource_id, s.role, s.state, s.timeline_id, t.store, s.spec, s.handle, s.generation
              FROM servers s JOIN timelines t ON t.id = s.timeline_id WHERE s.id = $1",
             &[&id],
         )
@@ -91,6 +94,7 @@ pub async fn load_server(c: &impl GenericClient, id: &str) -> Result<Option<Serv
         store: r.get(5),
         spec: serde_json::from_value(spec).context("server spec")?,
         handle: handle.map(serde_json::from_value).transpose().context("server handle")?,
+        generation: r.get(8),
     }))
 }
 

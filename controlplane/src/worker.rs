@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::converge::{self, Ctx, Fatal, Outcome};
+use crate::converge::{self, Bounded, Ctx, Fatal, Outcome};
 use crate::model::{self, server_restartable, server_settled};
 use crate::{db, queue};
 
@@ -65,21 +65,26 @@ pub async fn tick(ctx: &Arc<Ctx>, worker: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// Moves a server whose step failed from `from` to `to`, keeping the error, and logs the
-/// transition.
+/// Moves a server whose step failed from the state (and generation) it was loaded in to `to`,
+/// keeping the error, and logs the transition; false when someone moved or re-pointed it
+/// meanwhile (nothing is changed).
 async fn fail_into(
     tx: &tokio_postgres::Transaction<'_>,
-    id: &str,
-    from: &str,
+    server: &model::Server,
     to: &str,
     reason: &str,
     msg: &str,
-) -> Result<()> {
-    tx.execute(
-        "UPDATE servers SET state = $4, error = $3, updated_at = now() WHERE id = $1 AND state = $2",
-        &[&id, &from, &msg, &to],
-    )
-    .await?;
+) -> Result<bool> {
+    let (id, from) = (&server.id, &server.state);
+    let n = tx
+        .execute(
+            "UPDATE servers SET state = $4, error = $3, updated_at = now() WHERE id = $1 AND state = $2 AND generation = $5",
+            &[&id, &from, &msg, &to, &server.generation],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
     crate::warn!(
         "event" = "transition",
         "object" = "server",
@@ -89,7 +94,7 @@ async fn fail_into(
         "reason" = reason,
         "error" = msg
     );
-    Ok(())
+    Ok(true)
 }
 
 async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &queue::Job) -> Result<()> {
@@ -134,8 +139,8 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
             let n = tx
                 .execute(
                     "UPDATE servers SET state = $3, handle = COALESCE($4, handle), error = NULL, updated_at = now()
-                     WHERE id = $1 AND state = $2",
-                    &[&server.id, &from, &state, &handle],
+                     WHERE id = $1 AND state = $2 AND generation = $5",
+                    &[&server.id, &from, &state, &handle, &server.generation],
                 )
                 .await?;
             if n == 1 {
@@ -162,7 +167,8 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
                     queue::again(&tx, job, Duration::ZERO).await?;
                 }
             } else {
-                // Someone (the API) moved the server meanwhile: look again.
+                // Someone (the API, a rollback) moved or re-pointed the server meanwhile: look
+                // again, at what it is now.
                 queue::again(&tx, job, Duration::ZERO).await?;
             }
         }
@@ -170,15 +176,23 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
         Ok(Outcome::Done) => queue::complete(&tx, job).await?,
         Err(e) => {
             let msg = format!("{e:#}");
-            if e.downcast_ref::<Fatal>().is_some() {
-                fail_into(&tx, &server.id, from, "failed", "step_failed_for_good", &msg).await?;
-                queue::enqueue(&tx, "resource", &server.resource_id).await?;
-                queue::complete(&tx, job).await?;
-            } else if server_restartable(from) && job.attempts >= RESTART_AFTER_FAILURES {
-                fail_into(&tx, &server.id, from, "restoring", "step_kept_failing", &msg).await?;
+            let decision = on_error(&e, from, job.attempts);
+            if decision == OnError::Fail {
+                if fail_into(&tx, &server, "failed", "step_failed_for_good", &msg).await? {
+                    queue::enqueue(&tx, "resource", &server.resource_id).await?;
+                    queue::complete(&tx, job).await?;
+                } else {
+                    queue::again(&tx, job, Duration::ZERO).await?;
+                }
+            } else if decision == OnError::Restore {
+                fail_into(&tx, &server, "restoring", "step_kept_failing", &msg).await?;
                 queue::again(&tx, job, Duration::ZERO).await?;
             } else {
-                tx.execute("UPDATE servers SET error = $2 WHERE id = $1", &[&server.id, &msg]).await?;
+                tx.execute(
+                    "UPDATE servers SET error = $2 WHERE id = $1 AND generation = $3",
+                    &[&server.id, &msg, &server.generation],
+                )
+                .await?;
                 crate::warn!(
                     "event" = "step_failed",
                     "object" = "server",
@@ -193,4 +207,45 @@ async fn run_server_job(ctx: &Arc<Ctx>, c: &mut tokio_postgres::Client, job: &qu
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// What a failed server step leads to.
+#[derive(Debug, PartialEq, Eq)]
+enum OnError {
+    /// The server goes to `failed`.
+    Fail,
+    /// The server starts over from `restoring`.
+    Restore,
+    /// The job is retried after a backoff.
+    Retry,
+}
+
+/// Decides what the error `e` of a step in state `from`, failing for the `attempts`th time in
+/// a row, leads to. Every branch ends: a [`Bounded`] error fails the server once its attempts
+/// are spent.
+fn on_error(e: &anyhow::Error, from: &str, attempts: i32) -> OnError {
+    if e.downcast_ref::<Fatal>().is_some() || e.downcast_ref::<Bounded>().is_some_and(|b| attempts >= b.attempts) {
+        OnError::Fail
+    } else if server_restartable(from) && attempts >= RESTART_AFTER_FAILURES {
+        OnError::Restore
+    } else {
+        OnError::Retry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_errors_are_retried_then_fail() {
+        let bounded = || anyhow::Error::new(Bounded { msg: "wal-rs backup-push exited 3".into(), attempts: 10 });
+        assert_eq!(on_error(&bounded(), "backing_up", 1), OnError::Retry);
+        assert_eq!(on_error(&bounded(), "backing_up", 9), OnError::Retry);
+        assert_eq!(on_error(&bounded(), "backing_up", 10), OnError::Fail);
+        assert_eq!(on_error(&bounded().context("a step"), "backing_up", 10), OnError::Fail);
+        assert_eq!(on_error(&anyhow::Error::new(Fatal("no backup".into())), "restoring", 1), OnError::Fail);
+        assert_eq!(on_error(&anyhow::anyhow!("refused"), "starting", 3), OnError::Restore);
+        assert_eq!(on_error(&anyhow::anyhow!("refused"), "backing_up", 50), OnError::Retry);
+    }
 }

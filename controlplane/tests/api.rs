@@ -52,6 +52,8 @@ struct ControlPlane {
     port: u16,
     procs: Vec<(String, Child)>,
     bin: PathBuf,
+    /// `WALRS_*` settings given to every process.
+    walrs_env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
@@ -62,7 +64,21 @@ impl ControlPlane {
         fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let bin = walrs_bin();
-        ControlPlane { data, port, procs: Vec::new(), bin }
+        ControlPlane { data, port, procs: Vec::new(), bin, walrs_env: Vec::new() }
+    }
+
+    /// Makes every process started from now on encrypt, with a key file in the data folder
+    /// (readable by postgres, who runs archive_command and restore_command).
+    fn encrypt(&mut self) {
+        let keys = self.data.join("keys");
+        fs::write(&keys, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        fs::set_permissions(&keys, fs::Permissions::from_mode(0o644)).unwrap();
+        self.walrs_env.push(("WALRS_ENCRYPTION_KEY_FILE".into(), keys.display().to_string()));
+    }
+
+    /// The state database (the private cluster under the data folder).
+    fn state_db(&self) -> String {
+        format!("host={} port=5432 user=postgres dbname=postgres", self.data.join("run").display())
     }
 
     /// Starts `wal-rs-control ARGS...` with fast ticks; stdout goes to `<data>/<name>.log`.
@@ -78,6 +94,7 @@ impl ControlPlane {
             .env("WALRS_CONTROL_POLL_MS", "200")
             .env("WALRS_CONTROL_LEASE_SECS", "5")
             .env("WALRS_CONTROL_UNSAFE_NO_FSYNC", "true")
+            .envs(self.walrs_env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -250,6 +267,30 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     out
 }
 
+/// (encrypted, plaintext) WAL objects under the store folder `dir`: files under a `wal_*`
+/// folder, by whether they start with the encryption magic.
+fn encrypted_wal(dir: &Path) -> (usize, usize) {
+    let (mut sealed, mut plain) = (0, 0);
+    let mut stack = vec![(dir.to_path_buf(), false)];
+    while let Some((d, in_wal)) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let wal = in_wal || e.file_name().to_string_lossy().starts_with("wal_");
+            if e.file_type().unwrap().is_dir() {
+                stack.push((e.path(), wal));
+            } else if wal {
+                let mut head = [0u8; 8];
+                let n = fs::File::open(e.path()).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+                if n == 8 && &head == b"WALRSENC" {
+                    sealed += 1;
+                } else {
+                    plain += 1;
+                }
+            }
+        }
+    }
+    (sealed, plain)
+}
+
 fn stamp(phase: &str, since: Instant) {
     eprintln!("control-plane test: {phase} in {:.1} s", since.elapsed().as_secs_f64());
 }
@@ -258,6 +299,9 @@ fn stamp(phase: &str, since: Instant) {
 fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     let started = Instant::now();
     let mut cp = ControlPlane::new();
+    // Encrypted: archive_command must seal WAL like backup-push seals backups, or the
+    // restore_command of forks and rollbacks (which carries the key file) refuses the WAL.
+    cp.encrypt();
     cp.start();
     cp.spawn("worker-1", &["worker"], &[]);
 
@@ -306,6 +350,30 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     assert_ne!(fork["timeline"]["id"], app["timeline"]["id"]);
     sql(&fork_url, "insert into t values (1001)").unwrap();
     assert_eq!(rows(&leader_url), Some((30, 30)), "writing to the fork changed its parent");
+
+    // --- fork at a time after the parent's last write: the recovery needs the commit the
+    // control plane makes on the parent, archived before the segment switch.
+    let now =
+        one(&leader_url, "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            .unwrap();
+    let t = Instant::now();
+    cp.call("POST", "/databases/app/forks", Some(json!({ "name": "app-now", "at": now })), 201);
+    let fork_now = cp.wait_database("app-now", "available");
+    stamp("fork at a time after the last write", t);
+    assert_eq!(rows(&url_of(&fork_now)), Some((30, 30)), "the fork at {now} must hold rows 1..30");
+    // Converged at the first restore: a recovery that ends before its target stops the server,
+    // and the server is restored again (which then finds the first attempt's commit archived).
+    let fork_now_leader = fork_now["leader"]["id"].as_str().unwrap().to_string();
+    let log = cp.log("worker-1");
+    assert!(
+        !log.lines().any(|l| l.contains(&fork_now_leader) && l.contains("stopped during recovery")),
+        "the fork at {now} did not reach its target at the first restore:\n{log}"
+    );
+    let store = fork_now["timeline"]["store"].as_str().unwrap().to_string();
+    let parent_store = app["timeline"]["store"].as_str().unwrap().to_string();
+    let sealed = encrypted_wal(Path::new(parent_store.trim_start_matches("file://")));
+    assert!(sealed.0 > 0 && sealed.1 == 0, "WAL objects of {parent_store} (encrypted, plaintext): {sealed:?}");
+    assert!(store != parent_store);
 
     // --- PostgreSQL killed on the leader and on the follower: both come back by themselves.
     let t = Instant::now();
@@ -385,12 +453,12 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     // --- destroy everything.
     let t = Instant::now();
     let mut pgdatas = Vec::new();
-    for name in ["app", "app-fork", "app-copy"] {
+    for name in ["app", "app-fork", "app-now", "app-copy"] {
         let d = cp.database(name);
         pgdatas.push(PathBuf::from(d["leader"]["pgdata"].as_str().unwrap()));
         cp.call("DELETE", &format!("/databases/{name}"), None, 202);
     }
-    for name in ["app", "app-fork", "app-copy"] {
+    for name in ["app", "app-fork", "app-now", "app-copy"] {
         wait_for(&format!("{name} to be gone"), CONVERGE, || {
             (cp.http("GET", &format!("/databases/{name}"), None).0 == 404).then_some(())
         });
@@ -402,4 +470,104 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     assert!(one(&leader_url, "select 1").is_none() && one(&f1_url, "select 1").is_none());
     assert_eq!(cp.call("GET", "/databases", None, 200), json!([]));
     stamp("whole scenario", started);
+}
+
+/// The API's checks, with no worker (nothing converges; the state database is set by hand):
+/// bad attributes and non-finite times are refused with 422, and a handler that changes a
+/// database waits for a concurrent change of that database and then answers 409, instead of
+/// acting on the state it read before.
+#[test]
+fn api_refuses_bad_input_and_serializes_changes_of_a_database() {
+    let mut cp = ControlPlane::new();
+    cp.start();
+
+    // --- attributes: an object, without the keys the control plane writes.
+    for bad in [json!([]), json!("x"), json!({ "pending_leader": "bogus" })] {
+        let (status, v) = cp.http("POST", "/databases", Some(json!({ "name": "bad", "attributes": bad })));
+        assert_eq!(status, 422, "attributes {bad}: {v}");
+    }
+    assert_eq!(cp.http("GET", "/databases/bad", None).0, 404);
+    cp.call("POST", "/databases", Some(json!({ "name": "db", "attributes": { "team": "a" } })), 201);
+
+    // No worker runs: make the database look available by hand.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let state = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&cp.state_db(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    });
+    let exec = |q: &str| rt.block_on(state.batch_execute(q)).unwrap();
+    let resource_state = || -> String {
+        rt.block_on(state.query_one("SELECT state FROM resources WHERE name = 'db' AND state <> 'destroyed'", &[]))
+            .unwrap()
+            .get(0)
+    };
+    exec("UPDATE resources SET state = 'available' WHERE name = 'db'");
+
+    // --- times that are not finite (to_char gives NULL for them).
+    for at in ["-infinity", "infinity"] {
+        for path in ["/databases/db/rollback", "/databases/db/forks"] {
+            let (status, v) = cp.http("POST", path, Some(json!({ "name": "db-fork", "at": at })));
+            assert_eq!(status, 422, "POST {path} at {at}: {v}");
+        }
+    }
+    assert_eq!(resource_state(), "available");
+
+    // --- a destroy in flight (its transaction holds the row, not committed yet): a follower
+    // or a rollback asked meanwhile waits for it, then finds the database destroying.
+    let past = "2000-01-01T00:00:00Z";
+    for (method, path, body) in
+        [("POST", "/databases/db/followers", None), ("POST", "/databases/db/rollback", Some(json!({ "at": past })))]
+    {
+        exec("BEGIN; UPDATE resources SET state = 'destroying' WHERE name = 'db' AND state <> 'destroyed'");
+        let (status, v) = std::thread::scope(|s| {
+            let call = s.spawn(|| cp.http(method, path, body.clone()));
+            std::thread::sleep(Duration::from_millis(1500));
+            let waited = !call.is_finished();
+            exec("COMMIT");
+            let answer = call.join().unwrap();
+            assert!(waited, "{method} {path} did not wait for the destroy in flight: {answer:?}");
+            answer
+        });
+        assert_eq!(status, 409, "{method} {path} during a destroy: {v}");
+        assert_eq!(resource_state(), "destroying", "{method} {path} overwrote the destroy");
+        let followers: i64 = rt
+            .block_on(state.query_one(
+                "SELECT count(*) FROM servers s JOIN resources r ON r.id = s.resource_id WHERE r.name = 'db' AND s.role = 'follower'",
+                &[],
+            ))
+            .unwrap()
+            .get(0);
+        assert_eq!(followers, 0, "a follower was added to a database being destroyed");
+        exec("UPDATE resources SET state = 'available' WHERE name = 'db'");
+    }
+
+    // --- two rollbacks at once: one wins, the other gets 409 (no orphaned pending leader).
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| cp.http("POST", "/databases/db/rollback", Some(json!({ "at": past }))).0))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let mut sorted = answers.clone();
+    sorted.sort();
+    assert_eq!(sorted, [202, 409], "two rollbacks at once: {answers:?}");
+    let leaders: i64 = rt
+        .block_on(state.query_one(
+            "SELECT count(*) FROM servers s JOIN resources r ON r.id = s.resource_id WHERE r.name = 'db' AND s.role = 'leader'",
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(leaders, 2, "the leader and one pending leader");
+    let d = cp.database("db");
+    assert_eq!(d["state"], "rolling_back");
+    assert_eq!(d["attributes"]["team"], "a");
+    assert!(d["pending_leader"]["id"].is_string(), "{d}");
+
+    // --- destroy: the database goes (no worker: it stays destroying, with its servers).
+    cp.call("DELETE", "/databases/db", None, 202);
+    assert_eq!(resource_state(), "destroying");
 }

@@ -30,6 +30,10 @@ pub struct Ctx {
     pub walrs_env: Vec<(String, String)>,
     /// The wal-rs binary on the servers.
     pub walrs_path: String,
+    /// The encryption key file (absolute path, readable by postgres), also in `walrs_env`;
+    /// archive_command gets it as `--set encryption_key_file=...`, like the restore_command
+    /// backup-fetch writes, so WAL is sealed with the same keys as the backups.
+    pub encryption_key_file: Option<String>,
 }
 
 /// Where a step left its object.
@@ -69,3 +73,22 @@ impl std::fmt::Display for Fatal {
 }
 
 impl std::error::Error for Fatal {}
+
+/// An error a retry may or may not fix (wal-rs backup-push exit 3: a bad setting, or
+/// PostgreSQL not answering for a moment): the step is retried like after any error, but
+/// after `attempts` failures in a row the object goes to `failed` like after a [`Fatal`].
+#[derive(Debug)]
+pub struct Bounded {
+    /// The error.
+    pub msg: String,
+    /// Consecutive attempts allowed.
+    pub attempts: i32,
+}
+
+impl std::fmt::Display for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Bounded {}

@@ -73,7 +73,8 @@ async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &st
     .await?;
     if let Some(old) = old {
         tx.execute(
-            "UPDATE servers SET state = 'destroying', desired = 'destroyed', updated_at = now() WHERE id = $1",
+            "UPDATE servers SET state = 'destroying', desired = 'destroyed', generation = generation + 1,
+                                updated_at = now() WHERE id = $1",
             &[&old],
         )
         .await?;
@@ -89,7 +90,8 @@ async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &st
     let followers = tx
         .query(
             "UPDATE servers SET state = 'restoring', spec = jsonb_build_object('source', 'standby', 'leader', $2::text),
-                                timeline_id = (SELECT timeline_id FROM servers WHERE id = $2), updated_at = now()
+                                timeline_id = (SELECT timeline_id FROM servers WHERE id = $2),
+                                generation = generation + 1, updated_at = now()
              WHERE resource_id = $1 AND role = 'follower' AND state NOT IN ('destroying', 'destroyed') RETURNING id",
             &[&id, &new],
         )

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio_postgres::GenericClient;
 
-use super::{Ctx, Fatal, Outcome};
+use super::{Bounded, Ctx, Fatal, Outcome};
 use crate::model::{Server, Spec};
 use crate::pgconn;
 use crate::provider::{Handle, Provider};
@@ -13,6 +13,17 @@ use crate::provider::{Handle, Provider};
 /// wal-rs exit codes after which retrying cannot help (docs/exit-codes.md): wrong command
 /// line, configuration, input refused, cluster mismatch, not found.
 const FATAL_WALRS_CODES: [i32; 5] = [2, 3, 4, 6, 12];
+
+/// Consecutive attempts of a backup-push that exits 3 before the server is `failed`. wal-rs
+/// exits 3 for a bad setting, but also when it cannot connect to PostgreSQL or a query fails
+/// ("the server is in recovery" while a promotion finishes, connections refused for a moment
+/// after a crash), which a retry fixes. With the job's backoff (0.5 s doubling, at most
+/// 15 s), 10 attempts span about 1.5 minutes.
+pub const BACKUP_PUSH_CONFIG_ATTEMPTS: i32 = 10;
+
+/// How long the `promoting` step waits for `pg_is_in_recovery()` to turn false after
+/// `pg_promote()`, before it fails (and is retried).
+const PROMOTE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The file the control plane owns in every PGDATA, included from postgresql.conf.
 const CONF_FILE: &str = "walrs_control.conf";
@@ -61,7 +72,11 @@ pub async fn step(ctx: &Ctx, db: &impl GenericClient, s: &Server) -> Result<Outc
             ctx.provider.start(&h).await?;
             pgconn::query(&h, "select pg_reload_conf()").await?;
             if pgconn::one(&h, "select pg_is_in_recovery()").await?.as_deref() == Some("t") {
-                pgconn::query(&h, "select pg_promote(true, 60)").await?;
+                // pg_promote waits at most 20 s here (less than a query's 30 s deadline) and
+                // answers false when the promotion has not finished by then. Either way the
+                // step goes on only once recovery has ended: a backup-push now would fail.
+                pgconn::query(&h, "select pg_promote(true, 20)").await?;
+                wait_promoted(&h, &s.id).await?;
                 crate::info!("event" = "action", "action" = "promoted", "server" = s.id);
             }
             forget_recovery_target(&h).await?;
@@ -176,13 +191,17 @@ async fn archive_parent(ctx: &Ctx, db: &impl GenericClient, tl: &str, commit: bo
         if !ctx.provider.is_running(&h).await.unwrap_or(false) {
             continue;
         }
-        let sql = if commit {
-            "select txid_current(); select pg_walfile_name(pg_switch_wal())"
-        } else {
-            "select pg_walfile_name(pg_switch_wal())"
-        };
-        let Ok(rows) = pgconn::query(&h, sql).await else { continue };
-        let Some(Some(segment)) = rows.last().and_then(|r| r.first()).cloned() else { continue };
+        let mut segment = None;
+        for sql in parent_archive_queries(commit) {
+            match pgconn::query(&h, sql).await {
+                Ok(rows) => segment = rows.last().and_then(|r| r.first()).cloned().flatten(),
+                Err(_) => {
+                    segment = None;
+                    break;
+                }
+            }
+        }
+        let Some(segment) = segment else { continue };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while tokio::time::Instant::now() < deadline {
             let last = pgconn::one(&h, "select last_archived_wal from pg_stat_archiver").await.ok().flatten();
@@ -192,6 +211,35 @@ async fn archive_parent(ctx: &Ctx, db: &impl GenericClient, tl: &str, commit: bo
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// What `archive_parent` sends, each statement its own query and so its own transaction: the
+/// commit first, then the switch. One multi-statement query would be one transaction, whose
+/// commit record would land after the switch, in the segment that is not archived yet; a
+/// recovery to a time after the parent's last write would then find no commit past its
+/// target and stop with "recovery ended before configured recovery target was reached".
+/// The last query answers the switched segment's name.
+fn parent_archive_queries(commit: bool) -> &'static [&'static str] {
+    if commit {
+        &["select txid_current()", "select pg_walfile_name(pg_switch_wal())"]
+    } else {
+        &["select pg_walfile_name(pg_switch_wal())"]
+    }
+}
+
+/// Waits until the server has left recovery after `pg_promote()`, for at most
+/// [`PROMOTE_DEADLINE`]; an error after that (the step is retried and promotes again).
+async fn wait_promoted(h: &Handle, id: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + PROMOTE_DEADLINE;
+    loop {
+        if pgconn::one(h, "select pg_is_in_recovery()").await.ok().flatten().as_deref() == Some("f") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("server {id} is still in recovery {} s after pg_promote()", PROMOTE_DEADLINE.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -215,12 +263,11 @@ async fn write_conf(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) 
         "# Written by wal-rs-control for server {id}; rewritten on every start, restore and promotion.\n\
          port = {port}\nlisten_addresses = '{host}'\nunix_socket_directories = '{sockets}'\n\
          wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\nshared_buffers = 32MB\nmax_connections = 50\n\
-         archive_mode = on\narchive_command = '{walrs} --store {store} wal-push %p'\n",
+         archive_mode = on\narchive_command = {archive}\n",
         id = s.id,
         port = h.port,
         host = h.host,
-        walrs = ctx.walrs_path,
-        store = s.store,
+        archive = archive_command(&ctx.walrs_path, &s.store, ctx.encryption_key_file.as_deref()),
     );
     if ctx.cfg.unsafe_no_fsync {
         conf.push_str("fsync = off\n");
@@ -245,6 +292,31 @@ async fn write_conf(ctx: &Ctx, db: &impl GenericClient, s: &Server, h: &Handle) 
     Ok(())
 }
 
+/// archive_command as a postgresql.conf string: `wal-rs --store STORE wal-push %p`, with
+/// `--set encryption_key_file=FILE` when the control plane has keys, so WAL is encrypted like
+/// the backups (and as the restore_command that backup-fetch writes expects). The key file's
+/// path, never a key: this line is in PGDATA and in the archiver's process list.
+fn archive_command(walrs: &str, store: &str, key_file: Option<&str>) -> String {
+    let mut words = vec![shell_quote(walrs), "--store".into(), shell_quote(store)];
+    if let Some(file) = key_file {
+        words.push("--set".into());
+        words.push(shell_quote(&format!("encryption_key_file={file}")));
+    }
+    // PostgreSQL replaces %p, %f and %r anywhere in the command: a literal % is %%.
+    let command = format!("{} wal-push %p", words.join(" ").replace('%', "%%"));
+    // postgresql.conf strings take '' for a quote and \ as an escape.
+    format!("'{}'", command.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=:+,@".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Creates a local directory store (wal-rs refuses a store that does not exist); S3
 /// prefixes need nothing.
 async fn ensure_store(ctx: &Ctx, h: &Handle, store: &str) -> Result<()> {
@@ -266,10 +338,77 @@ async fn walrs(ctx: &Ctx, h: &Handle, store: &str, args: &[&str]) -> Result<crat
     if out.code != 0 {
         let last = out.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
         let msg = format!("wal-rs {} exited {}: {last}", args[0], out.code);
-        if FATAL_WALRS_CODES.contains(&out.code) {
-            return Err(Fatal(msg).into());
-        }
-        bail!(msg);
+        return Err(match exit_kind(args[0], out.code) {
+            ExitKind::Fatal => Fatal(msg).into(),
+            ExitKind::Bounded(attempts) => Bounded { msg, attempts }.into(),
+            ExitKind::Retry => anyhow!(msg),
+        });
     }
     Ok(out)
+}
+
+/// What a failed wal-rs command's exit code means for its step.
+#[derive(Debug, PartialEq, Eq)]
+enum ExitKind {
+    /// Retrying cannot help: the server fails.
+    Fatal,
+    /// Retrying may help: at most this many attempts in a row.
+    Bounded(i32),
+    /// Retry (storage down, a timeout).
+    Retry,
+}
+
+fn exit_kind(command: &str, code: i32) -> ExitKind {
+    match (command, code) {
+        // Also "cannot connect to PostgreSQL" and "the server is in recovery".
+        ("backup-push", 3) => ExitKind::Bounded(BACKUP_PUSH_CONFIG_ATTEMPTS),
+        (_, c) if FATAL_WALRS_CODES.contains(&c) => ExitKind::Fatal,
+        _ => ExitKind::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_push_exit_3_is_retried_a_bounded_number_of_times() {
+        assert_eq!(exit_kind("backup-push", 3), ExitKind::Bounded(BACKUP_PUSH_CONFIG_ATTEMPTS));
+        assert_eq!(exit_kind("backup-fetch", 3), ExitKind::Fatal);
+        assert_eq!(exit_kind("backup-push", 12), ExitKind::Fatal);
+        assert_eq!(exit_kind("backup-push", 7), ExitKind::Retry);
+        assert_eq!(exit_kind("backup-fetch", 13), ExitKind::Retry);
+    }
+
+    #[test]
+    fn parent_commit_and_switch_are_separate_transactions() {
+        let with_commit = parent_archive_queries(true);
+        assert_eq!(with_commit.len(), 2);
+        assert!(with_commit[0].contains("txid_current()") && with_commit[1].contains("pg_switch_wal()"));
+        for q in with_commit.iter().chain(parent_archive_queries(false)) {
+            assert!(!q.contains(';'), "one statement per query: {q}");
+        }
+        assert_eq!(parent_archive_queries(false), ["select pg_walfile_name(pg_switch_wal())"]);
+    }
+
+    #[test]
+    fn archive_command_carries_the_key_file_never_a_key() {
+        let plain = archive_command("/d/bin/wal-rs", "file:///d/store/tl-1", None);
+        assert_eq!(plain, "'/d/bin/wal-rs --store file:///d/store/tl-1 wal-push %p'");
+        let sealed = archive_command("/d/bin/wal-rs", "file:///d/store/tl-1", Some("/etc/wal-rs/keys"));
+        assert_eq!(
+            sealed,
+            "'/d/bin/wal-rs --store file:///d/store/tl-1 --set encryption_key_file=/etc/wal-rs/keys wal-push %p'"
+        );
+    }
+
+    #[test]
+    fn archive_command_quotes_for_the_shell_postgresql_and_its_conf_file() {
+        let c = archive_command("/my dir/wal-rs", "s3://b/p%20q", Some(r"/k/it's\x"));
+        // Shell: '/my dir/wal-rs' --store 's3://b/p%%20q' --set 'encryption_key_file=/k/it'\''s\x'
+        assert_eq!(
+            c,
+            r"'''/my dir/wal-rs'' --store ''s3://b/p%%20q'' --set ''encryption_key_file=/k/it''\\''''s\\x'' wal-push %p'"
+        );
+    }
 }
