@@ -42,8 +42,40 @@ pub async fn list(store: &Arc<Store>) -> Result<Vec<BackupInfo>, Error> {
 }
 
 /// Every complete backup, oldest first, and which of them are WAL-G delta backups (which
-/// only WAL-G restores).
+/// only WAL-G restores). A sentinel that does not parse fails the listing: retention and
+/// verification must not decide with a backup missing from view (its folder would look like
+/// an abandoned backup-push).
 pub async fn list_with_deltas(store: &Arc<Store>) -> Result<(Vec<BackupInfo>, Deltas), Error> {
+    let (backups, deltas, mut unreadable) = read_all(store).await?;
+    match unreadable.pop() {
+        Some((_, e)) => Err(e),
+        None => Ok((backups, deltas)),
+    }
+}
+
+/// What restoring needs from the catalog: [`list_with_deltas`], except that a sentinel that
+/// does not parse (damaged, or another tool's format) is left out with a warning instead of
+/// failing the listing, so that one bad sentinel does not stop the restore of every other
+/// backup. Returns the names left out, each with why.
+pub async fn list_readable(store: &Arc<Store>) -> Result<(Vec<BackupInfo>, Deltas, Vec<(String, Error)>), Error> {
+    let (backups, deltas, unreadable) = read_all(store).await?;
+    for (name, e) in &unreadable {
+        log::emit(
+            Level::Warn,
+            &[
+                ("op", &"backup-catalog"),
+                ("backup", name),
+                ("outcome", &"skipped: its sentinel is unreadable"),
+                ("error", e),
+            ],
+        );
+    }
+    Ok((backups, deltas, unreadable))
+}
+
+/// Every sentinel read: the backups, the deltas among them, and the sentinels that did not
+/// parse. A failing store fails it.
+async fn read_all(store: &Arc<Store>) -> Result<(Vec<BackupInfo>, Deltas, Vec<(String, Error)>), Error> {
     let objects = match store.list(&format!("{}/", layout::BACKUP_DIR)).await {
         Ok(o) => o,
         Err(StoreError::NotFound { .. }) => Vec::new(),
@@ -53,24 +85,28 @@ pub async fn list_with_deltas(store: &Arc<Store>) -> Result<(Vec<BackupInfo>, De
     let reads = names.iter().map(|name| async move {
         let key = layout::sentinel_key(name);
         let bytes = store.get_bytes(&key).await?;
-        let sentinel: Sentinel = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        let parsed = serde_json::from_slice::<Sentinel>(&bytes).map_err(|e| Error::Corrupt {
             key: format!("{}/{key}", store.url()),
             detail: format!("not a backup sentinel: {e}"),
-        })?;
-        let delta = DeltaOrigin::of_sentinel(&bytes);
-        Ok::<_, Error>((BackupInfo { name: name.clone(), sentinel }, delta))
+        });
+        Ok::<_, Error>((name, parsed.map(|sentinel| (sentinel, DeltaOrigin::of_sentinel(&bytes)))))
     });
     let mut out = Vec::new();
     let mut deltas = Deltas::new();
+    let mut unreadable = Vec::new();
     for r in futures_util::future::join_all(reads).await {
-        let (info, delta) = r?;
-        if let Some(delta) = delta {
-            deltas.insert(info.name.clone(), delta);
+        match r? {
+            (name, Ok((sentinel, delta))) => {
+                if let Some(delta) = delta {
+                    deltas.insert(name.clone(), delta);
+                }
+                out.push(BackupInfo { name: name.clone(), sentinel });
+            }
+            (name, Err(e)) => unreadable.push((name.clone(), e)),
         }
-        out.push(info);
     }
     sort(&mut out);
-    Ok((out, deltas))
+    Ok((out, deltas, unreadable))
 }
 
 /// The backup names of the sentinels among `keys`. A name that cannot be a folder of its
@@ -219,6 +255,25 @@ mod tests {
             let (backups, deltas) = list_with_deltas(&store).await.unwrap();
             assert_eq!(backups.len(), 2);
             assert_eq!(deltas.keys().collect::<Vec<_>>(), ["base_000000010000000000000004"]);
+        });
+    }
+
+    /// One damaged sentinel (here `{}`, no start LSN) fails the strict listing retention
+    /// uses, but restores list the other backups and name the damaged one.
+    #[test]
+    fn one_damaged_sentinel_does_not_hide_the_other_backups_from_a_restore() {
+        let store = Arc::new(Store::Memory(crate::store::memory::MemoryStore::new()));
+        block_on(async {
+            put(&store, "basebackups_005/base_000000010000000000000002_backup_stop_sentinel.json", br#"{"LSN":1}"#)
+                .await;
+            put(&store, "basebackups_005/base_000000010000000000000004_backup_stop_sentinel.json", b"{}").await;
+            assert!(matches!(list_with_deltas(&store).await, Err(Error::Corrupt { .. })));
+            let (backups, _, unreadable) = list_readable(&store).await.unwrap();
+            assert_eq!(backups.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["base_000000010000000000000002"]);
+            assert_eq!(
+                unreadable.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                ["base_000000010000000000000004"]
+            );
         });
     }
 

@@ -62,8 +62,14 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         refuse_non_empty(&args.dest)?;
     }
     let store = open_store(config).await?;
-    let (backups, deltas) = catalog::list_with_deltas(&store).await?;
+    let (backups, deltas, unreadable) = catalog::list_readable(&store).await?;
     let selector = selector(args)?;
+    if let Selector::Named(name) = &selector {
+        // The backup asked for by name is the one whose sentinel is damaged: say that.
+        if let Some((_, e)) = unreadable.into_iter().find(|(n, _)| n == name) {
+            return Err(e);
+        }
+    }
     let backup = catalog::select_restorable(&backups, &deltas, &selector)
         .cloned()
         .ok_or_else(|| Error::NotFound(nothing_to_restore(&selector, &store.url(), deltas.len())))?;
@@ -791,7 +797,7 @@ mod tests {
              restore it with WAL-G, or fetch a full backup"
         );
         let none = nothing_to_restore(&Selector::Latest, &"file:///s", 1);
-        assert!(none.contains("1 WAL-G delta backups"), "{none}");
+        assert!(none.contains("other than WAL-G delta backups (1,"), "{none}");
     }
 
     /// PostgreSQL runs restore_command in the data directory: a relative path given to

@@ -12,7 +12,8 @@ use crate::wal::{Lsn, WalFileName};
 
 pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<usize, Error> {
     let store = open_store(config).await?;
-    let backups = catalog::list(&store).await?;
+    // A damaged sentinel is listed as a warning, not a failure of the whole list.
+    let (backups, _, _) = catalog::list_readable(&store).await?;
     // WAL dropped by the archive queue valve: say so wherever backups are listed.
     for name in gap_records(&store).await? {
         crate::log::emit(

@@ -100,7 +100,7 @@ async fn find_restorable(store: &Arc<Store>, name: &str) -> Result<BackupInfo, E
     if !name.eq_ignore_ascii_case("LATEST") {
         return super::backup_verify::find_backup(store, name).await;
     }
-    let (backups, deltas) = catalog::list_with_deltas(store).await?;
+    let (backups, deltas, _) = catalog::list_readable(store).await?;
     catalog::select_restorable(&backups, &deltas, &Selector::Latest).cloned().ok_or_else(|| {
         Error::NotFound(format!(
             "no full backup in {} to drill ({} complete backups, {} of them WAL-G delta backups): see `wal-rs backup-list`",
