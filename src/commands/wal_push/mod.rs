@@ -127,6 +127,9 @@ async fn push(
     let mut main = std::pin::pin!(main);
     let result = loop {
         tokio::select! {
+            // Main first: polled first, it takes the first upload permit, before the batch
+            // queues for all of them (the semaphore is fair).
+            biased;
             result = &mut main => break result,
             _ = &mut ahead_pushes, if !ahead_done => ahead_done = true,
         }
