@@ -31,3 +31,6 @@ pub mod ratelimit;
 pub mod retention;
 pub mod store;
 pub mod wal;
+
+#[cfg(test)]
+mod test_support;

@@ -187,6 +187,7 @@ fn select_among<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::block_on;
 
     fn backup(name: &str, finish: &str, lsn: u64) -> BackupInfo {
         let mut s: Sentinel = serde_json::from_str(r#"{"LSN":1}"#).unwrap();
@@ -290,10 +291,6 @@ mod tests {
             assert_eq!(names, ["base_000000010000000000000002"]);
         });
         assert!(!is_usable_name("") && !is_usable_name("a/b") && is_usable_name("..."));
-    }
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
     }
 
     async fn put(store: &Arc<Store>, key: &str, bytes: &[u8]) {

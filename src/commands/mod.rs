@@ -470,14 +470,8 @@ fn fail(op: &str, file: &str, started: Instant, err: &Error, code: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Env, Overrides};
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
+    use crate::config::Overrides;
+    use crate::test_support::NoEnv;
 
     #[test]
     fn the_deadline_error_redacts_the_endpoint() {

@@ -164,12 +164,9 @@ mod tests {
     use crate::retention::{plan, Kind, PlanError, Policy, Request};
     use crate::store::memory::MemoryStore;
     use crate::store::{Metadata, PutMode, PutOptions};
+    use crate::test_support::block_on;
 
     const MIB: u32 = 1 << 20;
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
-    }
 
     async fn put(store: &Arc<Store>, key: &str, bytes: Vec<u8>) {
         let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };

@@ -343,8 +343,9 @@ fn belongs_elsewhere(e: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::file::push_file;
-    use super::super::file::tests::{block_on, default_config, memory_context, write_segment};
+    use super::super::file::tests::{default_config, memory_context, write_segment};
     use super::*;
+    use crate::test_support::block_on;
 
     const NAME: &str = "000000010000000000000007";
 

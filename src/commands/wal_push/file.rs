@@ -312,20 +312,14 @@ pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::{Env, Overrides};
+    use crate::config::Overrides;
     use crate::store::memory::MemoryStore;
+    use crate::test_support::block_on;
+    use crate::test_support::NoEnv;
     use crate::wal::page::tests::pg15_first_page;
 
     /// The smallest segment size PostgreSQL allows, to keep test files small.
     const SEGMENT_SIZE: u32 = 1 << 20;
-
-    struct NoEnv;
-
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     /// The default configuration, with no store (tests pass theirs).
     pub(crate) fn default_config() -> Config {
@@ -347,10 +341,6 @@ pub(super) mod tests {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
-    }
-
-    pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
     }
 
     async fn is_stored(ctx: &PushContext, name: &str) -> bool {

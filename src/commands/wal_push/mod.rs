@@ -165,9 +165,10 @@ fn ahead_grace(deadline: Duration, elapsed: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::file::tests::{block_on, default_config, write_segment};
+    use super::file::tests::{default_config, write_segment};
     use super::*;
     use crate::config::StoreUrl;
+    use crate::test_support::block_on;
 
     #[test]
     fn push_ahead_is_given_what_is_left_of_the_deadline_less_a_margin() {
