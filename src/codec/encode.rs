@@ -206,7 +206,8 @@ impl<W: Write> Encoder<W> {
     fn finish(self) -> io::Result<W> {
         match self {
             Encoder::Plain(w) => Ok(w),
-            Encoder::Lz4(e) => e.finish().map_err(io::Error::other),
+            // `io::Error::from` hands back the sink's own error (a store failure keeps its kind).
+            Encoder::Lz4(e) => e.finish().map_err(io::Error::from),
             Encoder::Zstd(e) => e.finish(),
         }
     }
@@ -225,6 +226,53 @@ impl<W: Write> Write for Encoder<W> {
             Encoder::Plain(w) => w.flush(),
             Encoder::Lz4(e) => e.flush(),
             Encoder::Zstd(e) => e.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{into_store_error, ObjectKey, StoreError};
+
+    /// A sink that takes the frame's header, then fails every write the way the S3 writer
+    /// does when a part upload fails: a `StoreError` inside an `io::Error`.
+    struct FailingStore {
+        room: usize,
+    }
+
+    impl Write for FailingStore {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if buf.len() <= self.room {
+                self.room -= buf.len();
+                return Ok(buf.len());
+            }
+            Err(io::Error::other(StoreError::Unavailable {
+                op: "put",
+                key: "base/part_1.tar.lz4".into(),
+                detail: "503 SlowDown".into(),
+            }))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_store_failure_at_the_end_of_a_partition_keeps_its_kind() {
+        // lz4_flex before 0.13.2 panicked here (its `From<io::Error>` unwrapped a downcast
+        // of any custom error to its own type), so backup-push exited "internal error".
+        for compression in [Compression::Lz4, Compression::Zstd, Compression::None] {
+            let mut c = Compressor::new(compression, 1, FailingStore { room: 64 }).unwrap();
+            // Bytes that do not compress, so the data cannot fit in the sink's room.
+            let data: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let wrote = c.write_all(&data).and_then(|_| c.finish().map(|_| ()));
+            let err = wrote.expect_err(&format!("{compression:?}: the sink refuses the data"));
+            let key = ObjectKey::new("base/part_1.tar.lz4").unwrap();
+            assert!(
+                matches!(into_store_error(err, "put", &key), StoreError::Unavailable { .. }),
+                "{compression:?}: the store's error comes back, not an I/O error"
+            );
         }
     }
 }

@@ -13,10 +13,11 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
-use super::common::open_store;
+use super::common::{open_store, retry_transient};
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract::{self, ExtractError, ExtractPlan, Found};
 use crate::backup::manifest::{FileEntry, Manifest, PartitionEntry};
@@ -27,10 +28,11 @@ use crate::layout;
 use crate::log::{self, Level};
 use crate::pg::recovery_conf::{self, RecoveryTargets};
 use crate::progress::Progress;
-use crate::store::{Store, StoreError};
+use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
 use crate::wal::Lsn;
 
-/// Attempts per partition: a dropped connection mid-partition restarts that partition.
+/// Attempts per partition: a dropped connection mid-partition restarts that partition. Each
+/// attempt's GET retries an unavailable store itself, with backoff, within the deadline.
 const PARTITION_ATTEMPTS: usize = 3;
 
 /// What backup-fetch was asked.
@@ -133,6 +135,7 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         verify: manifest.is_some(),
         progress: progress.clone(),
         handle: tokio::runtime::Handle::current(),
+        deadline: config.retry.deadline,
     };
     let concurrency = config.backup.concurrency;
     let (job, summary) = tokio::task::spawn_blocking(move || {
@@ -349,6 +352,8 @@ struct RestoreJob {
     verify: bool,
     progress: Arc<Progress>,
     handle: tokio::runtime::Handle,
+    /// How long one GET may keep retrying an unavailable store (`retry_deadline_secs`).
+    deadline: Duration,
 }
 
 impl RestoreJob {
@@ -394,17 +399,13 @@ impl RestoreJob {
             layout::partition_compression(&part.name).ok_or_else(|| Error::Unsupported { key: describe.clone() })?;
         let expected: Option<HashMap<String, FileEntry>> =
             self.verify.then(|| part.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
-        let mut last = String::new();
+        let mut last = None;
         for attempt in 1..=PARTITION_ATTEMPTS {
-            let reader = match self.handle.block_on(self.store.get(&key)) {
-                Ok(r) => r,
-                Err(e @ StoreError::Unavailable { .. }) => {
-                    last = e.to_string();
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let hashed = HashingReader { inner: reader.body, hasher: Sha256Hasher::new(), count: 0 };
+            // An unreachable store is retried with backoff; what is still failing at the
+            // deadline is the store's error as it is (exit 7, 8, 9...), never "corrupt".
+            let get = get_with_retry("backup-fetch", &self.store, &key, &describe, self.deadline);
+            let reader = self.handle.block_on(get)?;
+            let hashed = HashingReader { inner: reader.body, hasher: Sha256Hasher::new(), count: 0, failure: None };
             let shared = Arc::new(Mutex::new(hashed));
             let source = SharedReader(shared.clone());
             let result = codec::decompressor(compression, source)
@@ -433,20 +434,22 @@ impl RestoreJob {
                 }
                 Err(ExtractError::Local { path, source }) => return Err(Error::LocalIo { op: "write", path, source }),
                 Err(ExtractError::Bad(detail)) => {
+                    let error = match shared.lock().unwrap().failure.take() {
+                        // The store's checksum caught damaged bytes: another read gets the same.
+                        Some(f) if f.checksum_mismatch => return Err(f.into_error(&describe)),
+                        // The download broke off: the store failed, not the content.
+                        Some(f) => f.into_error(&describe),
+                        None => Error::Corrupt { key: describe.clone(), detail },
+                    };
                     log::emit(
                         Level::Warn,
-                        &[
-                            ("op", &"backup-fetch"),
-                            ("partition", &part.name),
-                            ("attempt", &attempt),
-                            ("error", &detail),
-                        ],
+                        &[("op", &"backup-fetch"), ("partition", &part.name), ("attempt", &attempt), ("error", &error)],
                     );
-                    last = detail;
+                    last = Some(error);
                 }
             }
         }
-        Err(Error::Corrupt { key: describe, detail: last })
+        Err(last.expect("PARTITION_ATTEMPTS is at least one"))
     }
 
     /// Unpacks the pg_control partition beside DEST, then moves `global/pg_control` into
@@ -470,11 +473,49 @@ impl RestoreJob {
     }
 }
 
+/// `key` from the store, retried with backoff (`retry_transient`, as wal-fetch does) while
+/// the store is unavailable, within `deadline`; any other failure is returned at once.
+pub(super) async fn get_with_retry(
+    op: &str,
+    store: &Arc<Store>,
+    key: &ObjectKey,
+    describe: &str,
+    deadline: Duration,
+) -> Result<ObjectReader, Error> {
+    retry_transient(op, &describe, deadline, || async move { store.get(key).await.map_err(Error::from) }).await
+}
+
+/// How the store's side of a read failed, kept by the reader that hashes the stored bytes:
+/// the decompressor above it passes on only a message, which cannot tell a download that
+/// broke off from damaged content.
+#[derive(Debug)]
+pub(super) struct ReadFailure {
+    pub(super) detail: String,
+    /// The S3 SDK found the bytes differ from the checksum stored with them.
+    pub(super) checksum_mismatch: bool,
+}
+
+impl ReadFailure {
+    pub(super) fn of(e: &io::Error) -> ReadFailure {
+        ReadFailure { detail: error_chain(e), checksum_mismatch: is_checksum_mismatch(e) }
+    }
+
+    /// A damaged object when the store's checksum caught it, else the store failing (exit 7).
+    pub(super) fn into_error(self, describe: &str) -> Error {
+        if self.checksum_mismatch {
+            Error::Corrupt { key: describe.to_string(), detail: self.detail }
+        } else {
+            Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: self.detail })
+        }
+    }
+}
+
 /// Hashes and counts the stored bytes as the decompressor reads them.
 struct HashingReader {
     inner: Box<dyn Read + Send>,
     hasher: Sha256Hasher,
     count: u64,
+    failure: Option<ReadFailure>,
 }
 
 struct SharedReader(Arc<Mutex<HashingReader>>);
@@ -482,7 +523,15 @@ struct SharedReader(Arc<Mutex<HashingReader>>);
 impl Read for SharedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut h = self.0.lock().unwrap();
-        let n = h.inner.read(buf)?;
+        let n = match h.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    h.failure.get_or_insert_with(|| ReadFailure::of(&e));
+                }
+                return Err(e);
+            }
+        };
         h.hasher.update(&buf[..n]);
         h.count += n as u64;
         Ok(n)
@@ -798,6 +847,43 @@ mod tests {
         );
         let none = nothing_to_restore(&Selector::Latest, &"file:///s", 1);
         assert!(none.contains("other than WAL-G delta backups (1,"), "{none}");
+    }
+
+    /// A partition the store cannot deliver (a download that breaks off each time, a store
+    /// that is gone) fails with the store's error and exit code; only damaged content is
+    /// "corrupt" (exit 10), which would send someone to discard a good backup.
+    #[test]
+    fn a_failing_store_is_not_a_corrupt_backup() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let backup = "base_000000010000000000000002";
+        let job = |root: PathBuf| RestoreJob {
+            store: Arc::new(Store::Local(crate::store::local::LocalStore::new(root))),
+            backup: backup.into(),
+            plan: ExtractPlan { dest: dir.path().join("data"), tablespaces: HashMap::new() },
+            verify: false,
+            progress: Arc::new(Progress::new("backup-fetch", 0)),
+            handle: rt.handle().clone(),
+            deadline: Duration::from_secs(1),
+        };
+        let fetch = |root: &Path, part: &str| {
+            let job = job(root.to_path_buf());
+            job.restore_partition(&PartitionEntry { name: part.into(), ..Default::default() }, &job.plan).unwrap_err()
+        };
+        // A folder where the partition should be: it opens, and every read of it fails.
+        fs::create_dir_all(root.join(layout::partition_key(backup, "part_001.tar").as_str())).unwrap();
+        let broken = fetch(&root, "part_001.tar");
+        assert!(matches!(broken, Error::Store(StoreError::Unavailable { .. })), "{broken}");
+        assert_eq!(crate::exit::code_of(&broken), crate::exit::STORAGE);
+
+        let gone = fetch(&dir.path().join("no-store"), "part_001.tar");
+        assert_eq!(crate::exit::code_of(&gone), crate::exit::STORE_MISSING, "{gone}");
+
+        // Bytes that are not lz4: corrupt.
+        fs::write(root.join(layout::partition_key(backup, "part_002.tar.lz4").as_str()), b"not lz4").unwrap();
+        let damaged = fetch(&root, "part_002.tar.lz4");
+        assert!(matches!(damaged, Error::Corrupt { .. }), "{damaged}");
     }
 
     /// PostgreSQL runs restore_command in the data directory: a relative path given to

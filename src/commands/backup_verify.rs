@@ -1,16 +1,19 @@
 //! `wal-rs backup-verify NAME|LATEST`: re-reads every object of a backup and checks every
 //! checksum, without writing anything: each partition's stored sha256 and size, each
 //! file's sha256 and size inside it, and that the WAL the backup needs to be consistent is
-//! in the store. Every problem is collected and reported, not just the first.
+//! in the store. Every problem is collected and reported, not just the first. A store that
+//! fails (unreachable, refused credentials, missing bucket) fails the command with the
+//! store's exit code: that says nothing about the backup.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
+use super::backup_fetch::{get_with_retry, ReadFailure};
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract;
@@ -24,7 +27,8 @@ use crate::retention::plan::{backup_timeline, wal_name_of, PlanError};
 use crate::store::{Store, StoreError};
 use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
 
-/// Attempts per partition when the download breaks off.
+/// Attempts per partition when the download breaks off. Each attempt's GET retries an
+/// unavailable store itself, with backoff, within the deadline.
 const ATTEMPTS: usize = 3;
 
 /// One thing found wrong.
@@ -78,13 +82,14 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
         let store = store.clone();
         let backup_name = backup.name.clone();
         let concurrency = config.backup.concurrency;
+        let deadline = config.retry.deadline;
         let handle = tokio::runtime::Handle::current();
         let parts = parts.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            check_all(&store, &backup_name, &parts, has_manifest, concurrency, &handle)
+            check_all(&store, &backup_name, &parts, has_manifest, concurrency, deadline, &handle)
         })
         .await
-        .expect("the verify task panicked");
+        .expect("the verify task panicked")?;
         problems.extend(checked.problems);
         (checked.files, checked.bytes_stored, checked.bytes_original)
     };
@@ -104,7 +109,7 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
     })
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Checked {
     files: u64,
     bytes_stored: u64,
@@ -112,23 +117,35 @@ struct Checked {
     problems: Vec<Problem>,
 }
 
-/// Checks every partition on `concurrency` threads. Blocking.
+/// Checks every partition on `concurrency` threads; the first store failure stops the
+/// check and is returned. Blocking.
 fn check_all(
     store: &Arc<Store>,
     backup: &str,
     parts: &[PartitionEntry],
     has_manifest: bool,
     concurrency: usize,
+    deadline: Duration,
     handle: &tokio::runtime::Handle,
-) -> Checked {
+) -> Result<Checked, Error> {
     let next = AtomicUsize::new(0);
     let total = Mutex::new(Checked::default());
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..concurrency.clamp(1, parts.len().max(1)) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(part) = parts.get(i) else { return };
-                let one = check_partition(store, backup, part, has_manifest, handle);
+                if failed.lock().unwrap().is_some() {
+                    return;
+                }
+                let one = match check_partition(store, backup, part, has_manifest, deadline, handle) {
+                    Ok(one) => one,
+                    Err(e) => {
+                        failed.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                };
                 let mut t = total.lock().unwrap();
                 t.files += one.files;
                 t.bytes_stored += one.bytes_stored;
@@ -137,41 +154,45 @@ fn check_all(
             });
         }
     });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e);
+    }
     let mut total = total.into_inner().unwrap();
     total.problems.sort_by(|a, b| a.object.cmp(&b.object));
-    total
+    Ok(total)
 }
 
 /// Reads one partition to its end: stored bytes hashed, opened, decompressed, every file
-/// hashed. Retries a broken download; reports anything else as a problem.
+/// hashed. Retries a broken download; damage is a problem of the backup, while a store that
+/// keeps failing (or refuses) is an error of the command.
 fn check_partition(
     store: &Arc<Store>,
     backup: &str,
     part: &PartitionEntry,
     has_manifest: bool,
+    deadline: Duration,
     handle: &tokio::runtime::Handle,
-) -> Checked {
+) -> Result<Checked, Error> {
     let key = layout::partition_key(backup, &part.name);
     let object = key.to_string();
-    let problem =
-        |detail: String| Checked { problems: vec![Problem { object: object.clone(), detail }], ..Default::default() };
+    let describe = format!("{}/{key}", store.url());
+    let problem = |detail: String| {
+        Ok(Checked { problems: vec![Problem { object: object.clone(), detail }], ..Default::default() })
+    };
     let Some(compression) = layout::partition_compression(&part.name) else {
         return problem("a compression wal-rs cannot read".into());
     };
     let expected: Option<HashMap<String, FileEntry>> =
         has_manifest.then(|| part.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
-    let mut last = String::new();
+    let mut last = None;
     for _ in 0..ATTEMPTS {
-        let reader = match handle.block_on(store.get(&key)) {
+        let reader = match handle.block_on(get_with_retry("backup-verify", store, &key, &describe, deadline)) {
             Ok(r) => r,
-            Err(StoreError::NotFound { .. }) => return problem("missing from the store".into()),
-            Err(e @ StoreError::Unavailable { .. }) => {
-                last = e.to_string();
-                continue;
-            }
-            Err(e) => return problem(e.to_string()),
+            // Listed in the manifest (or the listing) and gone: the backup is damaged.
+            Err(Error::Store(StoreError::NotFound { .. })) => return problem("missing from the store".into()),
+            Err(e) => return Err(e),
         };
-        let hashed = Arc::new(Mutex::new((Sha256Hasher::new(), 0u64, false)));
+        let hashed = Arc::new(Mutex::new((Sha256Hasher::new(), 0u64, None)));
         let source = HashingSource { inner: reader.body, state: hashed.clone() };
         let result = codec::decompressor(compression, source).and_then(|mut stream| {
             let summary =
@@ -179,14 +200,17 @@ fn check_partition(
             io::copy(&mut stream, &mut io::sink())?;
             Ok(summary)
         });
-        let (hasher, stored, source_failed) = {
-            let s = hashed.lock().unwrap();
-            (s.0.clone(), s.1, s.2)
+        let (hasher, stored, source_failure) = {
+            let mut s = hashed.lock().unwrap();
+            (s.0.clone(), s.1, s.2.take())
         };
-        match result {
-            Err(e) if source_failed => last = e.to_string(),
-            Err(e) => return problem(format!("cannot be read: {e}")),
-            Ok(summary) => {
+        match (result, source_failure) {
+            // The store's checksum caught damaged bytes: a problem of the backup.
+            (Err(_), Some(f)) if f.checksum_mismatch => return problem(format!("cannot be read: {}", f.detail)),
+            // The download broke off: try again; the store's error if it keeps breaking.
+            (Err(_), Some(f)) => last = Some(f.into_error(&describe)),
+            (Err(e), None) => return problem(format!("cannot be read: {e}")),
+            (Ok(summary), _) => {
                 let mut out = Checked {
                     files: summary.files,
                     bytes_stored: stored,
@@ -207,18 +231,18 @@ fn check_partition(
                         ),
                     });
                 }
-                return out;
+                return Ok(out);
             }
         }
     }
-    problem(format!("could not be read in {ATTEMPTS} attempts: {last}"))
+    Err(last.expect("ATTEMPTS is at least one"))
 }
 
-/// Hashes and counts the stored bytes as they are read, and notes whether the store (not
-/// the content) failed.
+/// Hashes and counts the stored bytes as they are read, and keeps how the store (not the
+/// content) failed.
 struct HashingSource {
     inner: Box<dyn Read + Send>,
-    state: Arc<Mutex<(Sha256Hasher, u64, bool)>>,
+    state: Arc<Mutex<(Sha256Hasher, u64, Option<ReadFailure>)>>,
 }
 
 impl Read for HashingSource {
@@ -231,7 +255,9 @@ impl Read for HashingSource {
                 Ok(n)
             }
             Err(e) => {
-                self.state.lock().unwrap().2 = true;
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.state.lock().unwrap().2.get_or_insert_with(|| ReadFailure::of(&e));
+                }
                 Err(e)
             }
         }
@@ -323,10 +349,41 @@ mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
     use crate::store::{Metadata, ObjectKey, PutMode, PutOptions};
+    use std::path::PathBuf;
 
     fn walg_backup(name: &str, start_lsn: u64, finish_lsn: u64) -> BackupInfo {
         let json = format!(r#"{{"LSN":{start_lsn},"FinishLSN":{finish_lsn},"FinishTime":"2026-11-20T10:00:00Z"}}"#);
         BackupInfo { name: name.into(), sentinel: serde_json::from_str(&json).unwrap() }
+    }
+
+    /// A store that fails (a download that breaks off each time, a store that is gone)
+    /// fails the command with the store's exit code; it is no problem of the backup.
+    #[test]
+    fn a_failing_store_fails_the_command_not_the_backup() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let backup = "base_000000010000000000000002";
+        let check = |root: PathBuf, part: &str| {
+            let store = Arc::new(Store::Local(crate::store::local::LocalStore::new(root)));
+            let parts = [PartitionEntry { name: part.into(), ..Default::default() }];
+            check_all(&store, backup, &parts, false, 1, Duration::from_secs(1), rt.handle())
+        };
+        // A folder where the partition should be: it opens, and every read of it fails.
+        std::fs::create_dir_all(dir.path().join(layout::partition_key(backup, "part_001.tar").as_str())).unwrap();
+        let broken = check(dir.path().to_path_buf(), "part_001.tar").unwrap_err();
+        assert!(matches!(broken, Error::Store(StoreError::Unavailable { .. })), "{broken}");
+        assert_eq!(crate::exit::code_of(&broken), crate::exit::STORAGE);
+
+        let gone = check(dir.path().join("no-store"), "part_001.tar").unwrap_err();
+        assert_eq!(crate::exit::code_of(&gone), crate::exit::STORE_MISSING, "{gone}");
+
+        // Damaged or missing partitions are problems of the backup.
+        let key = layout::partition_key(backup, "part_002.tar.lz4");
+        std::fs::write(dir.path().join(key.as_str()), b"not lz4").unwrap();
+        let damaged = check(dir.path().to_path_buf(), "part_002.tar.lz4").unwrap();
+        assert_eq!(damaged.problems.len(), 1, "{:?}", damaged.problems);
+        let missing = check(dir.path().to_path_buf(), "part_003.tar.lz4").unwrap();
+        assert_eq!(missing.problems[0].detail, "missing from the store");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
@@ -401,8 +402,23 @@ impl Inner {
                     (false, true) => format!("{code} (HTTP {status})"),
                     (false, false) => format!("{code}: {message} (HTTP {status})"),
                 };
+                // Codes first: they say more than the status, which they share with others.
                 match (status, code.as_str()) {
                     (_, "NoSuchBucket") => StoreError::StoreMissing { store: self.url() },
+                    // A 403, but no credential is at fault: the object is in Glacier or
+                    // Deep Archive (s3_storage_class allows those classes).
+                    (_, "InvalidObjectState") => StoreError::Other {
+                        op,
+                        key,
+                        detail: format!(
+                            "{detail}: the object is in an archive storage class; restore it from Glacier first, and use no archive class for wal-rs objects (s3_storage_class, lifecycle rules)"
+                        ),
+                    },
+                    // Temporary credentials that ran out or were mangled: HTTP 400, yet a
+                    // credentials problem.
+                    (_, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => {
+                        StoreError::Denied { op, key, detail }
+                    }
                     (_, "NoSuchKey") => StoreError::NotFound { key },
                     // A HEAD's 404 has no body, so no code: that is how S3 says "no such
                     // object" to a HEAD. A GET or a listing gets S3's NoSuchKey in the body;
@@ -440,25 +456,46 @@ impl Inner {
                     self.settings.max_attempts
                 ),
             },
+            // Credentials are loaded before the request is sent, so a provider's failure
+            // arrives as a dispatch failure.
             SdkError::DispatchFailure(f) => {
                 let detail = error_chain(&err);
-                if f.is_user() || detail.contains("credential") {
-                    StoreError::Denied { op, key, detail }
-                } else {
-                    StoreError::Unavailable { op, key, detail }
+                match credentials_refused(&err) {
+                    Some(true) => StoreError::Denied { op, key, detail },
+                    Some(false) => StoreError::Unavailable { op, key, detail },
+                    None if f.is_user() => StoreError::Denied { op, key, detail },
+                    None => StoreError::Unavailable { op, key, detail },
                 }
             }
             SdkError::ResponseError(_) => StoreError::Unavailable { op, key, detail: error_chain(&err) },
             _ => {
                 let detail = error_chain(&err);
-                if detail.contains("credential") {
-                    StoreError::Denied { op, key, detail }
-                } else {
-                    StoreError::Other { op, key, detail }
+                match credentials_refused(&err) {
+                    Some(true) => StoreError::Denied { op, key, detail },
+                    Some(false) => StoreError::Unavailable { op, key, detail },
+                    None => StoreError::Other { op, key, detail },
                 }
             }
         }
     }
+}
+
+/// Whether `err` failed to load credentials, and how: `Some(true)` when someone must act
+/// (no credentials anywhere in the chain, a malformed profile), `Some(false)` when the
+/// provider failed or was slow (instance metadata or STS slow, throttled or erring), which
+/// a retry within the deadline may get past; `None` when credentials are not the cause.
+fn credentials_refused(err: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return Some(matches!(
+                c,
+                CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_)
+            ));
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// User metadata as the SDK returns it, as the store's map.
@@ -693,5 +730,103 @@ impl Drop for S3Writer {
                 .send();
             let _ = self.handle.block_on(abort);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::exit;
+    use aws_sdk_s3::config::http::HttpResponse;
+    use aws_sdk_s3::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    use aws_smithy_types::body::SdkBody;
+
+    /// A store that sends nothing: only its error mapping is used. Call inside a runtime.
+    fn inner() -> Inner {
+        let config =
+            aws_sdk_s3::Config::builder().behavior_version(BehaviorVersion::latest()).region(Region::new("us-east-1"));
+        let settings = S3Settings {
+            bucket: "bucket".into(),
+            prefix: "p".into(),
+            region: None,
+            endpoint: None,
+            path_style: false,
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            part_size: 5 << 20,
+            upload_concurrency: 1,
+            max_attempts: 1,
+            request_timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(1),
+        };
+        Inner { client: Client::from_conf(config.build()), settings, handle: Handle::current() }
+    }
+
+    fn service_error(status: u16, code: &str) -> StoreError {
+        let err = GetObjectError::generic(ErrorMetadata::builder().code(code).message("the server's words").build());
+        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
+        inner().map_err_raw("get", "p/k", SdkError::service_error(err, raw))
+    }
+
+    fn dispatch_failure(source: Box<dyn std::error::Error + Send + Sync>) -> StoreError {
+        let err: SdkError<GetObjectError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::other(source, None));
+        inner().map_err_raw("get", "p/k", err)
+    }
+
+    fn exit_code(e: StoreError) -> u8 {
+        exit::code_of(&Error::Store(e))
+    }
+
+    #[test]
+    fn expired_or_invalid_session_tokens_are_refused_credentials() {
+        crate::test_support::block_on(async {
+            for code in ["ExpiredToken", "InvalidToken", "TokenRefreshRequired"] {
+                let e = service_error(400, code);
+                assert!(matches!(e, StoreError::Denied { .. }), "{code}: {e}");
+                assert!(e.to_string().contains("check the credentials"), "{e}");
+                assert_eq!(exit_code(e), exit::DENIED);
+            }
+        });
+    }
+
+    #[test]
+    fn an_object_in_an_archive_class_is_not_a_credentials_problem() {
+        crate::test_support::block_on(async {
+            let e = service_error(403, "InvalidObjectState");
+            let text = e.to_string();
+            assert!(!matches!(e, StoreError::Denied { .. }), "{text}");
+            assert!(!text.contains("credentials") && !text.contains('\n'), "{text}");
+            assert!(text.contains("s3://bucket/p/k") && text.contains("restore it from Glacier"), "{text}");
+            // A plain 403 is still refused credentials.
+            assert!(matches!(service_error(403, "AccessDenied"), StoreError::Denied { .. }));
+        });
+    }
+
+    #[test]
+    fn credentials_provider_failures_are_transient_and_missing_credentials_refused() {
+        crate::test_support::block_on(async {
+            let timed_out = dispatch_failure(Box::new(CredentialsError::provider_timed_out(Duration::from_secs(5))));
+            assert!(timed_out.is_transient(), "{timed_out}");
+            assert_eq!(exit_code(timed_out), exit::STORAGE);
+            for slow in [CredentialsError::provider_error("503 from STS"), CredentialsError::unhandled("?")] {
+                let e = dispatch_failure(Box::new(slow));
+                assert!(e.is_transient(), "{e}");
+            }
+            for refused in
+                [CredentialsError::not_loaded("no credentials"), CredentialsError::invalid_configuration("?")]
+            {
+                let e = dispatch_failure(Box::new(refused));
+                assert!(matches!(e, StoreError::Denied { .. }), "{e}");
+                assert_eq!(exit_code(e), exit::DENIED);
+            }
+
+            // Not about credentials: unavailable.
+            let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused");
+            assert!(dispatch_failure(Box::new(refused)).is_transient());
+        });
     }
 }
