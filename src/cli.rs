@@ -261,9 +261,8 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
         let _ = err.print();
         return crate::exit::OK;
     }
-    let subcommands =
-        ["wal-push", "wal-fetch", "backup-push", "backup-fetch", "backup-list", "config", "wal-prefetch", "daemon"];
-    let op = args.iter().skip(1).find(|a| subcommands.contains(&a.as_str())).map(String::as_str).unwrap_or("wal-rs");
+    let (op, overrides) = scan_unparsed(args);
+    let op = op.as_deref().unwrap_or("wal-rs");
     let rendered = err.render().to_string();
     let mut problem = Vec::new();
     let mut usage = None;
@@ -285,9 +284,10 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
     let help = if op == "wal-rs" { "wal-rs --help".to_string() } else { format!("wal-rs {op} --help") };
     message.push_str(&format!("; see {help}"));
     let code = if op == "wal-fetch" {
-        // The command line did not parse, so there are no flags: the environment and the
-        // config file decide, as they would once the configuration resolves.
-        let standby = crate::config::fetch_mode_without_config(None, &crate::config::ProcessEnv).is_standby();
+        // The flags that could be read still come first, then the environment and the
+        // config file, as they would once the configuration resolves.
+        let standby =
+            crate::config::fetch_mode_without_config(Some(&overrides), &crate::config::ProcessEnv).is_standby();
         crate::exit::wal_fetch_code(&crate::error::Error::Usage(message.clone()), standby)
     } else {
         crate::exit::USAGE
@@ -297,4 +297,73 @@ pub fn usage_failure(err: clap::Error, args: &[String]) -> u8 {
         &[("op", &op), ("outcome", &"error"), ("exit", &code), ("error", &message)],
     );
     code
+}
+
+/// What can still be read from a command line clap refused: the subcommand, and the
+/// global `--config` and `--set` flags (which decide wal-fetch's exit code). The value of an
+/// option is never taken for the subcommand: in `wal-rs --config config wal-fetch X` the
+/// file is called "config" and the command is wal-fetch.
+fn scan_unparsed(args: &[String]) -> (Option<String>, Overrides) {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let takes_value =
+        |long: &str| cli.get_arguments().any(|a| a.get_long() == Some(long) && a.get_action().takes_values());
+    let mut op = None;
+    let mut overrides = Overrides::default();
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        if arg == "--" {
+            break;
+        }
+        if let Some(flag) = arg.strip_prefix("--") {
+            let (long, inline) = match flag.split_once('=') {
+                Some((long, value)) => (long, Some(value.to_string())),
+                None => (flag, None),
+            };
+            let value = match inline {
+                Some(v) => Some(v),
+                None if takes_value(long) => rest.next().cloned(),
+                None => None,
+            };
+            match (long, value) {
+                ("config", Some(file)) => overrides.config_file = Some(PathBuf::from(file)),
+                ("set", Some(pair)) => {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        overrides.values.insert(k.trim().to_string(), v.to_string());
+                    }
+                }
+                _ => {}
+            }
+        } else if op.is_none() && cli.find_subcommand(arg).is_some() {
+            op = Some(arg.clone());
+        }
+    }
+    (op, overrides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn an_option_value_is_not_taken_for_the_subcommand() {
+        let (op, o) = scan_unparsed(&args("wal-rs --config config wal-fetch X"));
+        assert_eq!(op.as_deref(), Some("wal-fetch"));
+        assert_eq!(o.config_file, Some(PathBuf::from("config")));
+        let (op, _) = scan_unparsed(&args("wal-rs --store=file:///x wal-verify --bogus"));
+        assert_eq!(op.as_deref(), Some("wal-verify"), "every subcommand is known, not a fixed list");
+    }
+
+    #[test]
+    fn a_broken_wal_fetch_line_follows_the_fetch_mode_flag() {
+        // No standby.signal in the test's directory: only the flag makes this a standby.
+        let err = Cli::try_parse_from(args("wal-rs --set fetch_mode=standby wal-fetch X")).unwrap_err();
+        assert_eq!(usage_failure(err, &args("wal-rs --set fetch_mode=standby wal-fetch X")), 1);
+        let err = Cli::try_parse_from(args("wal-rs --set fetch_mode=recovery wal-fetch X")).unwrap_err();
+        assert_eq!(usage_failure(err, &args("wal-rs --set fetch_mode=recovery wal-fetch X")), 202);
+    }
 }

@@ -85,9 +85,17 @@ fn format_line(level: Level, fields: &[(&str, &dyn fmt::Display)]) -> String {
     line
 }
 
-/// Quotes a value when logfmt needs it, escaping quotes, backslashes and newlines.
+/// Characters written as `\u{..}`: every control character (C0, DEL, C1 such as U+0085,
+/// which some log readers take as a line break) and the Unicode line and paragraph
+/// separators, so that text from a store or a file name can never start a forged line.
+fn escaped(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// Quotes a value when logfmt needs it, escaping quotes, backslashes and line breaks.
 fn push_value(line: &mut String, value: &str) {
-    let needs_quotes = value.is_empty() || value.chars().any(|c| c <= ' ' || c == '"' || c == '=' || c == '\\');
+    let needs_quotes =
+        value.is_empty() || value.chars().any(|c| c == ' ' || c == '"' || c == '=' || c == '\\' || escaped(c));
     if !needs_quotes {
         line.push_str(value);
         return;
@@ -100,7 +108,7 @@ fn push_value(line: &mut String, value: &str) {
             '\n' => line.push_str("\\n"),
             '\r' => line.push_str("\\r"),
             '\t' => line.push_str("\\t"),
-            c if c.is_control() => {
+            c if escaped(c) => {
                 let _ = write!(line, "\\u{{{:x}}}", c as u32);
             }
             c => line.push(c),
@@ -120,6 +128,17 @@ mod tests {
         assert!(line.starts_with("ts="));
         assert!(line.ends_with(" level=info op=wal-push error=\"bad \\\"x\\\"=1\\nnext\" n=42 e=\"\"\n"), "{line}");
         assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn no_line_break_of_any_kind_gets_through_raw() {
+        // DEL, C1 controls and the Unicode separators are not below ' ', and went out raw.
+        for forged in ["a\u{85}level=error", "a\u{2028}level=error", "a\u{2029}x", "a\u{7f}b", "a\u{9b}b"] {
+            let line = format_line(Level::Info, &[("e", &forged)]);
+            let body = &line[..line.len() - 1];
+            assert!(!body.chars().any(escaped), "{line:?}");
+            assert!(body.ends_with("e=\"a\\u{") || body.contains("e=\"a\\u{"), "{line:?}");
+        }
     }
 
     #[test]
