@@ -29,6 +29,11 @@ pub struct ClusterIdentity {
     pub wal_segment_size: u32,
     /// What wrote the record.
     pub created_by: String,
+    /// Set once a process with an encryption key has pushed: from then on, a wal-push or
+    /// backup-push without a key is refused instead of quietly storing plaintext beside the
+    /// sealed objects (a key file left out of one archive_command, say).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// The cluster a store's record names, parsed: what every segment pushed is compared with.
@@ -110,6 +115,11 @@ pub async fn check_or_record_cluster(
 
 /// The store's owner, recording `mine` as the owner if the store has none yet.
 async fn owner_or_record(store: &Arc<Store>, mine: Owner) -> Result<Owner, Error> {
+    owner_or_record_sealing(store, mine, crate::crypto::sealing_key().is_some()).await
+}
+
+/// [`owner_or_record`] for a process that seals what it stores (`sealing`) or not.
+async fn owner_or_record_sealing(store: &Arc<Store>, mine: Owner, sealing: bool) -> Result<Owner, Error> {
     let recorded = match read(store).await? {
         Some(id) => id,
         None => {
@@ -118,6 +128,7 @@ async fn owner_or_record(store: &Arc<Store>, mine: Owner) -> Result<Owner, Error
                 pg_major: mine.pg_major,
                 wal_segment_size: mine.wal_segment_size,
                 created_by: format!("wal-rs {}", env!("CARGO_PKG_VERSION")),
+                encrypted: sealing,
             };
             let bytes = serde_json::to_vec_pretty(&record).expect("identity serialises");
             let opts = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
@@ -131,7 +142,37 @@ async fn owner_or_record(store: &Arc<Store>, mine: Owner) -> Result<Owner, Error
             }
         }
     };
-    Owner::from_record(&recorded, store)
+    let owner = Owner::from_record(&recorded, store)?;
+    match (recorded.encrypted, sealing) {
+        (true, false) => Err(Error::Config(format!(
+            "{} holds encrypted objects ({} says so) but this process has no encryption key and would \
+             store plaintext: set encryption_key_file as the store's other wal-rs commands have it (to \
+             stop encrypting on purpose, remove \"encrypted\" from that record)",
+            store.url(),
+            layout::cluster_identity_key()
+        ))),
+        (false, true) => {
+            mark_encrypted(store, recorded).await;
+            Ok(owner)
+        }
+        _ => Ok(owner),
+    }
+}
+
+/// Marks the store's record as encrypted, the first time a process with a key pushes to a
+/// store that was created without one. Best effort: the object being pushed is sealed
+/// either way, and the next keyed push tries again.
+async fn mark_encrypted(store: &Arc<Store>, recorded: ClusterIdentity) {
+    let record = ClusterIdentity { encrypted: true, ..recorded };
+    let bytes = serde_json::to_vec_pretty(&record).expect("identity serialises");
+    let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+    let key = layout::cluster_identity_key();
+    if let Err(e) = store.put_bytes(&key, bytes, opts).await {
+        crate::log::emit(
+            crate::log::Level::Warn,
+            &[("op", &"identity"), ("key", &key), ("outcome", &"not marked encrypted"), ("error", &e)],
+        );
+    }
 }
 
 /// The recorded identity, if any.
@@ -150,6 +191,31 @@ pub async fn read(store: &Store) -> Result<Option<ClusterIdentity>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::test_support::block_on;
+
+    #[test]
+    fn a_store_once_encrypted_refuses_a_push_without_a_key() {
+        block_on(async {
+            let owner = Owner { system_identifier: 7, pg_major: 15, wal_segment_size: 16 << 20 };
+            // Created without a key: plaintext pushes go on as before.
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            owner_or_record_sealing(&store, owner, false).await.unwrap();
+            owner_or_record_sealing(&store, owner, false).await.unwrap();
+            assert!(!read(&store).await.unwrap().unwrap().encrypted);
+            // The first keyed push marks it; from then on a push without a key is refused.
+            owner_or_record_sealing(&store, owner, true).await.unwrap();
+            assert!(read(&store).await.unwrap().unwrap().encrypted);
+            let err = owner_or_record_sealing(&store, owner, false).await.unwrap_err();
+            assert!(matches!(&err, Error::Config(m) if m.contains("no encryption key")), "{err}");
+            owner_or_record_sealing(&store, owner, true).await.unwrap();
+
+            // Created with a key: marked from the start.
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            owner_or_record_sealing(&store, owner, true).await.unwrap();
+            assert!(owner_or_record_sealing(&store, owner, false).await.is_err());
+        });
+    }
 
     #[test]
     fn an_owner_refuses_another_cluster_version_or_segment_size() {

@@ -143,6 +143,16 @@ fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
     run.expect_code(14, "backup-fetch with the wrong key");
     assert!(!target.exists(), "a refused fetch wrote {}", target.display());
 
+    // A push without the key, into a store a keyed push marked encrypted, is refused rather
+    // than checked or stored in clear (here a segment already archived, which would
+    // otherwise pass as "already archived").
+    let again = wd.join("push-without-key");
+    fs::create_dir_all(&again).unwrap();
+    WalRs::new(wd, &store).fetch(name, &again.join(name)).expect_code(0, "wal-fetch with the key");
+    let run = WalRs::new(wd, plain).run(&["wal-push", path_str(&again.join(name))]);
+    run.expect_code(3, "wal-push without a key into an encrypted store");
+    assert!(run.stderr.contains("no encryption key"), "{run:#?}");
+
     // Rotation: a new key first, the old one kept, opens the old objects.
     let rotated = key_file(wd, "rotated-keys", &[KEY_B, KEY_A]);
     let run = WalRs::new(wd, &plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&rotated))).fetch(name, &target);
