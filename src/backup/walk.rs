@@ -4,6 +4,16 @@
 //! Entries stream to the caller one at a time, so memory does not grow with the number of
 //! files. Files that vanish while the walk runs are skipped, as PostgreSQL's own base
 //! backups skip them (a dropped table, a removed temporary file).
+//!
+//! Of each tablespace only this server's version directory (`PG_15_202209061`) is backed
+//! up, as `sendTablespace` does: after `pg_upgrade --link` the old version's folder sits
+//! beside it and belongs to the old cluster. A link to a folder at the top of the data
+//! directory is followed and stored as a folder (`pg_wal` and the folders whose contents
+//! are left out stay empty, as `convert_link_to_directory` makes them), as pgBackRest does
+//! by default: a restored copy (a fork, on the same host) then has its own `pg_xact` or
+//! `log`, instead of a link that would have it write into the original's. (PostgreSQL 15's
+//! base backup skips such links with a warning, and the folder's contents with them.) Other
+//! links (a linked `postgresql.conf`) are kept as links.
 
 use std::collections::HashSet;
 use std::fs;
@@ -46,6 +56,25 @@ pub struct Entry {
     pub mtime: u64,
 }
 
+/// A walk that failed: what was being done, on which path, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {op} {}: {source}", path.display())]
+pub struct WalkError {
+    /// What was being done ("read", "stat", "read link").
+    pub op: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The OS error, or what is wrong with the entry.
+    #[source]
+    pub source: io::Error,
+}
+
+impl WalkError {
+    fn new(op: &'static str, path: &Path, source: io::Error) -> WalkError {
+        WalkError { op, path: path.to_path_buf(), source }
+    }
+}
+
 /// The tablespaces linked from `pg_tblspc`.
 pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
     let dir = pgdata.join("pg_tblspc");
@@ -79,22 +108,37 @@ pub fn tablespaces(pgdata: &Path) -> io::Result<Vec<Tablespace>> {
 
 /// Walks `pgdata` and the tablespaces, calling `emit` for every entry to back up, except
 /// `global/pg_control`, which the caller adds last. Stops early when `emit` returns false.
-pub fn walk(pgdata: &Path, tablespaces: &[Tablespace], emit: &mut dyn FnMut(Entry) -> bool) -> io::Result<()> {
+/// Of each tablespace, only `version_dir` (`PG_15_202209061`: this server's
+/// `TABLESPACE_VERSION_DIRECTORY`) is walked.
+pub fn walk(
+    pgdata: &Path,
+    tablespaces: &[Tablespace],
+    version_dir: &str,
+    emit: &mut dyn FnMut(Entry) -> bool,
+) -> Result<(), WalkError> {
     if !walk_dir(pgdata, "", true, emit)? {
         return Ok(());
     }
     for ts in tablespaces {
         let root = PathBuf::from(&ts.location);
         let rel = format!("pg_tblspc/{}", ts.oid);
-        let Some(meta) = stat(&root)? else {
+        let link = pgdata.join(&rel);
+        let Some(meta) = stat(&root).map_err(|e| WalkError::new("stat", &root, e))? else {
             // Dropped while the backup ran (its link is gone too), as PostgreSQL's own base
             // backups allow; a link to nothing is a tablespace this backup would lose.
-            if fs::symlink_metadata(pgdata.join(&rel)).is_err() {
+            if fs::symlink_metadata(&link).is_err() {
                 continue;
             }
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("tablespace {} points to {}, which does not exist", ts.oid, ts.location),
+            return Err(WalkError::new(
+                "read",
+                &link,
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "tablespace {} points to {}, which does not exist: mount it, or drop the tablespace",
+                        ts.oid, ts.location
+                    ),
+                ),
             ));
         };
         if !emit(Entry {
@@ -106,7 +150,23 @@ pub fn walk(pgdata: &Path, tablespaces: &[Tablespace], emit: &mut dyn FnMut(Entr
         }) {
             return Ok(());
         }
-        if !walk_dir(&root, &rel, false, emit)? {
+        let version_root = root.join(version_dir);
+        let Some(meta) = stat(&version_root).map_err(|e| WalkError::new("stat", &version_root, e))? else {
+            // DROP TABLESPACE removes this folder before the link: dropped while the backup
+            // ran, which `sendTablespace` also takes as no error.
+            continue;
+        };
+        let version_rel = format!("{rel}/{version_dir}");
+        if !emit(Entry {
+            rel: version_rel.clone(),
+            abs: version_root.clone(),
+            kind: EntryKind::Dir,
+            mode: meta.mode(),
+            mtime: meta.mtime().max(0) as u64,
+        }) {
+            return Ok(());
+        }
+        if !walk_dir(&version_root, &version_rel, false, emit)? {
             return Ok(());
         }
     }
@@ -121,25 +181,27 @@ fn stat(path: &Path) -> io::Result<Option<fs::Metadata>> {
     }
 }
 
-fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> bool) -> io::Result<bool> {
+fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> bool) -> Result<bool, WalkError> {
     // A directory that cannot be read, or a name that cannot be stored as it is, fails the
     // backup: skipped, its files would be missing from a backup that looks complete.
+    let read_err = |e| WalkError::new("read", dir, e);
     let mut names: Vec<String> = match fs::read_dir(dir) {
         Ok(entries) => entries
             .map(|e| {
-                e?.file_name().into_string().map_err(|name| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: a file name that is not UTF-8, which backups cannot hold",
-                            dir.join(name).display()
+                e.map_err(read_err)?.file_name().into_string().map_err(|name| {
+                    WalkError::new(
+                        "back up",
+                        &dir.join(name),
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "its name is not UTF-8, which backups cannot hold: rename or remove it",
                         ),
                     )
                 })
             })
-            .collect::<io::Result<_>>()?,
+            .collect::<Result<_, _>>()?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
-        Err(e) => return Err(e),
+        Err(e) => return Err(read_err(e)),
     };
     names.sort();
     // Unlogged relations: only their `_init` fork is backed up (recovery rebuilds the rest).
@@ -163,9 +225,9 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
         let meta = match fs::symlink_metadata(&abs) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(WalkError::new("stat", &abs, e)),
         };
-        let (mode, mtime) = (meta.mode(), meta.mtime().max(0) as u64);
+        let (mut mode, mut mtime) = (meta.mode(), meta.mtime().max(0) as u64);
         let ft = meta.file_type();
         if is_top && name == "pg_tblspc" {
             // The links become tablespace entries of their own (see `walk`).
@@ -174,8 +236,15 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
             }
             continue;
         }
-        let is_dir = ft.is_dir() || (ft.is_symlink() && abs.is_dir() && is_top);
-        if is_dir {
+        // At the top, a link to a folder is stored as the folder (see the module's comment).
+        let linked_dir = is_top && ft.is_symlink() && abs.is_dir();
+        if linked_dir {
+            // The folder's own permissions, not the link's 0777.
+            if let Ok(target) = fs::metadata(&abs) {
+                (mode, mtime) = (target.mode(), target.mtime().max(0) as u64);
+            }
+        }
+        if ft.is_dir() || linked_dir {
             if !emit(Entry { rel: child_rel.clone(), abs: abs.clone(), kind: EntryKind::Dir, mode, mtime }) {
                 return Ok(false);
             }
@@ -193,7 +262,11 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
                 return Ok(false);
             }
         } else if ft.is_symlink() {
-            let target = fs::read_link(&abs)?;
+            let target = match fs::read_link(&abs) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(WalkError::new("read link", &abs, e)),
+            };
             if !emit(Entry { rel: child_rel, abs, kind: EntryKind::Symlink { target }, mode, mtime }) {
                 return Ok(false);
             }
@@ -209,6 +282,8 @@ fn walk_dir(dir: &Path, rel: &str, is_top: bool, emit: &mut dyn FnMut(Entry) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const VERSION_DIR: &str = "PG_15_202209061";
 
     #[test]
     fn walks_like_pg_basebackup() {
@@ -235,16 +310,37 @@ mod tests {
         let ts = tempfile::tempdir().unwrap();
         fs::create_dir_all(ts.path().join("PG_15_202209061/5")).unwrap();
         fs::write(ts.path().join("PG_15_202209061/5/16500"), b"y").unwrap();
+        // What pg_upgrade --link leaves in a tablespace: the old cluster's version folder.
+        fs::create_dir_all(ts.path().join("PG_14_202107181/5")).unwrap();
+        fs::write(ts.path().join("PG_14_202107181/5/16500"), b"old").unwrap();
         std::os::unix::fs::symlink(ts.path(), p.join("pg_tblspc/16499")).unwrap();
+        // Links at the top: folders elsewhere (logs, PostgreSQL's own moved to another disk)
+        // are stored as folders; pg_wal elsewhere stays empty.
+        let elsewhere = tempfile::tempdir().unwrap();
+        for dir in ["logs", "xact", "wal"] {
+            fs::create_dir_all(elsewhere.path().join(dir)).unwrap();
+        }
+        fs::write(elsewhere.path().join("logs/postgresql.log"), b"log").unwrap();
+        fs::write(elsewhere.path().join("xact/0000"), b"x").unwrap();
+        fs::write(elsewhere.path().join("wal/000000010000000000000002"), b"w").unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("logs"), p.join("log")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("xact"), p.join("pg_xact")).unwrap();
+        fs::remove_dir_all(p.join("pg_wal")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("wal"), p.join("pg_wal")).unwrap();
 
         let spaces = tablespaces(p).unwrap();
         assert_eq!(spaces.len(), 1);
         let mut seen = Vec::new();
-        walk(p, &spaces, &mut |e| {
+        let mut kinds = std::collections::HashMap::new();
+        walk(p, &spaces, VERSION_DIR, &mut |e| {
+            kinds.insert(e.rel.clone(), e.kind);
             seen.push(e.rel);
             true
         })
         .unwrap();
+        assert_eq!(kinds["log"], EntryKind::Dir);
+        assert_eq!(kinds["pg_xact"], EntryKind::Dir);
+        assert_eq!(kinds["pg_wal"], EntryKind::Dir);
         for want in [
             "PG_VERSION",
             "global/1262",
@@ -253,7 +349,11 @@ mod tests {
             "pg_wal",
             "pg_wal/archive_status",
             "pg_stat_tmp",
+            "pg_tblspc/16499",
+            "pg_tblspc/16499/PG_15_202209061",
             "pg_tblspc/16499/PG_15_202209061/5/16500",
+            "log/postgresql.log",
+            "pg_xact/0000",
         ] {
             assert!(seen.contains(&want.to_string()), "missing {want}: {seen:?}");
         }
@@ -265,15 +365,18 @@ mod tests {
             "base/5/t3_16400",
             "pg_wal/000000010000000000000001",
             "pg_stat_tmp/global.stat",
+            "pg_tblspc/16499/PG_14_202107181",
+            "pg_tblspc/16499/PG_14_202107181/5/16500",
+            "pg_wal/000000010000000000000002",
         ] {
             assert!(!seen.contains(&never.to_string()), "{never} was included");
         }
     }
 
-    fn rels(pgdata: &Path) -> io::Result<Vec<String>> {
-        let spaces = tablespaces(pgdata)?;
+    fn rels(pgdata: &Path) -> Result<Vec<String>, WalkError> {
+        let spaces = tablespaces(pgdata).unwrap();
         let mut seen = Vec::new();
-        walk(pgdata, &spaces, &mut |e| {
+        walk(pgdata, &spaces, VERSION_DIR, &mut |e| {
             seen.push(e.rel);
             true
         })?;
@@ -309,5 +412,26 @@ mod tests {
         fs::write(p.join("base/5").join(std::ffi::OsStr::from_bytes(b"bad\xff")), b"x").unwrap();
         let err = rels(p).unwrap_err();
         assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_walk_names_the_path_that_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data");
+        fs::create_dir_all(p.join("pg_tblspc")).unwrap();
+        // A tablespace whose version directory cannot be listed (a file stands in its
+        // place; root is refused this too).
+        let ts = d.path().join("ts");
+        fs::create_dir_all(&ts).unwrap();
+        fs::write(ts.join(VERSION_DIR), b"").unwrap();
+        std::os::unix::fs::symlink(&ts, p.join("pg_tblspc/16499")).unwrap();
+        let err = rels(&p).unwrap_err();
+        assert_eq!(err.path, ts.join(VERSION_DIR));
+        let shown = err.to_string();
+        assert!(shown.starts_with(&format!("cannot read {}: ", ts.join(VERSION_DIR).display())), "{shown}");
+        // A dangling tablespace link is named by the link.
+        fs::remove_file(p.join("pg_tblspc/16499")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("gone"), p.join("pg_tblspc/16499")).unwrap();
+        assert_eq!(rels(&p).unwrap_err().path, p.join("pg_tblspc/16499"));
     }
 }

@@ -3,11 +3,10 @@
 
 use serde_json::json;
 
-use super::common::open_store;
+use super::common::{gap_records, open_store};
 use crate::backup::catalog::{self, BackupInfo};
 use crate::config::Config;
 use crate::error::Error;
-use crate::store::{Store, StoreError};
 use crate::wal::{Lsn, WalFileName};
 
 pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<usize, Error> {
@@ -73,15 +72,6 @@ pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<
 
 /// The WAL files named by gap records. A listing that fails is an error, not "no gaps":
 /// the listing would then hide that recovery past a dropped file is impossible.
-async fn gap_records(store: &Store) -> Result<Vec<String>, Error> {
-    let records = match store.list(crate::layout::GAP_PREFIX).await {
-        Ok(r) => r,
-        Err(StoreError::NotFound { .. }) => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(records.iter().map(|r| r.key.file_name().trim_end_matches(".json").to_string()).collect())
-}
-
 fn short_time(t: &str) -> String {
     t.chars().take(19).collect::<String>().replace('T', " ")
 }
@@ -123,6 +113,7 @@ fn row(b: &BackupInfo, detail: bool) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::store::local::LocalStore;
+    use crate::store::Store;
 
     #[test]
     fn a_failed_listing_of_gap_records_is_an_error() {

@@ -8,6 +8,7 @@
 //! manifest; write the sentinel last. A backup interrupted anywhere before the sentinel is
 //! not listed and leaves only garbage for `delete garbage`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -18,7 +19,7 @@ use super::common::open_store;
 use crate::backup::manifest::{Manifest, PartitionEntry};
 use crate::backup::partition::{PartitionError, PartitionWriter};
 use crate::backup::sentinel::{format_time, BackupMetadata, Sentinel, Tablespace};
-use crate::backup::walk::{self, EntryKind};
+use crate::backup::walk::{self, EntryKind, WalkError};
 use crate::codec::Compression;
 use crate::config::Config;
 use crate::error::Error;
@@ -27,8 +28,8 @@ use crate::layout;
 use crate::log::{self, Level};
 use crate::pg::{backup_api, conn};
 use crate::progress::Progress;
-use crate::store::{into_store_error, Metadata, PutMode, PutOptions, PutOutcome, Store};
-use crate::wal::{Lsn, SegmentId, WalFileName};
+use crate::store::{into_store_error, Metadata, ObjectKey, PutMode, PutOptions, PutOutcome, Store, StoreError};
+use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
 
 /// What one backup-push did.
 #[derive(Debug, serde::Serialize)]
@@ -49,16 +50,8 @@ pub(super) async fn run(
     fast: bool,
     pg_url: Option<&str>,
 ) -> Result<PushedBackup, Error> {
-    // Memory is parts: each partition written at once holds the part it fills plus the parts
-    // in flight. So s3_upload_concurrency is the budget of the whole backup, shared by the
-    // partitions, and partitions go up in S3's smallest parts (5 MiB; a partition stays far
-    // below 10,000 of them): about 30 MiB of buffers whatever the database size.
-    let mut shared = config.clone();
-    shared.s3.upload_concurrency = (config.s3.upload_concurrency / config.backup.concurrency.max(1)).max(1);
-    shared.s3.part_size = config.s3.part_size.min(5 << 20);
-    let config = &shared;
-    let store = open_store(config).await?;
     let client = conn::connect(pg_url).await?;
+    backup_api::prepare_session(&client).await?;
     let info = backup_api::server_info(&client).await?;
     let pgdata = std::fs::canonicalize(pgdata).map_err(|e| Error::local("open", pgdata, e))?;
     let server_dir =
@@ -70,6 +63,20 @@ pub(super) async fn run(
             info.data_directory
         )));
     }
+    let version_dir = info.tablespace_version_dir();
+    // Sizes first (a stat-only walk): the progress bar's total, and the largest file, which
+    // sets the part size before the store is opened.
+    let sizes = measure(&pgdata, &walk::tablespaces(&pgdata).unwrap_or_default(), &version_dir);
+    // Memory is parts: each partition written at once holds the part it fills plus the parts
+    // in flight. So s3_upload_concurrency is the budget of the whole backup, shared by the
+    // partitions, and partitions go up in the smallest parts that keep the largest possible
+    // partition within S3's 10,000 (5 MiB up to partitions of about 40 GiB): about 30 MiB of
+    // buffers with the defaults, whatever the database size.
+    let mut shared = config.clone();
+    shared.s3.upload_concurrency = (config.s3.upload_concurrency / config.backup.concurrency.max(1)).max(1);
+    shared.s3.part_size = partition_part_size(config.backup.partition_size, sizes.largest);
+    let config = &shared;
+    let store = open_store(config).await?;
     identity::check_or_record_cluster(
         &store,
         "this backup",
@@ -89,13 +96,13 @@ pub(super) async fn run(
         &[("op", &"backup-push"), ("backup", &name), ("start_lsn", &start_lsn), ("outcome", &"started")],
     );
 
-    let total = total_size(&pgdata, &tablespaces);
-    let progress = Arc::new(Progress::new("backup-push", total));
+    let progress = Arc::new(Progress::new("backup-push", sizes.total));
     let job = DataJob {
         store: store.clone(),
         name: name.clone(),
         pgdata: pgdata.clone(),
         tablespaces: tablespaces.clone(),
+        version_dir,
         compression: config.compression,
         level: config.zstd_level,
         partition_size: config.backup.partition_size,
@@ -123,21 +130,21 @@ pub(super) async fn run(
     let timeline = start_file.timeline();
     let first = start_file.wal_segment().expect("the start file is a segment");
     let last = SegmentId::containing(Lsn(stop.stop_lsn.0.saturating_sub(1).max(start_lsn.0)), info.wal_segment_size);
-    wait_for_wal(&store, timeline, first, last, info.wal_segment_size, config).await?;
+    wait_for_wal(&store, timeline, first, last, info.wal_segment_size, config.compression, config.backup.wal_timeout)
+        .await?;
     let wal_wait_ms = wal_started.elapsed().as_millis();
 
     let finished = time::OffsetDateTime::now_utc();
     let uncompressed: u64 = partitions.iter().map(|p| p.tar_size).sum();
     let stored: u64 = partitions.iter().map(|p| p.stored_size).sum();
     let file_count: usize = partitions.iter().map(|p| p.files.len()).sum();
+    let partition_count = partitions.len();
     let hostname = hostname();
     let data_dir = pgdata.display().to_string();
-    let manifest = Manifest {
-        version: 1,
-        backup: name.clone(),
-        compression: config.compression.to_string(),
-        partitions: partitions.clone(),
-    };
+    // Moved, not copied: the file list (one entry per file) is the one thing here that
+    // grows with the database, and it is held once, plus its JSON while that is stored.
+    let manifest =
+        Manifest { version: 1, backup: name.clone(), compression: config.compression.to_string(), partitions };
     let metadata = BackupMetadata {
         start_time: format_time(started),
         finish_time: format_time(finished),
@@ -177,10 +184,10 @@ pub(super) async fn run(
     let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
     store.put_bytes(&layout::backup_file_key(&name, "metadata.json"), to_json(&metadata), overwrite.clone()).await?;
     crate::backup::manifest::store_manifest(&store, &name, &manifest).await?;
-    let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
-    if store.put_bytes(&layout::sentinel_key(&name), to_json(&sentinel), create).await? == PutOutcome::AlreadyExists {
+    drop(manifest);
+    if !create_or_find_own(&store, &layout::sentinel_key(&name), to_json(&sentinel)).await? {
         return Err(Error::AlreadyExists(format!(
-            "backup {name} already exists in {}: run backup-push again",
+            "backup {name} already exists in {} with another sentinel: run backup-push again",
             store.url()
         )));
     }
@@ -188,7 +195,7 @@ pub(super) async fn run(
         name,
         start_lsn: start_lsn.to_string(),
         finish_lsn: stop.stop_lsn.to_string(),
-        partitions: partitions.len(),
+        partitions: partition_count,
         files: file_count,
         uncompressed_bytes: uncompressed,
         stored_bytes: stored,
@@ -198,6 +205,24 @@ pub(super) async fn run(
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("backup documents serialise")
+}
+
+/// Puts `bytes` under `key` unless something is there already; returns whether the object
+/// now holds exactly `bytes`. A create whose answer was lost (a timeout, a reset connection)
+/// is sent again by the S3 SDK, and the second try finds the object the first one stored
+/// (412, so `AlreadyExists`): that is this run's own object, and success. Anything else
+/// under the key is another writer's.
+async fn create_or_find_own(store: &Arc<Store>, key: &ObjectKey, bytes: Vec<u8>) -> Result<bool, Error> {
+    let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
+    if store.put_bytes(key, bytes.clone(), create).await? == PutOutcome::Stored {
+        return Ok(true);
+    }
+    match store.get_bytes(key).await {
+        Ok(stored) => Ok(stored == bytes),
+        // There a moment ago and gone now (`delete garbage`): not this run's.
+        Err(StoreError::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A name for this backup, reserved: `base_<start WAL file>`, as WAL-G names backups. When
@@ -219,7 +244,6 @@ async fn reserve_backup_name(
         "pid": std::process::id(),
         "started": format_time(time::OffsetDateTime::now_utc()),
     }));
-    let create = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
     for n in 0..MAX_NAME_TRIES {
         let name = match n {
             0 => plain.clone(),
@@ -229,8 +253,10 @@ async fn reserve_backup_name(
         if store.head(&layout::sentinel_key(&name)).await?.is_some() {
             continue;
         }
+        // The record names this process (host, pid, start time), so
+        // finding the same bytes there means this run's own earlier try stored it.
         let record = layout::backup_file_key(&name, WRITER_FILE);
-        if store.put_bytes(&record, writer.clone(), create.clone()).await? == PutOutcome::Stored {
+        if create_or_find_own(store, &record, writer.clone()).await? {
             return Ok(name);
         }
     }
@@ -290,16 +316,51 @@ const WRITER_FILE: &str = "walrs_writer.json";
 /// Names tried for one backup before giving up.
 const MAX_NAME_TRIES: usize = 20;
 
-/// Sum of the file sizes to back up, for the progress bar (a stat-only walk).
-fn total_size(pgdata: &Path, tablespaces: &[Tablespace]) -> u64 {
-    let mut total = 0;
-    let _ = walk::walk(pgdata, tablespaces, &mut |e| {
+/// What a stat-only walk finds. Best effort: the real walk reports what fails.
+#[derive(Debug, Default)]
+struct Sizes {
+    /// Sum of the file sizes to back up, for the progress bar.
+    total: u64,
+    /// The largest file, which a partition may hold beyond its size.
+    largest: u64,
+}
+
+fn measure(pgdata: &Path, tablespaces: &[Tablespace], version_dir: &str) -> Sizes {
+    let mut sizes = Sizes::default();
+    let _ = walk::walk(pgdata, tablespaces, version_dir, &mut |e| {
         if let EntryKind::File { size } = e.kind {
-            total += size;
+            sizes.total += size;
+            sizes.largest = sizes.largest.max(size);
         }
         true
     });
-    total
+    sizes
+}
+
+/// Parts an S3 object may have.
+const S3_MAX_PARTS: u64 = 10_000;
+
+/// The multipart part size for partitions: the smallest (5 MiB, S3's minimum, for memory)
+/// that keeps the largest partition within S3's 10,000 parts. A partition is closed once
+/// past its size, so it can hold `partition_size` plus one whole file: a relation segment
+/// (up to 1 GiB, and it may grow to that while the backup runs) or any larger file found,
+/// which goes up whole. Compression (lz4's worst case on incompressible data is under 1%)
+/// and sealing add a little: 2% and 64 MiB are allowed for. And only 90% of the parts are
+/// planned for, the rest in reserve for files that grew after they were measured.
+fn partition_part_size(partition_size: u64, largest_file: u64) -> usize {
+    const RELATION_SEGMENT: u64 = 1 << 30;
+    const MIN_PART: u64 = 5 << 20;
+    const MAX_PART: u64 = 5 << 30;
+    let largest = partition_size.saturating_add(largest_file.max(RELATION_SEGMENT));
+    let stored = largest.saturating_add(largest / 50).saturating_add(64 << 20);
+    let part = stored.div_ceil(S3_MAX_PARTS / 10 * 9);
+    // Whole MiB, within S3's limits.
+    (part.div_ceil(1 << 20) << 20).clamp(MIN_PART, MAX_PART) as usize
+}
+
+/// A failed walk as the command's error: which path, and why.
+fn walk_error(e: WalkError) -> Error {
+    Error::LocalIo { op: e.op, path: e.path.display().to_string(), source: e.source }
 }
 
 /// The data partitions: a walker thread feeds entries to `concurrency` workers, each filling
@@ -309,6 +370,8 @@ struct DataJob {
     name: String,
     pgdata: PathBuf,
     tablespaces: Vec<Tablespace>,
+    /// Each tablespace's folder of this server version (`PG_15_202209061`).
+    version_dir: String,
     compression: Compression,
     level: i32,
     partition_size: u64,
@@ -332,12 +395,12 @@ impl DataJob {
         };
         std::thread::scope(|s| {
             let walker = s.spawn(|| {
-                let result = walk::walk(&self.pgdata, &self.tablespaces, &mut |e| {
+                let result = walk::walk(&self.pgdata, &self.tablespaces, &self.version_dir, &mut |e| {
                     !failed.load(Ordering::Relaxed) && tx.send(e).is_ok()
                 });
                 drop(tx);
                 if let Err(e) = result {
-                    fail(Error::local("read", &self.pgdata, e));
+                    fail(walk_error(e));
                 }
             });
             let workers: Vec<_> = (0..self.concurrency.max(1))
@@ -452,36 +515,107 @@ async fn write_small_partition(
 }
 
 /// Waits until every segment from `first` to `last` on `timeline` is in the store.
+///
+/// `timeout` counts time without progress: it starts again whenever a segment is found, so
+/// a long backup's many segments (checked one after another) never use it up before the
+/// last one, still being archived, gets its time. A segment that the archive's safety valve
+/// dropped (a gap record) can never arrive: that fails at once, naming it.
 async fn wait_for_wal(
     store: &Arc<Store>,
-    timeline: crate::wal::TimelineId,
+    timeline: TimelineId,
     first: SegmentId,
     last: SegmentId,
     seg_size: u32,
-    config: &Config,
+    compression: Compression,
+    timeout: Duration,
 ) -> Result<(), Error> {
-    let deadline = Instant::now() + config.backup.wal_timeout;
-    let mut segment = first;
+    let mut waiting_for = first;
+    let mut since = Instant::now();
+    let mut delay = Duration::from_millis(100);
     loop {
-        let name = WalFileName::Segment(timeline, segment);
-        let keys: Vec<_> = layout::wal_candidates(&name, config.compression).into_iter().map(|(k, _)| k).collect();
-        let mut delay = Duration::from_millis(100);
-        while store.find_first(&keys).await?.is_none() {
-            if Instant::now() + delay > deadline {
-                return Err(Error::Timeout(format!(
-                    "WAL segment {name} of the backup did not reach {} within {} s: check archive_command (wal-rs wal-push %p) and pg_stat_archiver, then run backup-push again",
-                    store.url(),
-                    config.backup.wal_timeout.as_secs()
-                )));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
-        if segment == last {
+        let Some(missing) = first_missing(store, timeline, waiting_for, last, seg_size, compression).await? else {
             return Ok(());
+        };
+        if missing != waiting_for {
+            (waiting_for, since, delay) = (missing, Instant::now(), Duration::from_millis(100));
         }
-        segment = segment.next(seg_size);
+        if let Some(gap) = gap_between(store, timeline, missing, last).await? {
+            return Err(Error::NotFound(format!(
+                "WAL segment {gap} of the backup was dropped unarchived by archive_queue_max_bytes (gap record {} in {}): this backup can never be restored; take a new backup once archiving keeps up",
+                layout::gap_key(&gap.to_string()),
+                store.url()
+            )));
+        }
+        if since.elapsed() + delay > timeout {
+            return Err(Error::Timeout(format!(
+                "WAL segment {} of the backup did not reach {} in {} s in which no segment arrived (backup_wal_timeout_secs): check archive_command (wal-rs wal-push %p) and pg_stat_archiver, then run backup-push again",
+                WalFileName::Segment(timeline, missing),
+                store.url(),
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// The first segment from `from` to `last` that is not in the store, or `None` when all
+/// are. On S3 (and in memory) one listing per 4 GiB of WAL (one "log": 256 segments of
+/// 16 MiB), not a request per segment; a local store `stat`s each name instead, since a
+/// listing there reads the whole wal_005 folder.
+async fn first_missing(
+    store: &Arc<Store>,
+    timeline: TimelineId,
+    from: SegmentId,
+    last: SegmentId,
+    seg_size: u32,
+    compression: Compression,
+) -> Result<Option<SegmentId>, Error> {
+    let lists = matches!(**store, Store::S3(_) | Store::Memory(_));
+    let mut segment = from;
+    loop {
+        let listed: Option<HashSet<String>> = if lists {
+            let prefix = format!("{}/{:08X}{:08X}", layout::WAL_DIR, timeline.0, segment.log);
+            Some(store.list(&prefix).await?.into_iter().map(|m| m.key.as_str().to_string()).collect())
+        } else {
+            None
+        };
+        let log = segment.log;
+        while segment.log == log {
+            let keys: Vec<ObjectKey> = layout::wal_candidates(&WalFileName::Segment(timeline, segment), compression)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            let present = match &listed {
+                Some(names) => keys.iter().any(|k| names.contains(k.as_str())),
+                None => store.find_first(&keys).await?.is_some(),
+            };
+            if !present {
+                return Ok(Some(segment));
+            }
+            if segment == last {
+                return Ok(None);
+            }
+            segment = segment.next(seg_size);
+        }
+    }
+}
+
+/// The first segment from `from` to `last` on `timeline` with a gap record: acknowledged
+/// to PostgreSQL without being archived (see `backup-list`'s and `wal-verify`'s reading of
+/// the same records).
+async fn gap_between(
+    store: &Store,
+    timeline: TimelineId,
+    from: SegmentId,
+    last: SegmentId,
+) -> Result<Option<WalFileName>, Error> {
+    Ok(super::common::gap_records(store)
+        .await?
+        .iter()
+        .filter_map(|name| WalFileName::parse(name).ok())
+        .filter(|n| matches!(n, WalFileName::Segment(t, s) if *t == timeline && (from..=last).contains(s)))
+        .min_by_key(|n| n.wal_segment()))
 }
 
 fn hostname() -> String {
@@ -540,6 +674,130 @@ mod tests {
                 .unwrap();
             let name = reserve_backup_name(&store, &other, Lsn(0x30_0000_0100), 16 << 20).await.unwrap();
             assert_eq!(name, "base_000000010000000000000030_00000100");
+        });
+    }
+
+    fn memory_store() -> Arc<Store> {
+        Arc::new(Store::Memory(MemoryStore::new()))
+    }
+
+    async fn put(store: &Arc<Store>, key: &ObjectKey, bytes: &[u8]) {
+        let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+        store.put_bytes(key, bytes.to_vec(), opts).await.unwrap();
+    }
+
+    fn segment_key(timeline: u32, segment: SegmentId) -> ObjectKey {
+        layout::wal_key(&WalFileName::Segment(TimelineId(timeline), segment), Compression::Lz4)
+    }
+
+    #[test]
+    fn a_segment_dropped_by_the_safety_valve_fails_the_wait_at_once() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let first = SegmentId { log: 0, seg: 5 };
+            let last = SegmentId { log: 0, seg: 7 };
+            let gap = WalFileName::Segment(TimelineId(1), first);
+            put(&store, &layout::gap_key(&gap.to_string()), b"{}").await;
+            // A gap on another timeline or outside the range is not this backup's.
+            put(&store, &layout::gap_key("000000020000000000000005"), b"{}").await;
+            let started = Instant::now();
+            let wait =
+                wait_for_wal(&store, TimelineId(1), first, last, 16 << 20, Compression::Lz4, Duration::from_secs(30));
+            let err = wait.await.unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(5), "waited {:?}", started.elapsed());
+            assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+            let shown = err.to_string();
+            assert!(shown.contains("000000010000000000000005") && shown.contains("walrs/gaps/"), "{shown}");
+        });
+    }
+
+    #[test]
+    fn the_wal_timeout_counts_time_without_a_new_segment() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            // 1 GiB segments: four to a "log", so the wait crosses from one listing to the next.
+            let seg_size = 1 << 30;
+            let mut segments = vec![SegmentId { log: 0, seg: 2 }];
+            for _ in 0..4 {
+                segments.push(segments.last().unwrap().next(seg_size));
+            }
+            assert_eq!(segments[4], SegmentId { log: 1, seg: 2 });
+            // The first is there; the others arrive one every 600 ms: 2.4 s in all, each
+            // within the 1 s timeout of the one before.
+            put(&store, &segment_key(1, segments[0]), b"wal").await;
+            let arriving = {
+                let (store, later) = (store.clone(), segments[1..].to_vec());
+                tokio::spawn(async move {
+                    for s in later {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        put(&store, &segment_key(1, s), b"wal").await;
+                    }
+                })
+            };
+            let started = Instant::now();
+            wait_for_wal(
+                &store,
+                TimelineId(1),
+                segments[0],
+                segments[4],
+                seg_size,
+                Compression::Zstd,
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+            assert!(started.elapsed() >= Duration::from_millis(2000), "{:?}", started.elapsed());
+            arriving.await.unwrap();
+            // One that never comes fails after the timeout, named.
+            let next = segments[4].next(seg_size);
+            let started = Instant::now();
+            let err = wait_for_wal(
+                &store,
+                TimelineId(1),
+                segments[0],
+                next,
+                seg_size,
+                Compression::Lz4,
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+            assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+            assert!(err.to_string().contains(&WalFileName::Segment(TimelineId(1), next).to_string()), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        });
+    }
+
+    #[test]
+    fn parts_keep_any_partition_within_s3s_10000() {
+        const GIB: u64 = 1 << 30;
+        for (partition, largest) in [(64 * GIB, 1 << 20), (64 * GIB, 5 * GIB), (1 << 40, 1 << 20), (GIB, 100 * GIB)] {
+            let part = partition_part_size(partition, largest) as u64;
+            // The worst: the partition, one relation segment or the largest file beyond it,
+            // and incompressible data growing by 1% on its way through lz4.
+            let worst = (partition + largest.max(GIB)) / 100 * 101;
+            assert!(part * S3_MAX_PARTS > worst, "{partition} + {largest}: {part}-byte parts");
+            assert_eq!(part % (1 << 20), 0, "whole MiB");
+        }
+        // The default partitions keep S3's smallest parts, so memory stays as it was.
+        assert_eq!(partition_part_size(256 << 20, 1 << 30), 5 << 20);
+        assert_eq!(partition_part_size(64 * GIB, 1 << 20), 8 << 20);
+    }
+
+    #[test]
+    fn a_create_whose_answer_was_lost_is_found_as_this_runs_own() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let key = layout::sentinel_key("base_000000010000000000000028");
+            // The first try stored it; the answer was lost, and the resend finds it.
+            put(&store, &key, b"{\"FinishLSN\":1}").await;
+            assert!(create_or_find_own(&store, &key, b"{\"FinishLSN\":1}".to_vec()).await.unwrap());
+            // Another writer's object is not this run's.
+            assert!(!create_or_find_own(&store, &key, b"{\"FinishLSN\":2}".to_vec()).await.unwrap());
+            assert_eq!(store.get_bytes(&key).await.unwrap(), b"{\"FinishLSN\":1}");
+            // Nothing there: stored.
+            let fresh = layout::sentinel_key("base_000000010000000000000030");
+            assert!(create_or_find_own(&store, &fresh, b"{}".to_vec()).await.unwrap());
         });
     }
 }

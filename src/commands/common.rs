@@ -114,3 +114,15 @@ pub(crate) async fn stored_sha256(
             }),
         })
 }
+
+/// The names of the WAL files with a gap record (`walrs/gaps/<name>.json`): acknowledged to
+/// PostgreSQL by the safety valve without being archived. A store that cannot be listed is
+/// an error, never "no gap".
+pub(crate) async fn gap_records(store: &Store) -> Result<Vec<String>, Error> {
+    let records = match store.list(crate::layout::GAP_PREFIX).await {
+        Ok(r) => r,
+        Err(StoreError::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(records.iter().map(|r| r.key.file_name().trim_end_matches(".json").to_string()).collect())
+}

@@ -657,6 +657,29 @@ fn local_store_in_place_tablespace_restore_keeps_the_exact_location() {
 
 // --- 4. kill -9 --------------------------------------------------------------------------------
 
+/// The role's own timeouts never end a backup: with `idle_session_timeout` and
+/// `statement_timeout` of 1 s set on the role, backup-push's session sits idle through the
+/// whole walk (held to 4 MB/s: several seconds) and still stops the backup. Its session
+/// turns them off for itself alone, as pg_dump does.
+#[test]
+fn local_store_backup_outlasts_the_roles_session_timeouts() {
+    let wd = WorkDir::new("bk-timeouts");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let primary = PgCluster::archiving(&wd, "primary", &store);
+    primary.query("alter role postgres set idle_session_timeout = '1s'");
+    primary.query("alter role postgres set statement_timeout = '1s'");
+    assert_eq!(primary.one("show idle_session_timeout"), "1s");
+    let walrs = walrs_for(&wd, &store, &primary).env("WALRS_DISK_RATE_LIMIT", "4000000");
+    let started = Instant::now();
+    let name = backup_push(&walrs, &primary);
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "backup-push took {:?}: too short to outlast the role's 1 s idle timeout",
+        started.elapsed()
+    );
+    assert_eq!(names(&backup_list(&walrs, &[])), [name.as_str()]);
+}
+
 /// Published (not temporary) partition objects of any backup under `basebackups_005/`.
 fn published_partitions(store: &StoreEnv) -> Vec<PathBuf> {
     let root = store.object_path("basebackups_005");
