@@ -52,7 +52,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "retry_deadline_secs",
         env: &["WALRS_RETRY_DEADLINE_SECS"],
         default: Some("120"),
-        help: "time one operation may spend retrying transient storage errors",
+        help: "time a WAL command may go without progress (no bytes moved to or from the store, no request answered) before it fails",
     },
     Setting {
         key: "retry_attempts",
@@ -82,7 +82,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "backup_wal_timeout_secs",
         env: &["WALRS_BACKUP_WAL_TIMEOUT_SECS"],
         default: Some("600"),
-        help: "time backup-push waits for the backup's WAL to reach the store",
+        help: "time backup-push waits for the next segment of the backup's WAL to reach the store (counted from the last one that arrived)",
     },
     Setting {
         key: "archive_concurrency",

@@ -20,6 +20,7 @@ pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod deadline;
 pub mod error;
 pub mod exit;
 pub mod identity;

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use crate::cli::{Cli, Command};
 use crate::config::{fetch_mode_without_config, redact_url, Config, ProcessEnv};
+use crate::deadline;
 use crate::error::Error;
 use crate::exit;
 use crate::log::{self, Level};
@@ -73,13 +74,15 @@ pub fn run(cli: Cli) -> u8 {
     let started = Instant::now();
     let code = match cli.command {
         Command::WalPush { path } => {
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let watchdog = watch(&config, op, &file, &path, started, exit::code_of);
             let result = runtime.block_on(within_deadline(
                 &config,
                 "wal-push",
                 &path,
                 wal_push::run(&config, &path, &child_args),
             ));
-            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            settle(&watchdog, result.as_ref().map_or_else(exit::code_of, |_| exit::OK));
             match result {
                 Ok(r) => {
                     log::emit(
@@ -101,8 +104,11 @@ pub fn run(cli: Cli) -> u8 {
         Command::WalFetch { name, dest } => {
             let standby = wal_fetch::is_standby(&config);
             exit::set_panic_code(exit::wal_fetch_internal_code(standby));
+            let watchdog = watch(&config, op, &name, &dest, started, move |e| exit::wal_fetch_code(e, standby));
             let fetch = wal_fetch::run(&config, &name, &dest, standby, &child_args);
-            match runtime.block_on(within_deadline(&config, "wal-fetch", &dest, fetch)) {
+            let result = runtime.block_on(within_deadline(&config, "wal-fetch", &dest, fetch));
+            settle(&watchdog, result.as_ref().map_or_else(|e| exit::wal_fetch_code(e, standby), |_| exit::OK));
+            match result {
                 Ok(r) => {
                     log::emit(
                         Level::Info,
@@ -336,30 +342,78 @@ fn standby_without_config(cli: &Cli) -> bool {
     fetch_mode_without_config(cli.overrides().ok().as_ref(), &ProcessEnv).is_standby()
 }
 
-/// Bounds a whole WAL command by `retry_deadline_secs`: each storage request has that
-/// deadline too, but a command makes several, and PostgreSQL must get an answer in time.
+/// Ends a WAL command that made no progress for `retry_deadline_secs`: nothing moved to or
+/// from the store and it answered no request (see [`crate::deadline`]). A transfer whose
+/// bytes keep moving runs on, however long it takes; PostgreSQL still gets an answer in
+/// time from a store that stopped answering.
 async fn within_deadline<T>(
     config: &Config,
     op: &'static str,
     path: &std::path::Path,
     work: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout(config.retry.deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Store(crate::store::StoreError::Unavailable {
-            op,
-            key: path.display().to_string(),
-            detail: deadline_detail(config),
-        })),
+    tokio::select! {
+        biased;
+        result = work => result,
+        _ = deadline::stalled(deadline::clock(), config.retry.deadline) => {
+            Err(stalled(op, path, deadline_detail(config)))
+        }
     }
 }
 
-/// What a command that ran out of time was doing, for PostgreSQL's log: the endpoint
-/// without its user-info, as `wal-rs config` shows it.
+fn stalled(op: &'static str, path: &std::path::Path, detail: String) -> Error {
+    Error::Store(crate::store::StoreError::Unavailable { op, key: path.display().to_string(), detail })
+}
+
+/// Starts the clock of a WAL command and the watchdog that ends it if it gets stuck where
+/// the ordinary deadline cannot fire (a blocking call on the async runtime's thread that
+/// never returns): one error line, as [`fail`] writes it, then exit with the command's code
+/// for an unavailable store (`code_of`).
+fn watch(
+    config: &Config,
+    op: &'static str,
+    file: &str,
+    path: &std::path::Path,
+    started: Instant,
+    code_of: impl Fn(&Error) -> u8,
+) -> Option<deadline::Watchdog> {
+    deadline::progress();
+    let limit = config.retry.deadline + deadline::WATCHDOG_MARGIN;
+    let detail = format!(
+        "stuck for {} s (retry_deadline_secs plus {} s) in a call to {} that does not return (a hung network mount?)",
+        limit.as_secs(),
+        deadline::WATCHDOG_MARGIN.as_secs(),
+        store_description(config)
+    );
+    let err = stalled(op, path, detail);
+    let code = code_of(&err);
+    let file = file.to_string();
+    deadline::Watchdog::start(deadline::clock(), limit, code, move || {
+        fail(op, &file, started, &err, code);
+    })
+}
+
+/// Tells the watchdog the command's answer, before it is logged.
+fn settle(watchdog: &Option<deadline::Watchdog>, code: u8) {
+    if let Some(w) = watchdog {
+        w.settle(code);
+    }
+}
+
+/// Why a command ran out of time, for PostgreSQL's log: the store, and its endpoint without
+/// its user-info, as `wal-rs config` shows it.
 fn deadline_detail(config: &Config) -> String {
     format!(
-        "not finished within {} s (retry_deadline_secs) with the store {}{}",
+        "no progress for {} s (retry_deadline_secs) with {}",
         config.retry.deadline.as_secs(),
+        store_description(config)
+    )
+}
+
+/// "the store URL at ENDPOINT", with no user-info in either.
+fn store_description(config: &Config) -> String {
+    format!(
+        "the store {}{}",
         config.store.as_ref().map(|s| redact_url(&s.to_string())).unwrap_or_default(),
         config.s3.endpoint.as_deref().map(|e| format!(" at {}", redact_url(e))).unwrap_or_default()
     )

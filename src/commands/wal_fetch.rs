@@ -10,8 +10,10 @@
 //! recovery asks for it again.
 
 use std::fs::{self, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +59,10 @@ pub(super) async fn run(
     let name = WalFileName::parse(name).map_err(|e| Error::Usage(e.to_string()))?;
     refuse_special_destination(dest)?;
     let prefetch = Prefetch::new(config, dest);
-    if let Some(report) = prefetch.take(&name, dest, config.retry.request_timeout.min(Duration::from_secs(10))) {
+    // At most half the deadline: this wait is no progress for it, and the store may still
+    // have to be asked.
+    let wait = config.retry.request_timeout.min(Duration::from_secs(10)).min(config.retry.deadline / 2);
+    if let Some(report) = prefetch.take(&name, dest, wait) {
         prefetch.refill(&name, report.bytes_out, child_args);
         return Ok(report);
     }
@@ -70,22 +75,32 @@ pub(super) async fn run(
     Ok(report)
 }
 
+/// A prefetcher's download: how the file is marked, and the flag that stops it.
+#[derive(Clone)]
+pub(crate) struct ForPrefetch {
+    /// The fingerprint of the configuration fetching it.
+    pub(crate) fingerprint: String,
+    /// Set when the prefetcher exits: the download stops at its next chunk and removes its
+    /// temporary file, and no new attempt starts.
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
 /// Fetches `name` into `dest`, retrying transient failures until the deadline. With
-/// `prefetched` (the fingerprint of the configuration fetching it), the file is marked with
-/// it and with how it was verified, and fsynced before it is renamed into place (prefetched
-/// files must be whole after a crash, since their presence alone says they are complete).
-/// With `prove_absence`, "not in the archive" is said only of a location that holds an
-/// archive at all (see [`Store::confirm_absent`]).
+/// `prefetched`, the file is marked with the configuration's fingerprint and with how it was
+/// verified, and fsynced before it is renamed into place (prefetched files must be whole
+/// after a crash, since their presence alone says they are complete). With
+/// `prove_absence`, "not in the archive" is said only of a location that holds an archive
+/// at all (see [`Store::confirm_absent`]).
 pub(crate) async fn fetch_with_retry(
     store: &Arc<Store>,
     name: &WalFileName,
     dest: &Path,
     config: &Config,
-    prefetched: Option<&str>,
+    prefetched: Option<&ForPrefetch>,
     prove_absence: bool,
 ) -> Result<FetchReport, Error> {
     retry_transient("wal-fetch", name, config.retry.deadline, || {
-        fetch_once(store, name, dest, config.compression, prefetched.map(str::to_owned), prove_absence)
+        fetch_once(store, name, dest, config.compression, prefetched.cloned(), prove_absence)
     })
     .await
 }
@@ -95,12 +110,15 @@ async fn fetch_once(
     name: &WalFileName,
     dest: &Path,
     preferred: Compression,
-    prefetched: Option<String>,
+    prefetched: Option<ForPrefetch>,
     prove_absence: bool,
 ) -> Result<FetchReport, Error> {
+    if prefetched.as_ref().is_some_and(|p| p.stop.load(Ordering::Relaxed)) {
+        return Err(stopped(dest));
+    }
     let candidates = layout::wal_candidates(name, preferred);
     // The configured compression first: one request in the usual case.
-    let (key, compression, reader) = match store.get(&candidates[0].0).await {
+    let (key, compression, mut reader) = match store.get(&candidates[0].0).await {
         Ok(reader) => (candidates[0].0.clone(), preferred, reader),
         Err(StoreError::NotFound { .. }) => {
             // The first key too: on S3 the listing costs the same, and a store that lists
@@ -132,6 +150,9 @@ async fn fetch_once(
     let describe = format!("{}/{key}", store.url());
     let dest = dest.to_path_buf();
     let name = *name;
+    if let Some(stop) = prefetched.as_ref().map(|p| p.stop.clone()) {
+        reader.body = Box::new(Stoppable { inner: reader.body, stop });
+    }
     tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, prefetched))
         .await
         .expect("the restore task panicked")
@@ -149,6 +170,33 @@ fn listed_but_missing(key: String) -> Error {
     })
 }
 
+/// A prefetcher's download stopped because the prefetcher is exiting. Not transient: no
+/// attempt follows.
+fn stopped(dest: &Path) -> Error {
+    Error::local("prefetch into", dest, std::io::Error::other("the prefetcher is exiting"))
+}
+
+/// A body that fails its next read once `stop` is set.
+struct Stoppable {
+    inner: Box<dyn Read + Send>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Read for Stoppable {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            // Not `Interrupted`, which readers retry.
+            return Err(std::io::Error::other("the prefetcher is exiting"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// The temporary file this process restores `dest` through.
+pub(super) fn temp_path(dest: &Path) -> PathBuf {
+    dest_folder(dest).join(format!("{}{}", temp_prefix(dest), std::process::id()))
+}
+
 /// Decodes into a temporary file beside `dest`, checks it, and renames it into place.
 /// Blocking.
 fn restore(
@@ -157,9 +205,10 @@ fn restore(
     name: &WalFileName,
     dest: &Path,
     describe: &str,
-    prefetched: Option<String>,
+    prefetched: Option<ForPrefetch>,
 ) -> Result<FetchReport, Error> {
-    let temp = TempFile(dest_folder(dest).join(format!("{}{}", temp_prefix(dest), std::process::id())));
+    let stop = prefetched.as_ref().map(|p| p.stop.clone());
+    let temp = TempFile(temp_path(dest));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -171,6 +220,8 @@ fn restore(
     let expected_size = reader.size;
     let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
     let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
+        // Whatever the error says, the reader was told to stop.
+        _ if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) => stopped(dest),
         DecodeError::Source(e) if is_checksum_mismatch(&e) => corrupt(error_chain(&e)),
         DecodeError::Source(e) => {
             Error::Store(StoreError::Unavailable { op: "read", key: describe.to_string(), detail: error_chain(&e) })
@@ -217,7 +268,7 @@ fn restore(
             )));
         }
     }
-    if let Some(fingerprint) = prefetched {
+    if let Some(ForPrefetch { fingerprint, .. }) = prefetched {
         // A prefetched file says how it was checked, for the log line of the fetch that
         // serves it, and with which configuration, so that it is not served to another
         // (best effort: without extended attributes it says "unknown").

@@ -22,6 +22,7 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,7 +31,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::background::{self, fingerprint, Bound, ServerWatch};
 use super::common::open_store;
-use super::wal_fetch::{dest_folder, fetch_with_retry, FetchReport, PREFETCH_VERIFIED_XATTR};
+use super::wal_fetch::{dest_folder, fetch_with_retry, temp_path, FetchReport, ForPrefetch, PREFETCH_VERIFIED_XATTR};
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::{self, Level};
@@ -175,8 +176,9 @@ impl Prefetch {
 }
 
 /// Removes prefetched (and served) segments of other timelines or before `segment`, and
-/// leftovers of prefetchers that died. Nothing else: only segments are ever prefetched, and
-/// a folder set by hand may hold files that are not ours.
+/// leftovers of prefetchers that died: at once when the process named in them is gone, after
+/// [`STALE_AFTER`] otherwise (its PID may have been reused). Nothing else: only segments
+/// are ever prefetched, and a folder set by hand may hold files that are not ours.
 fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.filter_map(|e| e.ok()) {
@@ -189,11 +191,12 @@ fn clean(dir: &Path, timeline: u32, segment: SegmentId) {
             Ok(_) => false,
             Err(_) => {
                 is_leftover(file)
-                    && entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
-                        .unwrap_or(true)
+                    && (owner_is_gone(&entry.path(), file)
+                        || entry
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > STALE_AFTER)
+                            .unwrap_or(true))
             }
         };
         if stale {
@@ -219,6 +222,17 @@ fn is_destination_folder(dir: &Path, dest: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
+}
+
+/// Whether the process that made a leftover is known to be gone: the PID ending a temporary
+/// file's name, or written in a claim. A claim not written yet (its maker is between
+/// creating and writing it) names no one: not gone.
+fn owner_is_gone(path: &Path, file: &str) -> bool {
+    let pid = match file.rsplit_once(".walrs-partial.") {
+        Some((_, pid)) => pid.parse::<i32>().ok(),
+        None => fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<i32>().ok()),
+    };
+    pid.is_some_and(|pid| pid > 0 && !background::process_exists(pid))
 }
 
 /// A claim or a download's temporary file (`.<name>.claim`, `.<name>.walrs-partial.<pid>`).
@@ -295,6 +309,11 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         Bound::OtherIsRunning => return Ok(0),
         Bound::Unavailable => None,
     };
+    // What a prefetcher that was killed left (its claims and temporary files): at once, not
+    // only when a later call moves the window.
+    if let Some(segment) = after.wal_segment() {
+        clean(dir, after.timeline().0, segment);
+    }
     let store = open_store(config).await?;
     let mut window = Window {
         position: after,
@@ -307,7 +326,7 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         elsewhere: HashSet::new(),
         fetched: 0,
         warned_full: false,
-        fingerprint: ours,
+        prefetch: ForPrefetch { fingerprint: ours, stop: Arc::new(AtomicBool::new(false)) },
     };
     window.schedule(&store, dir, config);
     let Some(socket) = socket else {
@@ -325,7 +344,7 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
         tokio::select! {
             accepted = socket.listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let call = read_call(stream, segment_size, &window.fingerprint).await;
+                    let call = read_call(stream, segment_size, &window.prefetch.fingerprint).await;
                     if let Some(Call::OtherConfig) = call {
                         // Make way: the next wal-fetch starts a prefetcher with its own.
                         break true;
@@ -351,13 +370,18 @@ pub(super) async fn run(config: &Config, after: &str, dir: &Path, segment_size: 
             }
         }
     };
+    // Downloads under way run on blocking threads, which the process's exit would cut off
+    // mid-file, leaving their temporary files and claims in pg_wal: stopped and waited for.
+    window.stop(dir).await;
     if drop_unserved {
         window.drop_unserved(dir);
     }
-    // Downloads under way are dropped with their temporary files (and claims, left to go
-    // stale: their PID is gone with this process).
     Ok(window.fetched)
 }
+
+/// How long an exiting prefetcher waits for its downloads to stop: each checks at its next
+/// chunk, or before its next attempt (at most the 5 s between retries).
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// A prefetcher with no wal-fetch calling for this long exits (and removes what it fetched
 /// that was never served): the recovery has ended, or is paused.
@@ -377,8 +401,9 @@ struct Window {
     in_flight: HashSet<WalFileName>,
     /// Not spawned: the store's futures are not `Send`, and one thread is plenty.
     tasks: FuturesUnordered<LocalBoxFuture<'static, (WalFileName, Result<Fetched, Error>)>>,
-    /// The configuration's fingerprint, marked on each file fetched.
-    fingerprint: String,
+    /// The configuration's fingerprint, marked on each file fetched, and the flag that stops
+    /// the downloads.
+    prefetch: ForPrefetch,
     /// Segments another process is fetching: not tried again until the next call.
     elsewhere: HashSet<WalFileName>,
     fetched: u32,
@@ -446,11 +471,11 @@ impl Window {
                 break;
             }
             self.in_flight.insert(name);
-            let (store, dir, config, fingerprint) =
-                (store.clone(), dir.to_path_buf(), config.clone(), self.fingerprint.clone());
+            let (store, dir, config, prefetch) =
+                (store.clone(), dir.to_path_buf(), config.clone(), self.prefetch.clone());
             self.tasks.push(
                 async move {
-                    let result = fetch_claimed(&store, &name, &dir, &config, &fingerprint).await;
+                    let result = fetch_claimed(&store, &name, &dir, &config, &prefetch).await;
                     (name, result)
                 }
                 .boxed_local(),
@@ -487,6 +512,30 @@ impl Window {
         true
     }
 
+    /// Stops the downloads under way and waits for them (at most [`STOP_WAIT`]), so each
+    /// removes its temporary file and claim. One stuck in a call that does not return (a
+    /// hung mount) has both removed for it: nothing else would before they are stale.
+    async fn stop(&mut self, dir: &Path) {
+        self.prefetch.stop.store(true, Ordering::Relaxed);
+        self.stopped = true;
+        let wanted = self.wanted();
+        let _ = tokio::time::timeout(STOP_WAIT, async {
+            while let Some((name, result)) = self.tasks.next().await {
+                self.in_flight.remove(&name);
+                // Finished just before it saw the flag, for a window that moved on.
+                if matches!(result, Ok(Fetched::Done)) && !wanted.contains(&name) {
+                    let _ = fs::remove_file(dir.join(name.to_string()));
+                }
+            }
+        })
+        .await;
+        for name in self.in_flight.drain() {
+            let segment = dir.join(name.to_string());
+            let _ = fs::remove_file(temp_path(&segment));
+            let _ = fs::remove_file(dir.join(format!(".{name}.claim")));
+        }
+    }
+
     /// Removes the window's prefetched segments that no wal-fetch took, and the last one
     /// served.
     fn drop_unserved(&self, dir: &Path) {
@@ -511,7 +560,7 @@ async fn fetch_claimed(
     name: &WalFileName,
     dir: &Path,
     config: &Config,
-    fingerprint: &str,
+    prefetch: &ForPrefetch,
 ) -> Result<Fetched, Error> {
     let claim = dir.join(format!(".{name}.claim"));
     if !claim_is_live(&claim) {
@@ -528,7 +577,7 @@ async fn fetch_claimed(
         Err(e) => return Err(Error::local("create", &claim, e)),
     }
     // No proof of absence: a prefetcher that meets the end of the archive just stops.
-    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(fingerprint), false).await;
+    let result = fetch_with_retry(store, name, &dir.join(name.to_string()), config, Some(prefetch), false).await;
     let _ = fs::remove_file(&claim);
     result.map(|_| Fetched::Done)
 }
@@ -646,7 +695,22 @@ mod tests {
     fn only_servable_files_survive_cleaning() {
         let d = tempfile::tempdir().unwrap();
         let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(60);
+        // A process that has exited, and this one.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let alive = std::process::id();
+        let (dead_partial, live_partial) = (
+            format!(".000000020000000000000009.walrs-partial.{dead}"),
+            format!(".000000020000000000000009.walrs-partial.{alive}"),
+        );
+        fs::write(d.path().join(".000000020000000000000010.claim"), dead.to_string()).unwrap();
+        fs::write(d.path().join(".000000020000000000000011.claim"), alive.to_string()).unwrap();
         for (f, aged) in [
+            // Fresh, but their process is gone: a prefetcher that was killed.
+            (dead_partial.as_str(), false),
+            // Fresh, and their process runs: a download under way.
+            (live_partial.as_str(), false),
             ("000000010000000000000005", false),
             ("000000020000000000000007", false),
             ("000000020000000000000009", false),
@@ -674,10 +738,13 @@ mod tests {
         // Another timeline and older segments go, served or not, and so do old claims and
         // temporary files; a fresh claim, the segment just served, the socket and files
         // that are not the prefetcher's stay.
+        let live_partial = live_partial.as_str();
         assert_eq!(
             left,
             [
                 ".000000020000000000000008.served",
+                live_partial,
+                ".000000020000000000000011.claim",
                 ".hidden",
                 ".prefetcher.sock",
                 ".x.claim",

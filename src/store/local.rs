@@ -17,6 +17,11 @@ use super::{Metadata, ObjectKey, ObjectMeta, ObjectReader, ObjectWriter, PutMode
 const XATTR_PREFIX: &str = "user.walrs.";
 
 /// A store rooted at a local directory.
+///
+/// Every file system call of the async methods runs on a blocking thread: on a network
+/// mount whose server is gone a call may not return for minutes, or ever, and on the async
+/// runtime's own thread it would stop with it the timer that enforces the retry deadline.
+#[derive(Clone)]
 pub struct LocalStore {
     root: PathBuf,
 }
@@ -71,7 +76,21 @@ impl LocalStore {
         }))
     }
 
+    /// Runs `call` with a copy of the store on a blocking thread (see [`LocalStore`]).
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(LocalStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || call(store)).await.expect("a local store task panicked")
+    }
+
     pub(super) async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.get_now(&key)).await
+    }
+
+    fn get_now(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
         let path = self.path_of(key);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -79,11 +98,16 @@ impl LocalStore {
             Err(e) => return Err(Self::io_err("open", &path, e)),
         };
         let size = file.metadata().map_err(|e| Self::io_err("stat", &path, e))?.len();
-        let metadata = read_metadata(&path);
+        let metadata = read_metadata(&path)?;
         Ok(ObjectReader { size, metadata, body: Box::new(file) })
     }
 
     pub(super) async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.get_bytes_now(&key)).await
+    }
+
+    fn get_bytes_now(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(key);
         match fs::read(&path) {
             Ok(b) => Ok(b),
@@ -93,6 +117,11 @@ impl LocalStore {
     }
 
     pub(super) async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.get_tail_now(&key, len)).await
+    }
+
+    fn get_tail_now(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
         let path = self.path_of(key);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -108,12 +137,17 @@ impl LocalStore {
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.head_now(&key)).await
+    }
+
+    fn head_now(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
         let path = self.path_of(key);
         match fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.clone(),
                 size: m.len(),
-                metadata: read_metadata(&path),
+                metadata: read_metadata(&path)?,
                 modified: m.modified().ok(),
             })),
             Ok(_) => Ok(None),
@@ -128,11 +162,15 @@ impl LocalStore {
     /// Writers' temporary files (`.<name>.tmp.<pid>.<n>`) not modified for `older_than`, in
     /// the whole store; removed when `remove`. A writer still running touches its file as it
     /// writes, so an old one belongs to a killed process.
-    pub(super) fn sweep_abandoned(
+    pub(super) async fn sweep_abandoned(
         &self,
         older_than: std::time::Duration,
         remove: bool,
     ) -> Result<(u64, u64), StoreError> {
+        self.off_thread(move |s| s.sweep_abandoned_now(older_than, remove)).await
+    }
+
+    fn sweep_abandoned_now(&self, older_than: std::time::Duration, remove: bool) -> Result<(u64, u64), StoreError> {
         let mut found = (0u64, 0u64);
         let mut pending = vec![self.root.clone()];
         while let Some(dir) = pending.pop() {
@@ -171,6 +209,11 @@ impl LocalStore {
     }
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let prefix = prefix.to_string();
+        self.off_thread(move |s| s.list_now(&prefix)).await
+    }
+
+    fn list_now(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         if !self.root.is_dir() {
             return Err(StoreError::StoreMissing { store: self.url() });
         }
@@ -218,7 +261,12 @@ impl LocalStore {
     }
 
     /// See [`super::Store::confirm_absent`].
-    pub(super) fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
+    pub(super) async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.confirm_absent_now(&key)).await
+    }
+
+    fn confirm_absent_now(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let folder = self.path_of(key).parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
         if folder.is_dir() {
             return Ok(());
@@ -234,13 +282,23 @@ impl LocalStore {
     }
 
     /// fsyncs the object and its directory (see [`super::Store::make_durable`]).
-    pub(super) fn make_durable(&self, key: &ObjectKey) -> Result<(), StoreError> {
+    pub(super) async fn make_durable(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.make_durable_now(&key)).await
+    }
+
+    fn make_durable_now(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let path = self.path_of(key);
         File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Self::io_err("fsync", &path, e))?;
         fsync_dir(path.parent().unwrap_or(&self.root))
     }
 
     pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.off_thread(move |s| s.delete_now(&key)).await
+    }
+
+    fn delete_now(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let path = self.path_of(key);
         match fs::remove_file(&path) {
             Ok(()) => fsync_dir(path.parent().unwrap()),
@@ -367,21 +425,46 @@ fn create_temp_beside(dir: &Path, file_name: &str) -> Result<(PathBuf, File), St
     Err(LocalStore::io_err("create", &temp, e))
 }
 
-fn read_metadata(path: &Path) -> Metadata {
+/// The object's metadata, from its extended attributes. A file system without them has
+/// none to give; any other failure to read them is an error, never "no metadata": an
+/// uncompressed object's sha256 is there, and without it the object would be restored
+/// unchecked.
+fn read_metadata(path: &Path) -> Result<Metadata, StoreError> {
     let mut out = Metadata::new();
-    // A filesystem without extended attributes simply has no metadata to give.
-    let Ok(names) = xattr::list(path) else {
-        return out;
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) => return metadata_failure(path, e).map(|()| out),
     };
     for name in names {
         let Some(name) = name.to_str() else { continue };
         if let Some(short) = name.strip_prefix(XATTR_PREFIX) {
-            if let Ok(Some(value)) = xattr::get(path, name) {
-                out.insert(short.to_string(), String::from_utf8_lossy(&value).into_owned());
+            // `None`: removed since it was listed.
+            match xattr::get(path, name) {
+                Ok(Some(value)) => {
+                    out.insert(short.to_string(), String::from_utf8_lossy(&value).into_owned());
+                }
+                Ok(None) => {}
+                Err(e) => metadata_failure(path, e)?,
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// What a failure to read extended attributes means: `Ok` for a file system that keeps none
+/// (ENOTSUP, such as NFSv3); a final error for refused permission, which someone must fix;
+/// otherwise a transient one (EIO, ESTALE, a timeout of a network mount), retried.
+fn metadata_failure(path: &Path, e: io::Error) -> Result<(), StoreError> {
+    match e.raw_os_error() {
+        Some(errno) if errno == libc::ENOTSUP || errno == libc::EOPNOTSUPP => Ok(()),
+        None if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+        Some(libc::EACCES | libc::EPERM) => Err(LocalStore::io_err("read metadata of", path, e)),
+        _ => Err(StoreError::Unavailable {
+            op: "read metadata of",
+            key: path.display().to_string(),
+            detail: format!("{e}; without it the object's sha256 cannot be checked"),
+        }),
+    }
 }
 
 /// fsyncs a directory, so that entries created or removed in it survive a crash.
@@ -410,6 +493,7 @@ fn create_dirs_durably(root: &Path, dir: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
     use std::time::{Duration, SystemTime};
 
     #[test]
@@ -427,10 +511,52 @@ mod tests {
         fs::File::options().write(true).open(&old).unwrap().set_modified(hour_ago).unwrap();
         fs::File::options().write(true).open(&object).unwrap().set_modified(hour_ago).unwrap();
         let minute = Duration::from_secs(60);
-        assert_eq!(store.sweep_abandoned(minute, false).unwrap(), (1, 5));
+        assert_eq!(store.sweep_abandoned_now(minute, false).unwrap(), (1, 5));
         assert!(old.exists(), "a dry run removed a file");
-        assert_eq!(store.sweep_abandoned(minute, true).unwrap(), (1, 5));
+        assert_eq!(store.sweep_abandoned_now(minute, true).unwrap(), (1, 5));
         assert!(!old.exists() && fresh.exists() && object.exists());
+    }
+
+    /// A read that blocks in the kernel (here a FIFO at the object's path, whose open waits
+    /// for a writer, as a call on a hard-mounted NFS share whose server is gone does) must
+    /// not take the async runtime's thread with it: the deadline's timer still fires.
+    #[test]
+    fn a_store_call_that_never_returns_leaves_the_runtime_its_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("wal_005")).unwrap();
+        let fifo = dir.path().join("wal_005/000000010000000000000003.lz4");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path it is given.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let key = ObjectKey::new("wal_005/000000010000000000000003.lz4").unwrap();
+        let (sent, answer) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let timed_out = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_millis(200), store.get(&key)).await.is_err() });
+            runtime.shutdown_background();
+            sent.send(timed_out).unwrap();
+        });
+        let answered = answer.recv_timeout(Duration::from_secs(10));
+        // Let the blocked open return, whatever happened.
+        let _ = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
+        assert_eq!(answered, Ok(true), "the runtime's timer did not fire while the store call blocked");
+    }
+
+    #[test]
+    fn only_a_file_system_without_extended_attributes_has_no_metadata() {
+        let path = Path::new("/mnt/store/wal_005/000000010000000000000003");
+        let failure = |errno| metadata_failure(path, io::Error::from_raw_os_error(errno));
+        assert!(failure(libc::ENOTSUP).is_ok());
+        assert!(failure(libc::EOPNOTSUPP).is_ok());
+        for errno in [libc::EIO, libc::ESTALE, libc::ETIMEDOUT, libc::ENOMEM] {
+            let e = failure(errno).unwrap_err();
+            assert!(e.is_transient(), "errno {errno}: {e}");
+            assert!(e.to_string().contains("000000010000000000000003"), "{e}");
+        }
+        let denied = failure(libc::EACCES).unwrap_err();
+        assert!(!denied.is_transient(), "{denied}");
     }
 
     fn temporaries_in(dir: &Path) -> Vec<String> {

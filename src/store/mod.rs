@@ -184,26 +184,21 @@ macro_rules! dispatch {
 impl Store {
     /// A writer for `key`. Call from a blocking thread.
     pub fn writer(&self, key: &ObjectKey, opts: PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
-        let writer = dispatch!(self, s => s.writer(key, opts))?;
-        Ok(match crate::ratelimit::network() {
-            Some(limit) => Box::new(LimitedWriter(crate::ratelimit::Limited::new(writer, Some(limit)))),
-            None => writer,
-        })
+        let writer = answered(dispatch!(self, s => s.writer(key, opts)))?;
+        Ok(Box::new(Metered::new(writer)))
     }
 
     /// Opens `key` for reading.
     pub async fn get(&self, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
-        let mut reader = dispatch!(self, s => s.get(key).await)?;
-        if let Some(limit) = crate::ratelimit::network() {
-            reader.body = Box::new(crate::ratelimit::Limited::new(reader.body, Some(limit)));
-        }
+        let mut reader = answered(dispatch!(self, s => s.get(key).await))?;
+        reader.body = Box::new(Metered::new(reader.body));
         Ok(reader)
     }
 
     /// The whole of a small object (identity records, sentinels, manifests), read without
     /// blocking.
     pub async fn get_bytes(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
-        dispatch!(self, s => s.get_bytes(key).await)
+        answered(dispatch!(self, s => s.get_bytes(key).await))
     }
 
     /// Stores a small object from memory. Blocking writers run on a blocking thread.
@@ -227,22 +222,22 @@ impl Store {
     /// The last `len` bytes of `key` (fewer if the object is shorter), and the object's whole
     /// size: one request.
     pub async fn get_tail(&self, key: &ObjectKey, len: u64) -> Result<(Vec<u8>, u64), StoreError> {
-        dispatch!(self, s => s.get_tail(key, len).await)
+        answered(dispatch!(self, s => s.get_tail(key, len).await))
     }
 
     /// Size and metadata of `key`, or `None` when it does not exist.
     pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
-        dispatch!(self, s => s.head(key).await)
+        answered(dispatch!(self, s => s.head(key).await))
     }
 
     /// Every object whose key starts with `prefix`, in key order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        dispatch!(self, s => s.list(prefix).await)
+        answered(dispatch!(self, s => s.list(prefix).await))
     }
 
     /// Deletes `key`; deleting a missing object succeeds.
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        dispatch!(self, s => s.delete(key).await)
+        answered(dispatch!(self, s => s.delete(key).await))
     }
 
     /// Deletes every key in `keys`, in the order given; missing objects count as deleted.
@@ -250,7 +245,7 @@ impl Store {
     /// is a few hundred requests, not a million; elsewhere one delete after another.
     pub async fn delete_many(&self, keys: &[ObjectKey]) -> Result<(), StoreError> {
         match self {
-            Store::S3(s) => s.delete_many(keys).await,
+            Store::S3(s) => answered(s.delete_many(keys).await),
             _ => {
                 for k in keys {
                     self.delete(k).await?;
@@ -270,7 +265,7 @@ impl Store {
         remove: bool,
     ) -> Result<(u64, u64), StoreError> {
         match self {
-            Store::Local(s) => s.sweep_abandoned(older_than, remove),
+            Store::Local(s) => answered(s.sweep_abandoned(older_than, remove).await),
             _ => Ok((0, 0)),
         }
     }
@@ -283,11 +278,11 @@ impl Store {
     /// every name is missing. Transient: a standby asks again, and a recovery aborts after
     /// the retries.
     pub async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        match self {
-            Store::Local(s) => s.confirm_absent(key),
+        answered(match self {
+            Store::Local(s) => s.confirm_absent(key).await,
             Store::S3(s) => s.confirm_absent(key).await,
             Store::Memory(_) => Ok(()),
-        }
+        })
     }
 
     /// Makes an object that is already there durable before anyone relies on it. Locally a
@@ -297,7 +292,7 @@ impl Store {
     /// is durable.
     pub async fn make_durable(&self, key: &ObjectKey) -> Result<(), StoreError> {
         match self {
-            Store::Local(s) => s.make_durable(key),
+            Store::Local(s) => answered(s.make_durable(key).await),
             _ => Ok(()),
         }
     }
@@ -344,21 +339,71 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// An object writer held to the network rate limit.
-struct LimitedWriter(crate::ratelimit::Limited<Box<dyn ObjectWriter>>);
-
-impl Write for LimitedWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+/// A request the store answered (an object found or definitely absent) is progress for the
+/// retry deadline (see [`crate::deadline`]); a failure is not.
+fn answered<T>(result: Result<T, StoreError>) -> Result<T, StoreError> {
+    if matches!(result, Ok(_) | Err(StoreError::NotFound { .. })) {
+        crate::deadline::progress();
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+    result
+}
+
+/// The network rate limit is taken in steps of this many bytes, with progress recorded
+/// after each: under a low limit, one large read would otherwise sleep in a single piece
+/// for longer than the retry deadline while its bytes have long arrived.
+const PACE_STEP: usize = 4 << 10;
+
+/// An object's bytes on their way to or from the store: every read or write records
+/// progress for the retry deadline, and is held to the network rate limit when one is set.
+struct Metered<T> {
+    inner: T,
+    limit: Option<&'static crate::ratelimit::Limiter>,
+}
+
+impl<T> Metered<T> {
+    fn new(inner: T) -> Metered<T> {
+        Metered { inner, limit: crate::ratelimit::network() }
+    }
+
+    fn moved(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        crate::deadline::progress();
+        if let Some(limit) = self.limit {
+            let mut left = n;
+            while left > 0 {
+                let step = left.min(PACE_STEP);
+                limit.take(step);
+                left -= step;
+                crate::deadline::progress();
+            }
+        }
     }
 }
 
-impl ObjectWriter for LimitedWriter {
+impl<R: Read> Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.moved(n);
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Metered<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.moved(n);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ObjectWriter for Metered<Box<dyn ObjectWriter>> {
     fn finish(self: Box<Self>) -> Result<PutOutcome, StoreError> {
-        self.0.into_inner().finish()
+        answered(self.inner.finish())
     }
 }
 

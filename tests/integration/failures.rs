@@ -642,3 +642,146 @@ fn invalid_input_is_refused_before_the_store_is_touched() {
     walrs.push(&input).expect_code(0, "push of a valid segment");
     assert!(lz4_cli_decompress(&store.wal_object(&name)) == good);
 }
+
+// --- a store that stops answering, or answers slowly ------------------------------------
+
+/// Runs `wal-rs ARGS` and waits for it at most `guard`: one still running then is killed and
+/// the test fails (it would have held PostgreSQL forever). Returns the exit code, the time
+/// it took and its output.
+fn run_guarded(walrs: &WalRs, args: &[&str], log: &Path, guard: Duration) -> (i32, Duration, String) {
+    let started = std::time::Instant::now();
+    let mut child = walrs.spawn(args, log);
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for wal-rs") {
+            let output = fs::read_to_string(log).unwrap_or_default();
+            return (status.code().unwrap_or(-1), started.elapsed(), output);
+        }
+        if started.elapsed() > guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "wal-rs {args:?} still ran after {guard:?}: it never ends; its output: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A FIFO at `path`: opening it for reading waits for a writer that never comes, as a call
+/// on a hard-mounted NFS share whose server is gone waits for the server.
+fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path it is given.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+}
+
+/// A local store whose file system stops answering (here: FIFOs where wal-fetch reads the
+/// segment and wal-push reads the cluster's identity): each command still ends, with its
+/// storage failure code and one error line, instead of holding PostgreSQL forever.
+#[test]
+fn a_store_call_that_never_returns_still_ends_wal_fetch_and_wal_push() {
+    let wd = WorkDir::new("stuck-store");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_RETRY_DEADLINE_SECS", "2").env("WALRS_PREFETCH_COUNT", "0");
+    let name = segment_name(1, 3);
+    mkfifo(&store.wal_object(&name));
+    mkfifo(&store.object_path("walrs/cluster.json"));
+    let dest = wd.dir("out").join("RECOVERYXLOG");
+    let (input, _) = segment_file(&wd, 4, SYSID, 1);
+    // The 2 s deadline, the 5 s more a stuck call gets, and time to start on a loaded machine.
+    let limit = Duration::from_secs(2 + 5 + 8);
+    let guard = Duration::from_secs(60);
+    let fetch_args = ["wal-fetch", name.as_str(), dest.to_str().unwrap()];
+    let push_args = ["wal-push", input.to_str().unwrap()];
+    for (what, walrs, args, expected) in [
+        ("wal-fetch", walrs.clone(), &fetch_args[..], code::RECOVERY_ABORT + code::STORAGE),
+        ("wal-fetch in a standby", walrs.clone().cwd(&standby_dir(&wd)), &fetch_args[..], code::NOT_IN_ARCHIVE),
+        ("wal-push", walrs.clone(), &push_args[..], code::STORAGE),
+    ] {
+        let log = wd.join(&format!("{}.log", what.replace(' ', "-")));
+        let (exit, took, output) = run_guarded(&walrs, args, &log, guard);
+        assert_eq!(exit, expected, "{what}: {output}");
+        assert!(took < limit, "{what} took {took:?}: {output}");
+        let errors: Vec<&str> = output.lines().filter(|l| l.contains("level=error")).collect();
+        assert_eq!(errors.len(), 1, "{what}: not one error line: {output}");
+        assert!(errors[0].contains(&format!("exit={expected}")) && errors[0].contains(&store.url), "{what}: {output}");
+    }
+    assert!(!dest.exists());
+}
+
+/// `retry_deadline_secs` bounds time without progress, not a transfer whose bytes keep
+/// moving: a 16 MiB segment, stored uncompressed, at 4 MB/s takes about 4 s, twice the
+/// deadline, and is pushed and restored.
+#[test]
+fn a_slow_transfer_that_keeps_moving_outlasts_the_retry_deadline() {
+    let wd = WorkDir::new("slow-transfer");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store)
+        .env("WALRS_COMPRESSION", "none")
+        .env("WALRS_RETRY_DEADLINE_SECS", "2")
+        .env("WALRS_PREFETCH_COUNT", "0")
+        .env("WALRS_NETWORK_RATE_LIMIT", "4000000");
+    let (input, bytes) = segment_file(&wd, 3, SYSID, 1);
+    let past_the_deadline = Duration::from_millis(2500);
+
+    let push = walrs.push(&input);
+    push.expect_code(0, "a slow push");
+    assert!(push.elapsed >= past_the_deadline, "the limit did not slow the push: {push:#?}");
+    let dest = wd.dir("out").join("RECOVERYXLOG");
+    let fetch = walrs.fetch(&segment_name(1, 3), &dest);
+    fetch.expect_code(0, "a slow fetch");
+    assert!(fetch.elapsed >= past_the_deadline, "the limit did not slow the fetch: {fetch:#?}");
+    assert!(read(&dest) == bytes, "restored other bytes");
+}
+
+/// A prefetcher whose server stops while it downloads stops its downloads and removes what
+/// they wrote: no temporary file, claim or segment is left in pg_wal.
+#[test]
+fn a_prefetcher_stopped_mid_download_leaves_nothing_in_pg_wal() {
+    let wd = WorkDir::new("prefetch-stop");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store);
+    for segno in 4..=6 {
+        let name = segment_name(1, segno);
+        let input =
+            write_file(&wd.dir(&format!("in/{segno}")), &name, &craft_incompressible_segment(1, segno, SYSID, segno));
+        walrs.push(&input).expect_code(0, "push");
+    }
+    let data = wd.dir("data");
+    fs::write(data.join("postmaster.pid"), "4242\n/data\n").unwrap();
+    let dir = wd.dir("data/pg_wal").join("walrs_prefetch");
+    let leftovers = || -> Vec<String> {
+        fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(".walrs-partial.") || n.ends_with(".claim") || n.starts_with("00000001"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // 1 MB/s for three 16 MiB downloads: they are under way for many seconds.
+    let prefetcher = walrs.env("WALRS_NETWORK_RATE_LIMIT", "1000000").env("WALRS_PREFETCH_COUNT", "3").cwd(&data);
+    let log = wd.join("prefetch.log");
+    let args = ["wal-prefetch", &segment_name(1, 3), dir.to_str().unwrap(), &SEG_SIZE.to_string()];
+    let mut child = prefetcher.spawn(&args, &log);
+    wait_until("downloads under way", Duration::from_secs(30), || {
+        leftovers().iter().any(|n| n.contains(".walrs-partial."))
+    });
+
+    // The server stops (a new postmaster.pid): the prefetcher exits.
+    fs::write(data.join("postmaster.pid"), "4343\n/data\n").unwrap();
+    let stopped = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if stopped.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the prefetcher did not exit: {}", fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(leftovers(), Vec::<String>::new(), "left in pg_wal: {}", fs::read_to_string(&log).unwrap_or_default());
+}
