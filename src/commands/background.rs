@@ -21,11 +21,61 @@ pub(super) fn process_exists(pid: i32) -> bool {
 }
 
 /// A digest of the configuration a helper was started with: a call from another
-/// configuration (another store, say) must not be served by it. Never printed; secrets are
-/// included, so that a changed key counts as a change.
+/// configuration (another store, say) must not be served by it. Never printed or logged.
 pub(super) fn fingerprint(config: &crate::config::Config) -> String {
+    fingerprint_in(config, std::env::vars_os())
+}
+
+/// [`fingerprint`] in the environment `vars`. The S3 client takes its endpoint, region and
+/// credentials not only from the configuration but from `AWS_*` variables and the profile
+/// files they name: a helper started under `AWS_PROFILE=a` would otherwise keep serving
+/// (and answering "stored" for) calls that now point at another server or account. So
+/// every `AWS_*` variable counts (secrets included: a rotated key is a change too, and the
+/// digest is never shown), and so do the size and modification time of the profile files.
+fn fingerprint_in(config: &crate::config::Config, vars: impl IntoIterator<Item = (OsString, OsString)>) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(format!("{config:?}").as_bytes())[..12])
+    use std::collections::BTreeMap;
+    use std::os::unix::ffi::OsStrExt;
+    let vars: BTreeMap<OsString, OsString> =
+        vars.into_iter().filter(|(name, _)| name.as_bytes().starts_with(b"AWS_") || name == "HOME").collect();
+    let mut digest = Sha256::new();
+    // Each part length-prefixed, so that no two environments run together into one text.
+    let mut part = |bytes: &[u8]| {
+        digest.update((bytes.len() as u64).to_le_bytes());
+        digest.update(bytes);
+    };
+    part(format!("{config:?}").as_bytes());
+    for (name, value) in &vars {
+        part(name.as_bytes());
+        part(value.as_bytes());
+    }
+    for (var, default) in [("AWS_CONFIG_FILE", ".aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")] {
+        part(&profile_file_stamp(&vars, var, default));
+    }
+    hex::encode(&digest.finalize()[..12])
+}
+
+/// Size and modification time of the profile file the SDK reads (named by `var`, else
+/// `default` under HOME), or nothing when there is none: a profile edited in place (another
+/// endpoint_url, other keys) is a change though no variable changed.
+fn profile_file_stamp(vars: &std::collections::BTreeMap<OsString, OsString>, var: &str, default: &str) -> Vec<u8> {
+    use std::os::unix::fs::MetadataExt;
+    let home = vars.get(std::ffi::OsStr::new("HOME")).map(PathBuf::from);
+    let path = match vars.get(std::ffi::OsStr::new(var)) {
+        // The SDK expands a leading `~/` to HOME.
+        Some(named) => match (named.to_str().and_then(|n| n.strip_prefix("~/")), &home) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => PathBuf::from(named),
+        },
+        None => match home {
+            Some(home) => home.join(default),
+            None => return Vec::new(),
+        },
+    };
+    match fs::metadata(&path) {
+        Ok(m) => [m.ino(), m.len(), m.mtime() as u64, m.mtime_nsec() as u64].map(u64::to_le_bytes).concat(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Starts `wal-rs ARGS` detached: in its own session (PostgreSQL's signals to the
@@ -162,4 +212,57 @@ pub(super) fn bind(path: &Path, answers: impl Fn() -> bool) -> Bound {
         }
     }
     Bound::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::test_support::NoEnv;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect()
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_the_s3_client_reads_from_the_environment() {
+        let config = Config::resolve(&Overrides::default(), &NoEnv).unwrap();
+        let of = |pairs: &[(&str, &str)]| fingerprint_in(&config, vars(pairs));
+        let base = of(&[("AWS_PROFILE", "a"), ("PATH", "/bin")]);
+        assert_eq!(base, of(&[("PATH", "/usr/bin"), ("AWS_PROFILE", "a")]), "only AWS_* and HOME count");
+        assert_ne!(base, of(&[("AWS_PROFILE", "b"), ("PATH", "/bin")]));
+        assert_ne!(base, of(&[("AWS_PROFILE", "a"), ("AWS_ENDPOINT_URL_S3", "http://b:9000")]));
+        assert_ne!(base, of(&[("AWS_PROFILE", "a"), ("AWS_ACCESS_KEY_ID", "AKB")]));
+        // No two environments run together: a value moved into the name is still a change.
+        assert_ne!(of(&[("AWS_A", "BC")]), of(&[("AWS_AB", "C")]));
+    }
+
+    #[test]
+    fn the_fingerprint_follows_an_edit_of_the_profile_file() {
+        let config = Config::resolve(&Overrides::default(), &NoEnv).unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let file = home.path().join(".aws/config");
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let of = || fingerprint_in(&config, vars(&[("HOME", home.path().to_str().unwrap())]));
+        let none = of();
+        fs::write(&file, "[default]\nendpoint_url = http://a:9000\n").unwrap();
+        let a = of();
+        assert_ne!(none, a);
+        fs::write(&file, "[default]\nendpoint_url = http://bb:9000\n").unwrap();
+        assert_ne!(a, of());
+        // Named by AWS_CONFIG_FILE, with `~/` for HOME, it is the same file.
+        let named = fingerprint_in(
+            &config,
+            vars(&[("HOME", home.path().to_str().unwrap()), ("AWS_CONFIG_FILE", "~/.aws/config")]),
+        );
+        let moved = home.path().join("elsewhere");
+        fs::rename(&file, &moved).unwrap();
+        assert_ne!(
+            named,
+            fingerprint_in(
+                &config,
+                vars(&[("HOME", home.path().to_str().unwrap()), ("AWS_CONFIG_FILE", "~/.aws/config")])
+            )
+        );
+    }
 }

@@ -329,6 +329,48 @@ fn the_queue_valve_drops_only_unarchived_segments() {
     assert!(store.object_path(&format!("walrs/gaps/{}.json", name(3))).exists(), "no gap record");
 }
 
+/// Gap records the valve kept locally go up after the file asked for, in what is left of
+/// the deadline: a store too slow for them (here, throttled) never fails a file already
+/// durable, and what is not uploaded waits for a later call. Before, the call waited for
+/// every record and timed out (exit 7), call after call, and archiving stopped.
+#[test]
+fn slow_gap_record_uploads_never_fail_the_file_asked_for() {
+    let wd = WorkDir::new("gaps-slow");
+    let store = StoreEnv::local(&wd.dir("store"));
+    let (data, segments) = pg_wal_with_ready(&wd, 1, 1..2);
+    let local = data.join("pg_wal/walrs_archive_status/gaps");
+    fs::create_dir_all(&local).unwrap();
+    // Ten records of 4 MiB: about 10 s at 4 MiB/s, past the 6 s deadline.
+    let gaps: Vec<String> = (100..110).map(|segno| segment_name(1, segno)).collect();
+    for name in &gaps {
+        let record = format!("{{\"name\":\"{name}\"}}{}", " ".repeat(4 << 20));
+        fs::write(local.join(format!("{name}.json")), record).unwrap();
+    }
+    let left = || fs::read_dir(&local).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some()).count();
+    let (name, bytes) = &segments[0];
+    let run = WalRs::new(&wd, &store)
+        .env("WALRS_ARCHIVE_AHEAD", "0")
+        .env("WALRS_NETWORK_RATE_LIMIT", &(4u64 << 20).to_string())
+        .env("WALRS_RETRY_DEADLINE_SECS", "6")
+        .cwd(&data)
+        .run(&["wal-push", &format!("pg_wal/{name}")]);
+    run.expect_code(0, "wal-push of the file asked for, its gap records unfinished");
+    assert!(run.logged("outcome", "gaps-unfinished"), "every record went up after all: {run:#?}");
+    assert!(left() > 0, "no record left locally");
+    assert_eq!(lz4_bytes(&store, name), *bytes);
+
+    // The store fast again: the next call uploads the rest.
+    let run = WalRs::new(&wd, &store)
+        .env("WALRS_ARCHIVE_AHEAD", "0")
+        .cwd(&data)
+        .run(&["wal-push", &format!("pg_wal/{name}")]);
+    run.expect_code(0, "wal-push again");
+    assert_eq!(left(), 0, "records left locally: {run:#?}");
+    for gap in &gaps {
+        assert!(store.object_path(&format!("walrs/gaps/{gap}.json")).exists(), "{gap} not in the store");
+    }
+}
+
 /// The file identity a push-ahead record keeps (see src/commands/wal_push/ahead.rs).
 fn stamp(path: &Path) -> serde_json::Value {
     use std::os::unix::fs::MetadataExt;

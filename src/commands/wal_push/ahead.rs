@@ -9,6 +9,7 @@
 //! holds other bytes) fails the check and the file is pushed as usual, which reports a
 //! conflict where the store holds other bytes.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -213,6 +214,15 @@ impl StatusDir {
         self.dir.join("gaps")
     }
 
+    /// Whether the valve kept any gap record locally: one `read_dir`.
+    pub(super) fn has_local_gaps(&self) -> bool {
+        fs::read_dir(self.local_gaps()).is_ok_and(|mut entries| {
+            entries.any(|e| {
+                e.is_ok_and(|e| e.file_name().to_str().is_some_and(|n| !n.starts_with('.') && n.ends_with(".json")))
+            })
+        })
+    }
+
     /// Uploads the gap records the valve had to keep locally (the store was down when it
     /// dropped), removing each once stored: only records in the store are seen by
     /// backup-list and wal-verify. Costs one `read_dir` when there are none.
@@ -261,13 +271,17 @@ impl StatusDir {
 ///
 /// Only WAL segments are ever dropped: a timeline history file is a few bytes and recovery
 /// cannot follow its timeline without it, and a `.partial` or backup history file is one of
-/// a kind. Ready segments already pushed ahead (with a record) do not count: PostgreSQL's
-/// next calls acknowledge them at once.
+/// a kind. Ready segments already pushed ahead do not count: PostgreSQL's next calls
+/// acknowledge them at once. Those are the ones with a record, and `held`: what the archive
+/// daemon says it holds stored, which it keeps in memory only. Either can only keep a
+/// segment from being dropped, never acknowledge one: a stale or forged record or answer
+/// at worst lets the backlog grow as it would without the valve.
 pub(super) async fn drop_if_over_queue_limit(
     ctx: &PushContext,
     status: &StatusDir,
     path: &Path,
     name: &str,
+    held: &HashSet<String>,
 ) -> Result<Option<PushReport>, Error> {
     let limit = ctx.config.archive.queue_max_bytes;
     if limit == 0 || !matches!(WalFileName::parse(name), Ok(WalFileName::Segment(..))) {
@@ -278,7 +292,7 @@ pub(super) async fn drop_if_over_queue_limit(
             entries
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
-                .filter(|n| !status.path_of(n).exists())
+                .filter(|n| !held.contains(n) && !status.path_of(n).exists())
                 .filter_map(|n| fs::metadata(status.file(&n)).ok())
                 .map(|m| m.len())
                 .sum()
@@ -370,7 +384,7 @@ mod tests {
     fn the_valve_drops_a_segment_not_stored_and_records_the_gap() {
         let (_pg_wal, status, ctx, path) = over_the_limit(1);
         block_on(async {
-            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap().unwrap();
+            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME, &HashSet::new()).await.unwrap().unwrap();
             assert_eq!(report.outcome, "dropped");
             assert_eq!(gaps_in_store(&ctx).await, [format!("walrs/gaps/{NAME}.json")]);
         });
@@ -381,7 +395,7 @@ mod tests {
         let (_pg_wal, status, ctx, path) = over_the_limit(1);
         block_on(async {
             push_file(&ctx, &path).await.unwrap();
-            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap().unwrap();
+            let report = drop_if_over_queue_limit(&ctx, &status, &path, NAME, &HashSet::new()).await.unwrap().unwrap();
             assert_eq!(report.outcome, "already-archived");
             assert!(gaps_in_store(&ctx).await.is_empty());
         });
@@ -394,7 +408,7 @@ mod tests {
             // The store belongs to cluster 2.
             let theirs = tempfile::tempdir().unwrap();
             push_file(&ctx, &write_segment(theirs.path(), "000000010000000000000001", 2, 0)).await.unwrap();
-            let err = drop_if_over_queue_limit(&ctx, &status, &path, NAME).await.unwrap_err();
+            let err = drop_if_over_queue_limit(&ctx, &status, &path, NAME, &HashSet::new()).await.unwrap_err();
             assert!(matches!(err, Error::ClusterMismatch { .. }), "{err}");
             assert!(gaps_in_store(&ctx).await.is_empty());
             assert!(!pg_wal.path().join(STATUS_DIR).join("gaps").exists());

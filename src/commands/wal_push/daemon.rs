@@ -79,9 +79,20 @@ struct Ack {
 #[serde(rename_all = "kebab-case")]
 enum Reply {
     Stored(Ack),
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     OtherConfig,
+    /// The ready files it holds stored, PostgreSQL not having asked for them yet.
+    Held {
+        names: Vec<String>,
+    },
 }
+
+/// How long a call waits for the list of what the daemon holds: it answers from memory.
+const HELD_WAIT: Duration = Duration::from_secs(1);
+/// Longest answer to `held` taken: `archive_ahead` (at most 10,000) names of 24 characters.
+const HELD_REPLY_LIMIT: u64 = 1 << 20;
 
 /// What asking the daemon came to.
 pub(super) enum Asked {
@@ -97,7 +108,7 @@ pub(super) enum Asked {
 /// `path` is stored, waiting while it uploads it.
 pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &str, child_args: &[String]) -> Asked {
     let socket = pg_wal.join(STATUS_DIR).join(SOCKET);
-    let mut stream = match UnixStream::connect(&socket).await {
+    let stream = match UnixStream::connect(&socket).await {
         Ok(stream) => stream,
         Err(_) => match start(pg_wal, &socket, child_args).await {
             Some(stream) => stream,
@@ -105,25 +116,44 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
         },
     };
     let request = format!("push {name} {}\n", fingerprint(&ctx.config));
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return Asked::NotStored;
-    }
     // Half the command's deadline at most: a daemon stuck on a slow store must leave this
-    // call the time to upload the file itself, not use it all up waiting.
-    let Some((_, line)) = background::read_line(stream, 64 << 10, ctx.config.retry.deadline / 2).await else {
-        // The daemon died or stopped answering: this call uploads the file itself.
-        return Asked::NotStored;
-    };
-    match serde_json::from_str::<Reply>(&line) {
-        Ok(Reply::Stored(ack)) => {
+    // call the time to upload the file itself, not use it all up waiting. No answer (the
+    // daemon died or stopped answering): this call uploads the file itself.
+    match exchange(stream, &request, 64 << 10, ctx.config.retry.deadline / 2).await {
+        Some(Reply::Stored(ack)) => {
             confirm(ctx.config.compression, path, name, &ack).map_or(Asked::NotStored, Asked::Stored)
         }
-        Ok(Reply::Failed { error }) => {
+        Some(Reply::Failed { error }) => {
             log::emit(Level::Debug, &[("op", &"wal-push"), ("file", &name), ("daemon_error", &error)]);
             Asked::NotStored
         }
-        Ok(Reply::OtherConfig) | Err(_) => Asked::NotStored,
+        Some(Reply::OtherConfig | Reply::Held { .. }) | None => Asked::NotStored,
     }
+}
+
+/// The ready files the daemon of `pg_wal` holds stored ahead (still as it uploaded them),
+/// for the safety valve to leave out of the backlog: the daemon writes no records, so
+/// without this the valve would count up to `archive_ahead` stored segments and drop the
+/// one asked for before the backlog really passed the limit. Empty when no daemon of this
+/// configuration answers at once. The names never acknowledge anything: a wrong list can
+/// only keep the valve from dropping.
+pub(super) async fn held(ctx: &PushContext, pg_wal: &Path) -> HashSet<String> {
+    let socket = pg_wal.join(STATUS_DIR).join(SOCKET);
+    let Ok(stream) = UnixStream::connect(&socket).await else { return HashSet::new() };
+    let request = format!("held {}\n", fingerprint(&ctx.config));
+    let wait = HELD_WAIT.min(ctx.config.retry.deadline / 10);
+    match exchange(stream, &request, HELD_REPLY_LIMIT, wait).await {
+        Some(Reply::Held { names }) => names.into_iter().filter(|n| WalFileName::parse(n).is_ok()).collect(),
+        _ => HashSet::new(),
+    }
+}
+
+/// Sends one request line and reads the one reply line, of at most `limit` bytes, within
+/// `wait`; `None` if the daemon closed, sent something else, or took too long.
+async fn exchange(mut stream: UnixStream, request: &str, limit: u64, wait: Duration) -> Option<Reply> {
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let (_, line) = background::read_line(stream, limit, wait).await?;
+    serde_json::from_str(&line).ok()
 }
 
 /// The daemon's answer holds for this call only for this name, an object where this
@@ -260,8 +290,11 @@ impl Daemon {
     fn on_request(&mut self, stream: UnixStream, line: &str) -> bool {
         self.last_activity = Instant::now();
         let mut words = line.split_whitespace();
-        let (Some("push"), Some(name), Some(theirs)) = (words.next(), words.next(), words.next()) else {
-            return true;
+        // `push NAME FINGERPRINT`, or `held FINGERPRINT`.
+        let (name, theirs) = match (words.next(), words.next(), words.next()) {
+            (Some("push"), Some(name), Some(theirs)) => (Some(name), theirs),
+            (Some("held"), Some(theirs), None) => (None, theirs),
+            _ => return true,
         };
         if theirs != self.fingerprint {
             // A new configuration (another store, say): this daemon's uploads are not for
@@ -269,6 +302,10 @@ impl Daemon {
             reply(stream, &Reply::OtherConfig);
             return false;
         }
+        let Some(name) = name else {
+            reply(stream, &Reply::Held { names: self.held() });
+            return true;
+        };
         if WalFileName::parse(name).is_err() {
             reply(stream, &Reply::Failed { error: format!("{name:?} is not a WAL file name") });
             return true;
@@ -289,6 +326,12 @@ impl Daemon {
         }
         self.waiting.entry(name.to_string()).or_default().push(stream);
         true
+    }
+
+    /// The ready files stored and not yet asked for, each still the file it uploaded.
+    fn held(&self) -> Vec<String> {
+        let unchanged = |(name, ack): (&String, &Ack)| FileStamp::of(&self.status.file(name)) == Some(ack.file);
+        self.stored.iter().filter(|&entry| unchanged(entry)).map(|(name, _)| name.clone()).collect()
     }
 
     fn on_uploaded(&mut self, name: String, file: Option<FileStamp>, result: Result<PushReport, Error>) {

@@ -44,14 +44,38 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
         _ => std::path::PathBuf::from("."),
     };
     let status = ahead::StatusDir::new(&pg_wal);
-    let result = push(&ctx, &status, path, child_args, started).await;
+    // A daemon serves a running server: PostgreSQL runs archive_command in its data
+    // directory, where postmaster.pid is, and the daemon exits when that file changes.
+    let server_runs_here = Path::new("postmaster.pid").exists();
+    let result = push(&ctx, &status, path, child_args, started, server_runs_here).await;
     // Gap records the valve kept locally while the store was down go up once a push has
     // reached the store again (and proved it this cluster's): after the file PostgreSQL
     // waits for, never delaying it, and never into a store that just failed.
     if result.as_ref().is_ok_and(|report| report.outcome != "dropped") {
-        status.upload_local_gaps(&ctx).await;
+        upload_local_gaps_within(&status, &ctx, ahead_grace(ctx.config.retry.deadline, started.elapsed())).await;
     }
     result
+}
+
+/// Uploads the gap records kept locally, for at most `grace`. The file asked for is
+/// durable by now: a store slow or stalling again (each put may take the whole deadline)
+/// must not turn that into a timeout, exit 7, call after call, which would stop archiving
+/// as surely as the full disk the valve is there to prevent. What is not uploaded in time
+/// stays on disk for a later call; a put cut off publishes nothing or the whole record.
+async fn upload_local_gaps_within(status: &ahead::StatusDir, ctx: &PushContext, grace: Duration) {
+    if !status.has_local_gaps() {
+        return;
+    }
+    if grace.is_zero() || tokio::time::timeout(grace, status.upload_local_gaps(ctx)).await.is_err() {
+        log::emit(
+            Level::Warn,
+            &[
+                ("op", &"wal-push"),
+                ("outcome", &"gaps-unfinished"),
+                ("error", &"the gap records kept locally were not all uploaded within the deadline; a later wal-push tries again"),
+            ],
+        );
+    }
 }
 
 /// Archives the file at `path` (or has the daemon do it), pushing ready files ahead.
@@ -61,6 +85,7 @@ async fn push(
     path: &Path,
     child_args: &[String],
     started: Instant,
+    server_runs_here: bool,
 ) -> Result<PushReport, Error> {
     let config = &ctx.config;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
@@ -71,18 +96,23 @@ async fn push(
         return Ok(report);
     }
     let mut budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
-    // A daemon serves a running server: PostgreSQL runs archive_command in its data
-    // directory, where postmaster.pid is, and the daemon exits when that file changes.
-    if budget > 0 && config.archive.daemon && Path::new("postmaster.pid").exists() {
+    // What the daemon holds stored ahead: it writes no records, so the valve must ask.
+    let mut held = std::collections::HashSet::new();
+    if budget > 0 && config.archive.daemon && server_runs_here {
         match daemon::ask(ctx, pg_wal, path, &name, child_args).await {
             daemon::Asked::Stored(report) => return Ok(report),
             // The daemon pushes the others ahead; this call uploads only its own file.
-            daemon::Asked::NotStored => budget = 0,
+            daemon::Asked::NotStored => {
+                budget = 0;
+                if config.archive.queue_max_bytes > 0 {
+                    held = daemon::held(ctx, pg_wal).await;
+                }
+            }
             daemon::Asked::NoDaemon => {}
         }
     }
     // Only what is not stored already may be dropped.
-    if let Some(report) = ahead::drop_if_over_queue_limit(ctx, status, path, &name).await? {
+    if let Some(report) = ahead::drop_if_over_queue_limit(ctx, status, path, &name, &held).await? {
         return Ok(report);
     }
     let others = status.ready_files(&name, budget);
@@ -196,5 +226,70 @@ mod tests {
             assert!(store.head(&crate::layout::gap_key(dropped)).await.unwrap().is_some());
         });
         assert!(!local.join(format!("{dropped}.json")).exists());
+    }
+
+    #[test]
+    fn gap_records_not_uploaded_in_time_stay_for_a_later_call() {
+        let pg_wal = tempfile::tempdir().unwrap();
+        let ctx = super::file::tests::memory_context(default_config());
+        let local = pg_wal.path().join(ahead::STATUS_DIR).join("gaps");
+        std::fs::create_dir_all(&local).unwrap();
+        let record = local.join("000000010000000000000003.json");
+        std::fs::write(&record, br#"{"name":"000000010000000000000003"}"#).unwrap();
+        let status = ahead::StatusDir::new(pg_wal.path());
+        block_on(async {
+            // No time left: nothing is tried, and the record stays.
+            upload_local_gaps_within(&status, &ctx, Duration::ZERO).await;
+            assert!(ctx.store.list(crate::layout::GAP_PREFIX).await.unwrap().is_empty());
+            assert!(record.exists());
+            upload_local_gaps_within(&status, &ctx, Duration::from_secs(10)).await;
+            assert_eq!(ctx.store.list(crate::layout::GAP_PREFIX).await.unwrap().len(), 1);
+        });
+        assert!(!record.exists());
+    }
+
+    /// The archive daemon keeps what it stored ahead in memory, with no record on disk: the
+    /// valve must still leave it out of the backlog. A limit of 3 segments, segments 1 to 4
+    /// ready, the daemon holding 2 to 4 stored, and segment 1 failing to store: the call
+    /// fails (PostgreSQL retries) rather than drop segment 1 with 1 segment waiting. (The
+    /// daemon runs in this process; no test here may have "daemon" in its name, since a
+    /// call that found none would start this test binary with that argument.)
+    #[test]
+    fn the_valve_leaves_out_what_is_held_stored_ahead() {
+        let (pg_wal, root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut config = default_config();
+        config.store = Some(StoreUrl::File(root.path().to_path_buf()));
+        config.archive.queue_max_bytes = 3 << 20; // the test segments are 1 MiB
+        config.retry.deadline = Duration::from_secs(4);
+        let ready = pg_wal.path().join("archive_status");
+        std::fs::create_dir(&ready).unwrap();
+        let names: Vec<String> = (1..=4).map(|segno| format!("{:016X}{segno:08X}", 1u64 << 32)).collect();
+        for name in &names {
+            write_segment(pg_wal.path(), name, 1, 0);
+            std::fs::write(ready.join(format!("{name}.ready")), b"").unwrap();
+        }
+        // A folder where segment 1's object goes: the store cannot take it.
+        let first = WalFileName::parse(&names[0]).unwrap();
+        std::fs::create_dir_all(root.path().join(crate::layout::wal_key(&first, config.compression).as_str())).unwrap();
+        let path = pg_wal.path().join(&names[0]);
+        let result = block_on(async {
+            let ctx = PushContext::new(open_store(&config).await.unwrap(), config.clone());
+            let status = ahead::StatusDir::new(pg_wal.path());
+            let call = async {
+                let until = Instant::now() + Duration::from_secs(30);
+                while daemon::held(&ctx, pg_wal.path()).await.len() < 3 {
+                    assert!(Instant::now() < until, "the daemon never held segments 2 to 4");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                push(&ctx, &status, &path, &[], Instant::now(), true).await
+            };
+            tokio::select! {
+                _ = daemon::run(&config, pg_wal.path()) => panic!("the daemon exited"),
+                result = call => result,
+            }
+        });
+        assert!(result.is_err(), "segment 1 was acknowledged: {:?}", result.map(|r| r.outcome));
+        assert!(!root.path().join("walrs/gaps").exists(), "a gap was recorded in the store");
+        assert!(!pg_wal.path().join(ahead::STATUS_DIR).join("gaps").exists(), "a gap was recorded locally");
     }
 }
