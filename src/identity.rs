@@ -94,10 +94,7 @@ impl Owner {
 /// Checks that `header`'s cluster owns the store, recording it if nobody does yet; returns
 /// the owner, for later segments to be compared with in memory ([`Owner::check`]).
 pub async fn check_or_record(store: &Arc<Store>, name: &WalFileName, header: &SegmentHeader) -> Result<Owner, Error> {
-    let mine = Owner::of(header);
-    let owner = owner_or_record(store, mine).await?;
-    owner.check(&name.to_string(), mine, &store.url())?;
-    Ok(owner)
+    owner_checked(store, &name.to_string(), Owner::of(header)).await
 }
 
 /// Checks that the cluster `system_identifier` owns the store, recording it if nobody does
@@ -110,16 +107,19 @@ pub async fn check_or_record_cluster(
     wal_segment_size: u32,
 ) -> Result<(), Error> {
     let mine = Owner { system_identifier, pg_major, wal_segment_size };
-    owner_or_record(store, mine).await?.check(what, mine, &store.url())
+    owner_checked(store, what, mine).await.map(|_| ())
 }
 
-/// The store's owner, recording `mine` as the owner if the store has none yet.
-async fn owner_or_record(store: &Arc<Store>, mine: Owner) -> Result<Owner, Error> {
-    owner_or_record_sealing(store, mine, crate::crypto::sealing_key().is_some()).await
+/// The store's owner, recording `mine` as the owner if the store has none yet, once `mine`
+/// (the cluster of `what`) is checked to be it.
+async fn owner_checked(store: &Arc<Store>, what: &str, mine: Owner) -> Result<Owner, Error> {
+    owner_checked_sealing(store, what, mine, crate::crypto::sealing_key().is_some()).await
 }
 
-/// [`owner_or_record`] for a process that seals what it stores (`sealing`) or not.
-async fn owner_or_record_sealing(store: &Arc<Store>, mine: Owner, sealing: bool) -> Result<Owner, Error> {
+/// [`owner_checked`] for a process that seals what it stores (`sealing`) or not. The
+/// encryption mark is read and written only after the cluster check: a keyed process of
+/// another cluster pointed at this store by mistake must fail without marking it.
+async fn owner_checked_sealing(store: &Arc<Store>, what: &str, mine: Owner, sealing: bool) -> Result<Owner, Error> {
     let recorded = match read(store).await? {
         Some(id) => id,
         None => {
@@ -134,6 +134,7 @@ async fn owner_or_record_sealing(store: &Arc<Store>, mine: Owner, sealing: bool)
             let opts = PutOptions { mode: PutMode::Create, metadata: Metadata::new() };
             let key = layout::cluster_identity_key();
             match store.put_bytes(&key, bytes, opts).await? {
+                // Recorded just now, as this process's own cluster, sealing or not.
                 PutOutcome::Stored => return Ok(mine),
                 // Another push recorded one first: compare with that.
                 PutOutcome::AlreadyExists => {
@@ -143,6 +144,7 @@ async fn owner_or_record_sealing(store: &Arc<Store>, mine: Owner, sealing: bool)
         }
     };
     let owner = Owner::from_record(&recorded, store)?;
+    owner.check(what, mine, &store.url())?;
     match (recorded.encrypted, sealing) {
         (true, false) => Err(Error::Config(format!(
             "{} holds encrypted objects ({} says so) but this process has no encryption key and would \
@@ -200,20 +202,29 @@ mod tests {
             let owner = Owner { system_identifier: 7, pg_major: 15, wal_segment_size: 16 << 20 };
             // Created without a key: plaintext pushes go on as before.
             let store = Arc::new(Store::Memory(MemoryStore::new()));
-            owner_or_record_sealing(&store, owner, false).await.unwrap();
-            owner_or_record_sealing(&store, owner, false).await.unwrap();
+            owner_checked_sealing(&store, "a", owner, false).await.unwrap();
+            owner_checked_sealing(&store, "a", owner, false).await.unwrap();
             assert!(!read(&store).await.unwrap().unwrap().encrypted);
             // The first keyed push marks it; from then on a push without a key is refused.
-            owner_or_record_sealing(&store, owner, true).await.unwrap();
+            owner_checked_sealing(&store, "a", owner, true).await.unwrap();
             assert!(read(&store).await.unwrap().unwrap().encrypted);
-            let err = owner_or_record_sealing(&store, owner, false).await.unwrap_err();
+            let err = owner_checked_sealing(&store, "a", owner, false).await.unwrap_err();
             assert!(matches!(&err, Error::Config(m) if m.contains("no encryption key")), "{err}");
-            owner_or_record_sealing(&store, owner, true).await.unwrap();
+            owner_checked_sealing(&store, "a", owner, true).await.unwrap();
+
+            // A keyed process of another cluster is refused as such and marks nothing.
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            owner_checked_sealing(&store, "a", owner, false).await.unwrap();
+            let other = Owner { system_identifier: 8, ..owner };
+            let err = owner_checked_sealing(&store, "b", other, true).await.unwrap_err();
+            assert!(matches!(err, Error::ClusterMismatch { .. }), "{err}");
+            assert!(!read(&store).await.unwrap().unwrap().encrypted, "another cluster marked the store");
+            owner_checked_sealing(&store, "a", owner, false).await.unwrap();
 
             // Created with a key: marked from the start.
             let store = Arc::new(Store::Memory(MemoryStore::new()));
-            owner_or_record_sealing(&store, owner, true).await.unwrap();
-            assert!(owner_or_record_sealing(&store, owner, false).await.is_err());
+            owner_checked_sealing(&store, "a", owner, true).await.unwrap();
+            assert!(owner_checked_sealing(&store, "a", owner, false).await.is_err());
         });
     }
 

@@ -582,6 +582,9 @@ impl S3Writer {
                 .send()
                 .await
                 .map_err(|e| inner.map_err("upload part of", &key, e))?;
+            // A part the store took is progress for the retry deadline: the writer may wait
+            // on parts in flight far longer than it takes to buffer the next one.
+            crate::deadline::progress();
             Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_string))

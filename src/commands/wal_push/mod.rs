@@ -50,9 +50,13 @@ pub(super) async fn run(config: &Config, path: &Path, child_args: &[String]) -> 
     let result = push(&ctx, &status, path, child_args, started, server_runs_here).await;
     // Gap records the valve kept locally while the store was down go up once a push has
     // reached the store again (and proved it this cluster's): after the file PostgreSQL
-    // waits for, never delaying it, and never into a store that just failed.
+    // waits for, never delaying it, and never into a store that just failed. Their time is
+    // what is left before the deadline, which counts time without progress, would end the
+    // call: a slow but moving push of the file must not leave them no time at all, call
+    // after call, and a stalled upload of them is cut before it could fail the call.
     if result.as_ref().is_ok_and(|report| report.outcome != "dropped") {
-        upload_local_gaps_within(&status, &ctx, ahead_grace(ctx.config.retry.deadline, started.elapsed())).await;
+        let grace = ahead_grace(ctx.config.retry.deadline, crate::deadline::clock().idle());
+        upload_local_gaps_within(&status, &ctx, grace).await;
     }
     result
 }
