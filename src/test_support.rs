@@ -15,3 +15,12 @@ impl Env for NoEnv {
         None
     }
 }
+
+/// Makes `name` a symbolic link to a new file `dir/outside` holding "x", and returns that
+/// file: a link a backup restored, or a tampered store planted, pointing out of the folder.
+pub(crate) fn link_to_x(dir: &std::path::Path, outside: &str, name: &std::path::Path) -> std::path::PathBuf {
+    let target = dir.join(outside);
+    std::fs::write(&target, "x").unwrap();
+    std::os::unix::fs::symlink(&target, name).unwrap();
+    target
+}

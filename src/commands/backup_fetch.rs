@@ -405,9 +405,8 @@ impl RestoreJob {
             // deadline is the store's error as it is (exit 7, 8, 9...), never "corrupt".
             let get = get_with_retry("backup-fetch", &self.store, &key, &describe, self.deadline);
             let reader = self.handle.block_on(get)?;
-            let hashed = HashingReader { inner: reader.body, hasher: Sha256Hasher::new(), count: 0, failure: None };
-            let shared = Arc::new(Mutex::new(hashed));
-            let source = SharedReader(shared.clone());
+            let source = SharedReader::new(reader.body);
+            let shared = source.0.clone();
             let result = codec::decompressor(compression, source)
                 .map_err(|e| ExtractError::Bad(e.to_string()))
                 .and_then(|mut stream| {
@@ -510,15 +509,28 @@ impl ReadFailure {
     }
 }
 
-/// Hashes and counts the stored bytes as the decompressor reads them.
-struct HashingReader {
+/// Hashes and counts the stored bytes as the decompressor reads them, and keeps how the
+/// store's side of a read failed (backup-fetch and backup-verify).
+pub(super) struct HashingReader {
     inner: Box<dyn Read + Send>,
-    hasher: Sha256Hasher,
-    count: u64,
-    failure: Option<ReadFailure>,
+    pub(super) hasher: Sha256Hasher,
+    pub(super) count: u64,
+    pub(super) failure: Option<ReadFailure>,
 }
 
-struct SharedReader(Arc<Mutex<HashingReader>>);
+/// A [`HashingReader`] the decompressor owns while the caller keeps a handle to its result.
+pub(super) struct SharedReader(pub(super) Arc<Mutex<HashingReader>>);
+
+impl SharedReader {
+    pub(super) fn new(inner: Box<dyn Read + Send>) -> SharedReader {
+        SharedReader(Arc::new(Mutex::new(HashingReader {
+            inner,
+            hasher: Sha256Hasher::new(),
+            count: 0,
+            failure: None,
+        })))
+    }
+}
 
 impl Read for SharedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -699,6 +711,7 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::link_to_x;
 
     #[test]
     fn target_times_in_postgres_and_rfc3339_forms() {
@@ -743,13 +756,6 @@ mod tests {
             tablespace_map: Vec::new(),
             restore_command: Some("wal-rs wal-fetch %f %p".into()),
         }
-    }
-
-    fn link_to_x(dir: &Path, outside: &str, name: &Path) -> PathBuf {
-        let target = dir.join(outside);
-        fs::write(&target, "x").unwrap();
-        std::os::unix::fs::symlink(&target, name).unwrap();
-        target
     }
 
     fn is_regular(path: &Path) -> bool {

@@ -6,14 +6,14 @@
 //! store's exit code: that says nothing about the backup.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read};
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256 as Sha256Hasher};
+use sha2::Digest;
 
-use super::backup_fetch::{get_with_retry, ReadFailure};
+use super::backup_fetch::{get_with_retry, SharedReader};
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract;
@@ -192,8 +192,8 @@ fn check_partition(
             Err(Error::Store(StoreError::NotFound { .. })) => return problem("missing from the store".into()),
             Err(e) => return Err(e),
         };
-        let hashed = Arc::new(Mutex::new((Sha256Hasher::new(), 0u64, None)));
-        let source = HashingSource { inner: reader.body, state: hashed.clone() };
+        let source = SharedReader::new(reader.body);
+        let hashed = source.0.clone();
         let result = codec::decompressor(compression, source).and_then(|mut stream| {
             let summary =
                 extract::check(&mut stream, expected.as_ref()).map_err(|e| io::Error::other(e.to_string()))?;
@@ -202,7 +202,7 @@ fn check_partition(
         });
         let (hasher, stored, source_failure) = {
             let mut s = hashed.lock().unwrap();
-            (s.0.clone(), s.1, s.2.take())
+            (s.hasher.clone(), s.count, s.failure.take())
         };
         match (result, source_failure) {
             // The store's checksum caught damaged bytes: a problem of the backup.
@@ -236,32 +236,6 @@ fn check_partition(
         }
     }
     Err(last.expect("ATTEMPTS is at least one"))
-}
-
-/// Hashes and counts the stored bytes as they are read, and keeps how the store (not the
-/// content) failed.
-struct HashingSource {
-    inner: Box<dyn Read + Send>,
-    state: Arc<Mutex<(Sha256Hasher, u64, Option<ReadFailure>)>>,
-}
-
-impl Read for HashingSource {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                let mut s = self.state.lock().unwrap();
-                s.0.update(&buf[..n]);
-                s.1 += n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.state.lock().unwrap().2.get_or_insert_with(|| ReadFailure::of(&e));
-                }
-                Err(e)
-            }
-        }
-    }
 }
 
 /// Checks that every WAL segment from the backup's start to its finish is in the store:

@@ -404,13 +404,7 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn link_to_x(dir: &Path, outside: &str, name: &Path) -> PathBuf {
-        let target = dir.join(outside);
-        fs::write(&target, "x").unwrap();
-        std::os::unix::fs::symlink(&target, name).unwrap();
-        target
-    }
+    use crate::test_support::link_to_x;
 
     /// A backup of a cluster configured under /etc keeps `pg_hba.conf -> /etc/...`: the
     /// drill must replace the links, never write the live cluster's files through them.

@@ -26,7 +26,6 @@ const XATTR_PREFIX: &str = "user.walrs.";
 /// ordinary deadline fire 5 s sooner, but costs every wal-fetch and wal-push about 0.5 ms
 /// (threads started and woken; 3.3 against 3.8 ms for a wal-fetch of a missing name,
 /// interleaved, 150 runs each), which PostgreSQL pays on every segment.
-#[derive(Clone)]
 pub struct LocalStore {
     root: PathBuf,
 }
@@ -143,10 +142,6 @@ impl LocalStore {
         older_than: std::time::Duration,
         remove: bool,
     ) -> Result<(u64, u64), StoreError> {
-        self.sweep_abandoned_now(older_than, remove)
-    }
-
-    fn sweep_abandoned_now(&self, older_than: std::time::Duration, remove: bool) -> Result<(u64, u64), StoreError> {
         let mut found = (0u64, 0u64);
         let mut pending = vec![self.root.clone()];
         while let Some(dir) = pending.pop() {
@@ -466,9 +461,9 @@ mod tests {
         fs::File::options().write(true).open(&old).unwrap().set_modified(hour_ago).unwrap();
         fs::File::options().write(true).open(&object).unwrap().set_modified(hour_ago).unwrap();
         let minute = Duration::from_secs(60);
-        assert_eq!(store.sweep_abandoned_now(minute, false).unwrap(), (1, 5));
+        assert_eq!(crate::test_support::block_on(store.sweep_abandoned(minute, false)).unwrap(), (1, 5));
         assert!(old.exists(), "a dry run removed a file");
-        assert_eq!(store.sweep_abandoned_now(minute, true).unwrap(), (1, 5));
+        assert_eq!(crate::test_support::block_on(store.sweep_abandoned(minute, true)).unwrap(), (1, 5));
         assert!(!old.exists() && fresh.exists() && object.exists());
     }
 

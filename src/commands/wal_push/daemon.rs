@@ -115,7 +115,7 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
             None => return Asked::NoDaemon,
         },
     };
-    let request = format!("push {name} {}\n", fingerprint(&ctx.config));
+    let request = format!("push {name} {}\n", ctx.fingerprint());
     // Half the command's deadline at most: a daemon stuck on a slow store must leave this
     // call the time to upload the file itself, not use it all up waiting. No answer (the
     // daemon died or stopped answering): this call uploads the file itself.
@@ -140,7 +140,7 @@ pub(super) async fn ask(ctx: &PushContext, pg_wal: &Path, path: &Path, name: &st
 pub(super) async fn held(ctx: &PushContext, pg_wal: &Path) -> HashSet<String> {
     let socket = pg_wal.join(STATUS_DIR).join(SOCKET);
     let Ok(stream) = UnixStream::connect(&socket).await else { return HashSet::new() };
-    let request = format!("held {}\n", fingerprint(&ctx.config));
+    let request = format!("held {}\n", ctx.fingerprint());
     let wait = HELD_WAIT.min(ctx.config.retry.deadline / 10);
     match exchange(stream, &request, HELD_REPLY_LIMIT, wait).await {
         Some(Reply::Held { names }) => names.into_iter().filter(|n| WalFileName::parse(n).is_ok()).collect(),

@@ -44,11 +44,24 @@ pub(crate) struct PushContext {
     pub(crate) store: Arc<Store>,
     pub(crate) config: Config,
     owner: tokio::sync::OnceCell<Owner>,
+    /// The configuration's digest for the daemon's socket, computed once (it reads the
+    /// environment and stats the AWS profile files) however many requests a call sends.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl PushContext {
     pub(crate) fn new(store: Arc<Store>, config: Config) -> Arc<PushContext> {
-        Arc::new(PushContext { store, config, owner: tokio::sync::OnceCell::new() })
+        Arc::new(PushContext {
+            store,
+            config,
+            owner: tokio::sync::OnceCell::new(),
+            fingerprint: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// See [`crate::commands::background::fingerprint`].
+    pub(crate) fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| crate::commands::background::fingerprint(&self.config))
     }
 
     /// Checks that the store belongs to the cluster of this segment. Only the first segment
