@@ -102,7 +102,8 @@ pub fn run(cli: Cli) -> u8 {
             }
         }
         Command::WalFetch { name, dest } => {
-            let standby = wal_fetch::is_standby(&config);
+            // Failures answer as a standby expects (exit 1, ask again later) or abort a recovery.
+            let standby = config.fetch_mode.is_standby();
             exit::set_panic_code(exit::wal_fetch_internal_code(standby));
             let watchdog = watch(&config, op, &name, &dest, started, move |e| exit::wal_fetch_code(e, standby));
             let fetch = wal_fetch::run(&config, &name, &dest, standby, &child_args);

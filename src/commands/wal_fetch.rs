@@ -43,12 +43,7 @@ pub(crate) struct FetchReport {
     pub(super) prefetched: bool,
 }
 
-/// Whether failures should be reported as a standby expects (exit 1, ask again later).
-pub(super) fn is_standby(config: &Config) -> bool {
-    config.fetch_mode.is_standby()
-}
-
-/// `standby`: failures answer "ask again" (see [`is_standby`]), decided once by the caller.
+/// `standby`: failures answer "ask again" (`FetchMode::is_standby`), decided once by the caller.
 pub(super) async fn run(
     config: &Config,
     name: &str,
