@@ -135,7 +135,8 @@ pub fn decompressor<R: Read + Send + 'static>(hint: Compression, src: R) -> io::
     let ring = crypto::ring();
     let mut src = crypto::stream::unseal(src, ring.as_deref()).map_err(|e| match e {
         OpenError::Source(e) => e,
-        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+        // The OpenError itself, so that callers can tell a key refusal (exit 14) from damage.
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
     })?;
     let (compression, magic) = detect(&mut src, hint)?;
     Ok(Box::new(Decoder::new(compression, io::Cursor::new(magic).chain(src))?))
@@ -252,6 +253,24 @@ mod tests {
             assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
             let cut = &stored[..stored.len() / 2];
             assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_trailer_is_corrupt_not_an_object_without_one() {
+        for c in [Compression::Lz4, Compression::Zstd] {
+            let mut stored = Vec::new();
+            encode(&sample()[..], c, 1, &mut stored).unwrap();
+            // One bit of the tag: zstd would otherwise step over the whole skippable frame
+            // and return the data with nothing to check it against.
+            let tag = stored.len() - crate::codec::trailer::LEN + 8;
+            let mut flipped = stored.clone();
+            flipped[tag] ^= 1;
+            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            // And a second fault in the data: still refused.
+            let middle = flipped.len() / 2;
+            flipped[middle] ^= 0x10;
+            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
         }
     }
 

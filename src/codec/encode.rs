@@ -199,7 +199,14 @@ impl<W: Write> Encoder<W> {
                 let info = frame_info();
                 Encoder::Lz4(FrameEncoder::with_frame_info(info, sink))
             }
-            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(sink, level)?),
+            Compression::Zstd => {
+                // zstd's own content checksum, as the zstd tool writes by default: without it
+                // a zstd object whose trailer is lost has nothing that checks its data, and
+                // neither has `zstd -d` of any object.
+                let mut encoder = zstd::stream::write::Encoder::new(sink, level)?;
+                encoder.include_checksum(true)?;
+                Encoder::Zstd(encoder)
+            }
         })
     }
 

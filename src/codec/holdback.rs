@@ -60,7 +60,14 @@ impl<R: Read> Read for HoldBack<R> {
                 Err(e) => return Err(e),
             };
             if n == 0 {
-                let found = Trailer::decode(&self.buf[self.start..self.end]);
+                let tail = &self.buf[self.start..self.end];
+                if Trailer::looks_damaged(tail) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the integrity trailer at the end of the object is damaged (or from a newer wal-rs)",
+                    ));
+                }
+                let found = Trailer::decode(tail);
                 if found.is_some() {
                     self.start = self.end;
                 }

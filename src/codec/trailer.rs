@@ -59,6 +59,19 @@ impl Trailer {
             sha256: Sha256(bytes[24..56].try_into().unwrap()),
         })
     }
+
+    /// Whether a tail that [`Trailer::decode`] refused is still recognisably wal-rs's
+    /// trailer: it carries the tag, or the exact magic and frame length. Such a tail is a
+    /// damaged (or newer) trailer, not another tool's compressed data. Passing it on as data
+    /// would be wrong twice over: a zstd decoder steps over any skippable frame, so the
+    /// object would decode with nothing left to check it against. One flipped bit in any of
+    /// the three fields leaves the other two intact, so it is always caught here.
+    pub fn looks_damaged(bytes: &[u8]) -> bool {
+        bytes.len() == LEN
+            && Trailer::decode(bytes).is_none()
+            && (bytes[8..14] == TAG[..6]
+                || (bytes[0..4] == MAGIC.to_le_bytes() && bytes[4..8] == (PAYLOAD_LEN as u32).to_le_bytes()))
+    }
 }
 
 #[cfg(test)]
@@ -73,5 +86,24 @@ mod tests {
         other[10] ^= 1;
         assert_eq!(Trailer::decode(&other), None);
         assert_eq!(Trailer::decode(&t.encode()[1..]), None);
+    }
+
+    #[test]
+    fn one_flipped_bit_in_the_fixed_fields_reads_as_a_damaged_trailer() {
+        let good = Trailer { original_len: 16 << 20, sha256: Sha256([7; 32]) }.encode();
+        assert!(!Trailer::looks_damaged(&good));
+        for byte in 0..16 {
+            for bit in 0..8 {
+                let mut flipped = good;
+                flipped[byte] ^= 1 << bit;
+                assert!(Trailer::looks_damaged(&flipped), "byte {byte} bit {bit}");
+            }
+        }
+        // Another tool's data, even one ending in a skippable frame of its own, is not ours.
+        let mut foreign = [0x55u8; LEN];
+        assert!(!Trailer::looks_damaged(&foreign));
+        foreign[0..4].copy_from_slice(&0x184D_2A50u32.to_le_bytes());
+        foreign[4..8].copy_from_slice(&48u32.to_le_bytes());
+        assert!(!Trailer::looks_damaged(&foreign));
     }
 }

@@ -213,7 +213,13 @@ fn restore(
         .map_err(|e| Error::local("create", &temp.0, e))?;
     let corrupt = |detail: String| Error::Corrupt { key: describe.to_string(), detail };
     let expected_size = reader.size;
-    let metadata_sha: Option<Sha256> = reader.metadata.get(SHA256_METADATA).and_then(|s| s.parse().ok());
+    // A checksum that is there but unreadable is damage, not an object without one.
+    let metadata_sha: Option<Sha256> = match reader.metadata.get(SHA256_METADATA) {
+        Some(text) => {
+            Some(text.parse().map_err(|_| corrupt(format!("its {SHA256_METADATA} metadata is not a sha256")))?)
+        }
+        None => None,
+    };
     let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
         // Whatever the error says, the reader was told to stop.
         _ if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) => stopped(dest),

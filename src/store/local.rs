@@ -436,7 +436,9 @@ fn create_dirs_durably(root: &Path, dir: &Path) -> Result<(), StoreError> {
     }
     match fs::create_dir(dir) {
         Ok(()) => fsync_dir(dir.parent().unwrap_or(root)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        // Another process created it a moment ago and may be killed before its own fsync of
+        // the parent: do it here too (this happens once per new directory, not per object).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fsync_dir(dir.parent().unwrap_or(root)),
         Err(e) => Err(LocalStore::io_err("create directory", dir, e)),
     }
 }

@@ -332,15 +332,33 @@ fn damaged_checksum_fails_fetch_local() {
 }
 
 /// On S3 the SDK checks the response body against the CRC32 the server stored at upload,
-/// and fails the body stream at its end. At the time of writing wal-fetch takes that error
-/// for a dropped connection (restore() in src/commands/wal_fetch.rs maps
-/// `DecodeError::Source` to `StoreError::Unavailable`), retries until the deadline and
-/// exits 207, "check that the store is reachable": this test fails until that is fixed.
+/// and fails the body stream at its end. wal-fetch must take that error for damage, not
+/// for a dropped connection to retry until the deadline (exit 207, "check that the store
+/// is reachable").
 #[test]
 fn damaged_checksum_fails_fetch_s3() {
     let wd = WorkDir::new("badsum-s3");
     let s3 = S3Server::start(&wd);
     damaged_object_is_never_restored(&wd, &s3.store("badsum"), flip_last_byte);
+}
+
+/// An uncompressed object's sha256 travels as metadata (an extended attribute on a local
+/// store). One that is there but unreadable is damage: the object must not be restored as
+/// one that never had a checksum (`verified=none`).
+#[test]
+fn an_unreadable_checksum_in_metadata_is_damage() {
+    let wd = WorkDir::new("badmeta-local");
+    let store = local_store(&wd);
+    let walrs = WalRs::new(&wd, &store).env("WALRS_COMPRESSION", "none").env("WALRS_RETRY_DEADLINE_SECS", "3");
+    walrs.push(&segment_file(&wd, 3, SYSID, 1).0).expect_code(0, "push");
+    let name = segment_name(1, 3);
+    let object = store.object_path(&format!("wal_005/{name}"));
+    xattr::set(&object, "user.walrs.sha256", b"not a sha256").expect("setting the object's checksum attribute");
+    let out = wd.dir("out");
+    let dest = out.join("RECOVERYXLOG");
+    let run = walrs.fetch(&name, &dest);
+    assert_eq!(run.code, code::RECOVERY_ABORT + code::CORRUPT, "wal-fetch of an object with a bad checksum: {run:#?}");
+    assert!(files_under(&out).is_empty(), "left in {}: {:?}", out.display(), files_under(&out));
 }
 
 // --- another cluster's segment ----------------------------------------------------------
