@@ -8,7 +8,15 @@
 //! process would let a wrong segment through after the first. Promoted copies and forks of
 //! the same cluster share its identifier, so a new timeline in the same prefix is allowed,
 //! as PostgreSQL intends.
+//!
+//! Timeline history and backup history files carry no identifier, yet another cluster's
+//! history file in the archive can end a recovery to 'latest' early, on its timeline: they
+//! are compared by the cluster whose WAL folder they are pushed from
+//! ([`cluster_of_wal_folder`]).
 
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +24,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::layout;
 use crate::store::{Metadata, PutMode, PutOptions, PutOutcome, Store, StoreError};
+use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
+
+/// Size of `global/pg_control` (`PG_CONTROL_FILE_SIZE`): PostgreSQL always writes it whole.
+const PG_CONTROL_FILE_SIZE: usize = 8192;
+/// Segments of a WAL folder tried for a long page header before giving up: recycled ones
+/// (renamed ahead, still holding an older segment's header) fail the name check.
+const SEGMENTS_TRIED: usize = 16;
 
 /// The identity record, `walrs/cluster.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,14 +83,7 @@ impl Owner {
     /// Checks that `found` (the cluster of `what`) is this owner, without asking the store:
     /// a long-lived process reads the record once and compares every segment with it.
     pub fn check(&self, what: &str, found: Owner, store_url: &str) -> Result<(), Error> {
-        if self.system_identifier != found.system_identifier {
-            return Err(Error::ClusterMismatch {
-                name: what.to_string(),
-                segment_sysid: found.system_identifier,
-                store_sysid: self.system_identifier,
-                store: store_url.to_string(),
-            });
-        }
+        self.check_system_identifier(what, found.system_identifier, store_url)?;
         // Same cluster, other format: a pg_upgrade'd cluster keeps neither, but a crafted or
         // restored copy could; its WAL and backups cannot be replayed with the archive's.
         if self.pg_major != found.pg_major || self.wal_segment_size != found.wal_segment_size {
@@ -89,6 +97,71 @@ impl Owner {
         }
         Ok(())
     }
+
+    /// Checks that `system_identifier` (the cluster of `what`) is this owner's.
+    pub fn check_system_identifier(&self, what: &str, system_identifier: u64, store_url: &str) -> Result<(), Error> {
+        if self.system_identifier != system_identifier {
+            return Err(Error::ClusterMismatch {
+                name: what.to_string(),
+                segment_sysid: system_identifier,
+                store_sysid: self.system_identifier,
+                store: store_url.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The cluster the store's record names, if it has one; records nothing.
+pub async fn recorded_owner(store: &Store) -> Result<Option<Owner>, Error> {
+    match read(store).await? {
+        Some(recorded) => Owner::from_record(&recorded, store).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The system identifier of the cluster whose WAL folder `pg_wal` is: from
+/// `data/global/pg_control` when `data/pg_wal` is that folder (archive_command runs in the
+/// data directory), else from the long page header of a segment in the folder. `None` when
+/// neither can be read (a file pushed by hand from a folder of its own).
+pub fn cluster_of_wal_folder(data: &Path, pg_wal: &Path) -> Option<u64> {
+    control_file_system_identifier(data, pg_wal).or_else(|| segment_system_identifier(pg_wal))
+}
+
+/// The system identifier in `data/global/pg_control`, if `data/pg_wal` is `pg_wal` (the
+/// working directory may be another cluster's data directory than the file's).
+fn control_file_system_identifier(data: &Path, pg_wal: &Path) -> Option<u64> {
+    let (ours, theirs) = (fs::canonicalize(data.join("pg_wal")).ok()?, fs::canonicalize(pg_wal).ok()?);
+    if ours != theirs {
+        return None;
+    }
+    let control = fs::read(data.join("global").join("pg_control")).ok()?;
+    if control.len() != PG_CONTROL_FILE_SIZE {
+        return None;
+    }
+    // ControlFileData starts with the system identifier, in the server's byte order:
+    // little-endian, as the page headers are read (`SegmentHeader::parse`).
+    let system_identifier = u64::from_le_bytes(control[..8].try_into().expect("8 bytes"));
+    (system_identifier != 0).then_some(system_identifier)
+}
+
+/// The system identifier in the long page header of a segment in `pg_wal` whose header
+/// agrees with its name.
+fn segment_system_identifier(pg_wal: &Path) -> Option<u64> {
+    fs::read_dir(pg_wal)
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let name = WalFileName::parse(entry.file_name().to_str()?).ok()?;
+            let segment = name.wal_segment()?;
+            Some((entry.path(), name, segment))
+        })
+        .take(SEGMENTS_TRIED)
+        .find_map(|(path, name, segment)| {
+            let mut first = [0u8; LONG_HEADER_SIZE];
+            File::open(path).and_then(|mut f| f.read_exact(&mut first)).ok()?;
+            SegmentHeader::parse(&first, name.timeline(), segment).ok().map(|h| h.system_identifier)
+        })
 }
 
 /// Checks that `header`'s cluster owns the store, recording it if nobody does yet; returns
@@ -226,6 +299,30 @@ mod tests {
             owner_checked_sealing(&store, "a", owner, true).await.unwrap();
             assert!(owner_checked_sealing(&store, "a", owner, false).await.is_err());
         });
+    }
+
+    #[test]
+    fn a_wal_folders_cluster_is_read_from_pg_control_or_a_segment_beside_it() {
+        let data = tempfile::tempdir().unwrap();
+        let pg_wal = data.path().join("pg_wal");
+        fs::create_dir_all(data.path().join("global")).unwrap();
+        fs::create_dir(&pg_wal).unwrap();
+        // Nothing to go by: an empty folder.
+        assert_eq!(cluster_of_wal_folder(data.path(), &pg_wal), None);
+        // A segment of cluster 5 beside the file.
+        let segment = crate::wal::page::tests::pg15_first_page(1, 3 << 20, 5, 1 << 20);
+        fs::write(pg_wal.join("000000010000000000000003"), &segment).unwrap();
+        assert_eq!(cluster_of_wal_folder(data.path(), &pg_wal), Some(5));
+        // pg_control of the data directory whose pg_wal this is comes first.
+        let mut control = vec![0u8; PG_CONTROL_FILE_SIZE];
+        control[..8].copy_from_slice(&7712412929493074945u64.to_le_bytes());
+        fs::write(data.path().join("global/pg_control"), &control).unwrap();
+        assert_eq!(cluster_of_wal_folder(data.path(), &pg_wal), Some(7712412929493074945));
+        // Another data directory's pg_control says nothing about this folder.
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::create_dir(elsewhere.path().join("pg_wal")).unwrap();
+        assert_eq!(cluster_of_wal_folder(data.path(), elsewhere.path()), None);
+        assert_eq!(cluster_of_wal_folder(elsewhere.path(), &pg_wal), Some(5));
     }
 
     #[test]

@@ -130,6 +130,48 @@ fn a_black_hole_ends_every_command_within_its_deadline() {
     assert!(store.wal_objects().is_empty());
 }
 
+/// The safety valve is for a store that is down, and the common way a store goes down
+/// behind a load balancer is to take connections and never answer. Over the limit, the
+/// valve decides before anything waits on the store or the daemon (a server runs here, as
+/// far as wal-push can tell): it drops the segment, keeps the gap record in pg_wal, and
+/// exits 0 well within the deadline. Before, every call waited for the daemon, then for
+/// the store, and ended with exit 7 at the deadline: nothing was ever dropped.
+#[test]
+fn the_valve_drops_while_the_store_never_answers() {
+    let wd = WorkDir::new("valve-blackhole");
+    let s3 = S3Server::start(&wd);
+    let proxy = Proxy::start(port_of(&s3), &["--rate-blackhole", "1.0"]);
+    let store = proxy.store(&s3, "valve");
+    let data = wd.dir("data");
+    let pg_wal = data.join("pg_wal");
+    std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+    let names: Vec<String> = (1..4u64)
+        .map(|segno| {
+            let name = segment_name(1, segno);
+            std::fs::write(pg_wal.join(&name), craft_segment(1, segno, SYSID, segno)).unwrap();
+            std::fs::write(pg_wal.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
+            name
+        })
+        .collect();
+    std::fs::write(data.join("postmaster.pid"), "4242\n").unwrap();
+    let deadline = Duration::from_secs(6);
+    let run = WalRs::new(&wd, &store)
+        .env("WALRS_ARCHIVE_QUEUE_MAX", &(1u64 << 20).to_string())
+        .env("WALRS_RETRY_DEADLINE_SECS", &deadline.as_secs().to_string())
+        .env("WALRS_PREFETCH_COUNT", "0")
+        .cwd(&data)
+        .run(&["wal-push", &format!("pg_wal/{}", names[0])]);
+    run.expect_code(0, "push over the valve's limit into a black hole");
+    assert!(run.logged("outcome", "dropped"), "{run:#?}");
+    assert!(run.elapsed < deadline * 2 / 3, "the valve took {:?} of a {deadline:?} deadline", run.elapsed);
+    let gap = pg_wal.join("walrs_archive_status/gaps").join(format!("{}.json", names[0]));
+    let record: serde_json::Value = serde_json::from_slice(&read(&gap)).expect("a gap record kept in pg_wal");
+    assert_eq!(record["name"], names[0].as_str());
+    assert!(proxy.injected("blackhole") > 0);
+    assert!(store.wal_objects().is_empty());
+    assert!(!pg_wal.join("walrs_archive_status/.daemon.sock").exists(), "a daemon was started and asked first");
+}
+
 /// Segment 1 of timeline 1, written to a file of its own: its name, bytes and path.
 fn first_segment(wd: &WorkDir) -> (String, Vec<u8>, PathBuf) {
     let name = segment_name(1, 1);

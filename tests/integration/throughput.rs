@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use crate::harness::s3::S3Server;
 use crate::harness::{
-    craft_incompressible_segment, craft_segment, read, segment_name, sha256_hex, wait_until, StoreEnv, WalRs, WorkDir,
+    craft_incompressible_segment, craft_segment, prefetchers_in, read, segment_name, sha256_hex, wait_until, StoreEnv,
+    WalRs, WorkDir,
 };
 
 const SYSID: u64 = 7_300_000_000_000_000_042;
@@ -191,18 +192,29 @@ fn a_forged_or_stale_record_never_acknowledges() {
     assert!(run.logged("outcome", "stored"), "the forged record was trusted: {run:#?}");
     assert!(store.wal_objects().contains(&format!("{name}.lz4")));
 
-    // Stale: the object exists, but the record's checksum is of other content.
+    // Stale: written when the file held other bytes of the same size, which the store
+    // holds under this name's own key, at the recorded size and with the recorded sha256.
+    // The file has been replaced since (a new inode): only hashing it again tells.
     let (name2, bytes2) = &segments[1];
+    let file2 = data.join("pg_wal").join(name2);
+    let other = craft_segment(1, 2, SYSID, 9002);
+    assert_eq!(other.len(), bytes2.len());
+    let replacement = data.join("pg_wal").join(format!(".{name2}.new"));
+    fs::rename(&file2, &replacement).unwrap();
+    fs::write(&file2, &other).unwrap();
+    walrs.run(&["wal-push", &format!("pg_wal/{name2}")]).expect_code(0, "store the other bytes under the name");
+    let key = format!("wal_005/{name2}.lz4");
     let stale = serde_json::json!({
-        "name": name2, "size": bytes2.len(), "sha256": sha256_hex(b"other content"),
-        "store": store.url, "key": format!("wal_005/{name}.lz4"),
-        "stored_size": 1000, "file": stamp(&data.join("pg_wal").join(name2)),
+        "name": name2, "size": other.len(), "sha256": sha256_hex(&other),
+        "store": store.url, "key": key,
+        "stored_size": fs::metadata(store.object_path(&key)).unwrap().len(), "file": stamp(&file2),
     });
+    fs::rename(&replacement, &file2).unwrap();
     fs::write(records.join(format!("{name2}.json")), stale.to_string()).unwrap();
     let run = walrs.run(&["wal-push", &format!("pg_wal/{name2}")]);
-    run.expect_code(0, "push with a stale record");
-    assert!(run.logged("outcome", "stored"), "the stale record was trusted: {run:#?}");
-    assert_eq!(lz4_bytes(&store, name2), *bytes2);
+    assert!(!run.logged("outcome", "archived-ahead"), "the stale record was trusted: {run:#?}");
+    run.expect_code(5, "push of a file whose name holds other bytes in the store (conflict)");
+    assert_eq!(lz4_bytes(&store, name2), other, "the stored object changed");
 }
 
 /// A record that is right about the file (its stamp and sha256) and about the object's key
@@ -535,23 +547,6 @@ fn only_postgresqls_recovery_starts_a_prefetcher() {
     wait_until("prefetch of segment 4", Duration::from_secs(30), || dir.join(segment_name(1, 4)).exists());
     fs::remove_dir_all(&dir).unwrap();
     wait_until("the prefetcher to exit", Duration::from_secs(10), || prefetchers_in(&data).is_empty());
-}
-
-/// PIDs of wal-prefetch processes started in `data` (restore_command's data directory).
-fn prefetchers_in(data: &Path) -> Vec<String> {
-    let wanted = data.to_string_lossy().into_owned();
-    fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> =
-                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let cwd = fs::read_link(e.path().join("cwd")).ok()?;
-            let prefetching = args.iter().any(|a| a == "wal-prefetch") && cwd.to_string_lossy().starts_with(&wanted);
-            prefetching.then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect()
 }
 
 #[test]

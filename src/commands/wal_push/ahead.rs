@@ -11,7 +11,9 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +22,7 @@ use super::file::{find_stored, local_sha256, PushContext, PushReport};
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
+use crate::store::local::fsync_dir;
 use crate::store::{Metadata, ObjectKey, PutMode, PutOptions};
 use crate::wal::WalFileName;
 
@@ -121,10 +124,12 @@ impl StatusDir {
                     local_sha256(path).await.ok()
                 }
             },
-            recorded_sha256(&ctx.store, &key, compression)
+            // Bounded as the valve's requests are: a store that never answers must leave
+            // the call its time to push the file or drop it (see `drop_if_over_queue_limit`).
+            tokio::time::timeout(store_probe_time(&ctx.config.retry), recorded_sha256(&ctx.store, &key, compression))
         );
         let sha: crate::codec::Sha256 = sha?;
-        let (stored_size, held_sha) = held.ok()??;
+        let (stored_size, held_sha) = held.ok()?.ok()??;
         if sha.to_string() != record.sha256 || stored_size != record.stored_size || stored_size == 0 {
             return None;
         }
@@ -214,6 +219,35 @@ impl StatusDir {
         self.dir.join("gaps")
     }
 
+    /// Keeps the gap record of `name` in pg_wal, durably: PostgreSQL may remove the segment
+    /// once the call returns, and the record must outlive a crash as the segment would have.
+    pub(super) fn keep_gap_locally(&self, name: &str, bytes: &[u8]) -> Result<(), Error> {
+        let local = self.local_gaps();
+        let record = local.join(format!("{name}.json"));
+        // Written whole or not at all: a later push uploads what it finds here.
+        let temp = local.join(format!(".{name}.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&local)?;
+            let mut file = fs::File::create(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            fs::rename(&temp, &record)?;
+            // The record's entry, and those of the folders if they were just created.
+            for dir in [&local, &self.dir, &self.pg_wal] {
+                fsync_dir(dir).map_err(std::io::Error::other)?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::local(
+                "keep the valve's gap record (the store took none, so nothing was dropped; fix this folder or the store)",
+                &record,
+                e,
+            )
+        })
+    }
+
     /// Whether the valve kept any gap record locally: one `read_dir`.
     pub(super) fn has_local_gaps(&self) -> bool {
         fs::read_dir(self.local_gaps()).is_ok_and(|mut entries| {
@@ -262,12 +296,21 @@ impl StatusDir {
     }
 }
 
+/// Whether pg_wal's backlog, counting every file waiting, is over the valve's limit. When
+/// it is not, what a daemon holds (which only lowers the count) cannot change the answer,
+/// so the daemon need not be asked on every push.
+pub(super) fn backlog_over_limit(ctx: &PushContext, status: &StatusDir) -> bool {
+    let limit = ctx.config.archive.queue_max_bytes;
+    limit > 0 && waiting_bytes(status, &HashSet::new()) > limit
+}
+
 /// The safety valve (`archive_queue_max_bytes`, off by default): when more than that many
 /// bytes of ready WAL wait in pg_wal, acknowledge `name` without archiving it, loudly, and
 /// record the gap in the store (and locally when the store cannot take it), so that
 /// verification and backup-list show that recovery past it is impossible; a later push
 /// uploads the local records. A segment found stored already is acknowledged instead, and a
-/// store of another cluster fails the call as it would without the valve.
+/// store of another cluster fails the call as it would without the valve. With no gap
+/// record anywhere, nothing is dropped: the call fails.
 ///
 /// Only WAL segments are ever dropped: a timeline history file is a few bytes and recovery
 /// cannot follow its timeline without it, and a `.partial` or backup history file is one of
@@ -276,6 +319,11 @@ impl StatusDir {
 /// daemon says it holds stored, which it keeps in memory only. Either can only keep a
 /// segment from being dropped, never acknowledge one: a stale or forged record or answer
 /// at worst lets the backlog grow as it would without the valve.
+///
+/// The valve is there for a store that is down, which often means one that takes
+/// connections and never answers: each store request here gets [`store_probe_time`], not
+/// the command's deadline, and one that does not answer in that time counts as a store that
+/// cannot be asked.
 pub(super) async fn drop_if_over_queue_limit(
     ctx: &PushContext,
     status: &StatusDir,
@@ -284,20 +332,11 @@ pub(super) async fn drop_if_over_queue_limit(
     held: &HashSet<String>,
 ) -> Result<Option<PushReport>, Error> {
     let limit = ctx.config.archive.queue_max_bytes;
-    if limit == 0 || !matches!(WalFileName::parse(name), Ok(WalFileName::Segment(..))) {
+    // A segment the daemon holds stored is its to acknowledge, from memory.
+    if limit == 0 || held.contains(name) || !matches!(WalFileName::parse(name), Ok(WalFileName::Segment(..))) {
         return Ok(None);
     }
-    let waiting: u64 = fs::read_dir(status.pg_wal.join("archive_status"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
-                .filter(|n| !held.contains(n) && !status.path_of(n).exists())
-                .filter_map(|n| fs::metadata(status.file(&n)).ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let waiting = waiting_bytes(status, held);
     if waiting <= limit {
         return Ok(None);
     }
@@ -305,11 +344,13 @@ pub(super) async fn drop_if_over_queue_limit(
     // reported missing. A store of another cluster (or holding other bytes under this name)
     // is a configuration error, never a reason to write a gap record into it. A store that
     // cannot be asked is what the valve is for: drop, with a local record if need be.
-    match find_stored(ctx, path).await {
-        Ok(Some(report)) => return Ok(Some(report)),
-        Err(e) if belongs_elsewhere(&e) => return Err(e),
-        Ok(None) | Err(_) => {}
-    }
+    let probe = store_probe_time(&ctx.config.retry);
+    let store_answers = match tokio::time::timeout(probe, find_stored(ctx, path)).await {
+        Ok(Ok(Some(report))) => return Ok(Some(report)),
+        Ok(Err(e)) if belongs_elsewhere(&e) => return Err(e),
+        Ok(Ok(None) | Err(_)) => true,
+        Err(_) => false,
+    };
     let gap = serde_json::json!({
         "name": name,
         "dropped_at": crate::backup::sentinel::format_time(time::OffsetDateTime::now_utc()),
@@ -317,18 +358,10 @@ pub(super) async fn drop_if_over_queue_limit(
         "limit_bytes": limit,
     });
     let bytes = serde_json::to_vec_pretty(&gap).expect("gap records serialise");
-    let key = layout::gap_key(name);
-    let stored = ctx
-        .store
-        .put_bytes(&key, bytes.clone(), PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })
-        .await;
-    if stored.is_err() {
-        // Written whole or not at all: a later push uploads what it finds here.
-        let local = status.local_gaps();
-        let temp = local.join(format!(".{name}.{}", std::process::id()));
-        let _ = fs::create_dir_all(&local)
-            .and_then(|_| fs::write(&temp, &bytes))
-            .and_then(|_| fs::rename(&temp, local.join(format!("{name}.json"))));
+    // A store that just did not answer is not made to time out again.
+    let in_store = store_answers && store_gap(ctx, name, &bytes, probe).await;
+    if !in_store {
+        status.keep_gap_locally(name, &bytes)?;
     }
     log::emit(
         Level::Error,
@@ -346,6 +379,43 @@ pub(super) async fn drop_if_over_queue_limit(
     );
     let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(Some(PushReport { bytes_in: size, bytes_stored: 0, outcome: "dropped", sha256: None, key: None }))
+}
+
+/// Bytes of ready WAL waiting in pg_wal, leaving out what is pushed ahead (a record) or
+/// `held` by the daemon.
+fn waiting_bytes(status: &StatusDir, held: &HashSet<String>) -> u64 {
+    fs::read_dir(status.pg_wal.join("archive_status"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ready")).map(str::to_string))
+                .filter(|n| !held.contains(n) && !status.path_of(n).exists())
+                .filter_map(|n| fs::metadata(status.file(&n)).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// How long the valve waits for one answer of the store: one request's time, and at most a
+/// quarter of the deadline, so that a lookup and a gap record both fit well within it.
+pub(super) fn store_probe_time(retry: &crate::config::RetrySettings) -> Duration {
+    retry.request_timeout.min(retry.deadline / 4)
+}
+
+/// Puts the gap record of `name` into the store within `wait`; whether it is there.
+async fn store_gap(ctx: &PushContext, name: &str, bytes: &[u8], wait: Duration) -> bool {
+    let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+    let key = layout::gap_key(name);
+    let put = ctx.store.put_bytes(&key, bytes.to_vec(), opts);
+    let error = match tokio::time::timeout(wait, put).await {
+        Ok(Ok(_)) => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", wait.as_secs_f32()),
+    };
+    let error = format!("cannot store the gap record of {name}: {error}; it is kept in pg_wal for a later wal-push");
+    log::emit(Level::Warn, &[("op", &"wal-push"), ("file", &name), ("error", &error)]);
+    false
 }
 
 /// Whether `e` says the store is not this cluster's archive (or not for this file): a
@@ -413,6 +483,30 @@ mod tests {
             assert!(gaps_in_store(&ctx).await.is_empty());
             assert!(!pg_wal.path().join(STATUS_DIR).join("gaps").exists());
         });
+    }
+
+    /// A drop must leave a gap record somewhere: PostgreSQL may delete the segment on exit
+    /// 0. With the store refusing the record and the local folder unusable (`gaps` a regular
+    /// file), the call fails instead of dropping.
+    #[test]
+    fn the_valve_fails_rather_than_drop_with_no_gap_record_anywhere() {
+        let (pg_wal, status, _, path) = over_the_limit(1);
+        let root = tempfile::tempdir().unwrap();
+        let mut config = default_config();
+        config.archive.queue_max_bytes = 1;
+        config.store = Some(crate::config::StoreUrl::File(root.path().to_path_buf()));
+        // Where the store's gap records and the local ones go: files, not folders.
+        fs::create_dir_all(root.path().join("walrs")).unwrap();
+        fs::write(root.path().join(layout::GAP_PREFIX.trim_end_matches('/')), b"").unwrap();
+        fs::create_dir_all(pg_wal.path().join(STATUS_DIR)).unwrap();
+        fs::write(pg_wal.path().join(STATUS_DIR).join("gaps"), b"").unwrap();
+        let result = block_on(async {
+            let store = super::super::super::common::open_store(&config).await.unwrap();
+            let ctx = PushContext::new(store, config.clone());
+            drop_if_over_queue_limit(&ctx, &status, &path, NAME, &HashSet::new()).await
+        });
+        let err = result.map(|r| r.map(|r| r.outcome)).unwrap_err();
+        assert!(matches!(err, Error::LocalIo { .. }) && err.to_string().contains(NAME), "{err}");
     }
 
     #[test]

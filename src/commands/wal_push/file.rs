@@ -2,7 +2,8 @@
 //! and for the ready files pushed ahead of it.
 //!
 //! Order of work: validate the file (name, size, page header) before touching the store;
-//! then, at once, check the cluster identity and look for an object already under the name;
+//! then, at once, check the cluster identity (a history or backup history file's by the
+//! cluster of the folder it is pushed from) and look for an object already under the name;
 //! then stream read -> compress -> hash -> upload, and publish only if nothing is there and
 //! the file is still the one opened, untouched.
 
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::identity::{self, Owner};
 use crate::layout;
+use crate::log::{self, Level};
 use crate::store::{into_store_error, Metadata, ObjectKey, PutMode, PutOptions, PutOutcome, Store};
 use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
@@ -70,6 +72,47 @@ impl PushContext {
     async fn check_identity(&self, name: &WalFileName, header: &SegmentHeader) -> Result<(), Error> {
         let owner = self.owner.get_or_try_init(|| identity::check_or_record(&self.store, name, header)).await?;
         owner.check(&name.to_string(), Owner::of(header), &self.store.url())
+    }
+
+    /// Checks that a timeline or backup history file at `path`, which names no cluster,
+    /// comes from the store's: another cluster's history file would lead a recovery to
+    /// 'latest' onto its timeline. Its cluster is that of its WAL folder; when that cannot
+    /// be read, the file is pushed unchecked, as it always was, with a warning. A store
+    /// with no owner yet has nothing to compare with, and none is recorded from a file
+    /// that carries no page header.
+    async fn check_folder_identity(&self, name: &WalFileName, path: &Path) -> Result<(), Error> {
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // archive_command runs in the data directory.
+        let Some(system_identifier) = identity::cluster_of_wal_folder(Path::new("."), folder) else {
+            log::emit(
+                Level::Warn,
+                &[
+                    ("op", &"wal-push"),
+                    ("file", &name),
+                    (
+                        "error",
+                        &format!(
+                            "cannot tell which cluster {} comes from (no global/pg_control for its folder in the working directory, no readable segment beside it): pushed without comparing it with the store's cluster; run wal-push from the data directory",
+                            path.display()
+                        ),
+                    ),
+                ],
+            );
+            return Ok(());
+        };
+        // Read, not cached in `owner`: a segment's first check also checks the encryption
+        // mark (see `identity::check_or_record`), which must not be skipped.
+        let owner = match self.owner.get() {
+            Some(owner) => Some(*owner),
+            None => identity::recorded_owner(&self.store).await?,
+        };
+        match owner {
+            Some(owner) => owner.check_system_identifier(&name.to_string(), system_identifier, &self.store.url()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -125,7 +168,7 @@ async fn stored_copy(ctx: &PushContext, path: &Path, opened: &Opened) -> Result<
         async {
             match &opened.header {
                 Some(h) => ctx.check_identity(name, h).await,
-                None => Ok(()),
+                None => ctx.check_folder_identity(name, path).await,
             }
         },
         store.find_first(&keys),
@@ -376,6 +419,40 @@ pub(super) mod tests {
             // The same cluster's next segment still goes through.
             let next = write_segment(dir.path(), "000000010000000000000003", 1, 0);
             assert_eq!(push_file(&ctx, &next).await.unwrap().outcome, "stored");
+        });
+    }
+
+    /// Cluster B pointed at cluster A's prefix by mistake: its segments are refused, and so
+    /// must be the history file it writes when promoted (recovery of A to 'latest' would
+    /// follow it) and its backup history files, which carry no identifier of their own.
+    /// Each is pushed by a fresh process, as archive_command does.
+    #[test]
+    fn history_and_backup_files_of_another_cluster_are_refused() {
+        let ours = tempfile::tempdir().unwrap();
+        let theirs = tempfile::tempdir().unwrap();
+        let ctx = memory_context(default_config());
+        let fresh = || PushContext::new(ctx.store.clone(), ctx.config.clone());
+        block_on(async {
+            // The store belongs to cluster 1; each pg_wal holds a segment of its cluster.
+            let first = write_segment(ours.path(), "000000010000000000000001", 1, 0);
+            assert_eq!(push_file(&ctx, &first).await.unwrap().outcome, "stored");
+            write_segment(theirs.path(), "000000010000000000000001", 2, 0);
+            for file in ["00000002.history", "000000010000000000000001.00000028.backup"] {
+                let text = b"1\t0/3000000\tno recovery target specified\n";
+                std::fs::write(theirs.path().join(file), text).unwrap();
+                let err = push_file(&fresh(), &theirs.path().join(file)).await.unwrap_err();
+                assert!(matches!(err, Error::ClusterMismatch { segment_sysid: 2, store_sysid: 1, .. }), "{err}");
+                assert!(!is_stored(&ctx, file).await, "{file} of cluster 2 was stored");
+                // The store's own cluster's file of that name still goes through.
+                std::fs::write(ours.path().join(file), text).unwrap();
+                assert_eq!(push_file(&fresh(), &ours.path().join(file)).await.unwrap().outcome, "stored");
+            }
+            // Pushed from a folder that tells no cluster (a manual push from elsewhere): as
+            // before, stored unchecked (with a warning).
+            let elsewhere = tempfile::tempdir().unwrap();
+            let path = elsewhere.path().join("00000003.history");
+            std::fs::write(&path, b"2\t0/4000000\tno recovery target specified\n").unwrap();
+            assert_eq!(push_file(&fresh(), &path).await.unwrap().outcome, "stored");
         });
     }
 

@@ -100,24 +100,26 @@ async fn push(
         return Ok(report);
     }
     let mut budget = if WalFileName::parse(&name).is_ok() { config.archive.ahead } else { 0 };
-    // What the daemon holds stored ahead: it writes no records, so the valve must ask.
-    let mut held = std::collections::HashSet::new();
-    if budget > 0 && config.archive.daemon && server_runs_here {
+    let daemon_serves = budget > 0 && config.archive.daemon && server_runs_here;
+    // The valve decides first, before waiting on the daemon: it is there for a store that
+    // is down, and one that takes connections but never answers would keep the daemon
+    // from answering for half the deadline, then the call's own lookup for the rest (exit
+    // 7, call after call, nothing ever dropped, pg_wal filling up).
+    if ahead::backlog_over_limit(ctx, status) {
+        // What a running daemon holds stored ahead, from its memory at once: it writes no
+        // records, so the valve must ask. Only what is not stored already may be dropped.
+        let held = if daemon_serves { daemon::held(ctx, pg_wal).await } else { Default::default() };
+        if let Some(report) = ahead::drop_if_over_queue_limit(ctx, status, path, &name, &held).await? {
+            return Ok(report);
+        }
+    }
+    if daemon_serves {
         match daemon::ask(ctx, pg_wal, path, &name, child_args).await {
             daemon::Asked::Stored(report) => return Ok(report),
             // The daemon pushes the others ahead; this call uploads only its own file.
-            daemon::Asked::NotStored => {
-                budget = 0;
-                if config.archive.queue_max_bytes > 0 {
-                    held = daemon::held(ctx, pg_wal).await;
-                }
-            }
+            daemon::Asked::NotStored => budget = 0,
             daemon::Asked::NoDaemon => {}
         }
-    }
-    // Only what is not stored already may be dropped.
-    if let Some(report) = ahead::drop_if_over_queue_limit(ctx, status, path, &name, &held).await? {
-        return Ok(report);
     }
     let others = status.ready_files(&name, budget);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.archive.concurrency.max(1)));
