@@ -134,6 +134,9 @@ fn print_table(plan: &Plan, confirm: bool, forced_note: bool) {
     let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
     println!("backups deleted: {}", list(&plan.deleted_backups));
     println!("backups kept: {}", list(&plan.kept_backups));
+    for k in &plan.kept_against_request {
+        println!("kept although the request would delete it: {}: {}", k.name, k.reason);
+    }
     if !plan.permanent_backups.is_empty() {
         println!("permanent (kept with their WAL): {}", list(&plan.permanent_backups));
     }
@@ -145,6 +148,9 @@ fn print_table(plan: &Plan, confirm: bool, forced_note: bool) {
     }
     if let Some(lsn) = &plan.wal_kept_from {
         println!("WAL kept from {lsn} on every timeline");
+    }
+    for w in &plan.wal_kept_on_path {
+        println!("WAL kept from {} on timeline {}, on the newest timeline's path", w.from, w.timeline);
     }
     if !confirm {
         println!("dry run: nothing was deleted; run again with --confirm to delete these {n} objects");
@@ -165,6 +171,8 @@ fn print_json(plan: &Plan, confirm: bool) {
         "permanent_backups": plan.permanent_backups,
         "in_progress": plan.in_progress,
         "wal_kept_from": plan.wal_kept_from,
+        "kept_against_request": plan.kept_against_request,
+        "wal_kept_on_path": plan.wal_kept_on_path,
         "objects": plan.delete,
     });
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));

@@ -15,8 +15,13 @@
 //! history files and the gap records under `walrs/gaps/`, and for each backup whether
 //! recovery from it to the newest WAL is possible (for an older permanent one: to its
 //! consistency point). A backup on a timeline the path left before it finished is not on
-//! the path. Exit 12 when recovery is impossible from some backup (or, with no backup, when
-//! any segment on the walk is missing).
+//! the path, and only backups on the path set where the walk ends. A WAL-G delta backup
+//! whose chain (`DeltaFrom`... down to its full backup) is not all in the store cannot be
+//! restored: it is reported so and takes no part in the walk. A segment stored only in a
+//! compression wal-rs cannot read (`.br`, `.lzma`, `.lzo`, `.gz`) counts as missing. Exit 12
+//! when recovery is impossible from some backup, or when there is WAL but no complete
+//! backup; exit 7 when the store holds neither WAL nor a backup (an empty or wrong
+//! location, or a file system not mounted), as wal-fetch does for a missing archive.
 //!
 //! With `--pg-url` or libpq's environment (`PGHOST`, `PGPORT`...), it also asks the cluster
 //! which timeline it is on: a store holding a newer timeline than the cluster's means
@@ -24,17 +29,19 @@
 //! that cannot be reached is an error with `--pg-url`, and only a warning when the
 //! environment alone points at it (the archive is still worth checking).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
 use super::common::open_store;
 use crate::backup::catalog::BackupInfo;
+use crate::codec::Compression;
 use crate::config::Config;
 use crate::error::Error;
 use crate::retention::inventory;
-use crate::retention::plan::{backup_timeline, wal_name_of, Inventory, PlanError};
+use crate::retention::plan::{backup_timeline, delta_bases, is_on_path, wal_name_of, Inventory, PlanError};
 use crate::retention::timelines::{segment_of, segno, TimelinePath};
+use crate::store::StoreError;
 use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
 
 /// A stretch of missing segments on one timeline.
@@ -91,6 +98,9 @@ pub(super) struct Report {
     pub missing_history: Vec<String>,
     /// Gap records (WAL acknowledged without being archived).
     pub gaps: Vec<String>,
+    /// Objects of segments counted as missing because they are stored only in a
+    /// compression wal-rs cannot read (wal-fetch exits 10 on them).
+    pub unreadable: Vec<String>,
     /// Per backup, oldest first.
     pub backups: Vec<BackupVerdict>,
     /// The connected cluster's timeline, when one was asked.
@@ -104,6 +114,9 @@ pub(super) struct Report {
 pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) -> Result<Report, Error> {
     let store = open_store(config).await?;
     let inv = inventory::read(&store).await?;
+    if holds_nothing(&inv) {
+        return Err(nothing_archived(&store.url()));
+    }
     let mut report = verify(&inv, segment_size(&inv, &store.url())?);
     report.store = store.url();
     let ask_cluster = pg_url.is_some()
@@ -135,21 +148,7 @@ pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) ->
         print_text(&report);
     }
     if !report.recoverable {
-        let what = match (report.missing.first(), report.missing_history.first()) {
-            (Some(m), _) => format!("{} segment(s) missing, first {}..{}", total_missing(&report), m.first, m.last),
-            (None, Some(h)) => format!("{h} is missing"),
-            (None, None) => "a backup is not on the newest timeline's path".to_string(),
-        };
-        let failing = report.backups.iter().filter(|b| !b.recoverable).count();
-        let whom = if report.backups.is_empty() {
-            "across the archive (there is no backup)".to_string()
-        } else {
-            format!("from {failing} of {} backups", report.backups.len())
-        };
-        return Err(Error::NotFound(format!(
-            "recovery to the newest WAL in {} is impossible {whom}: {what}: take a new base backup (wal-rs backup-push)",
-            report.store
-        )));
+        return Err(Error::NotFound(why_not_recoverable(&report)));
     }
     if report.store_ahead_of_cluster {
         return Err(Error::AlreadyExists(format!(
@@ -160,6 +159,47 @@ pub(super) async fn run(config: &Config, as_json: bool, pg_url: Option<&str>) ->
         )));
     }
     Ok(report)
+}
+
+/// Whether the store holds no WAL file and no complete backup: then it is not an archive
+/// at all (an empty or wrong location, a file system not mounted), not a whole one.
+fn holds_nothing(inv: &Inventory) -> bool {
+    inv.backups.is_empty() && !inv.objects.iter().any(|o| wal_name_of(o.key.as_str()).is_some())
+}
+
+/// The error for a location with nothing archived: a storage failure, as wal-fetch's
+/// [`crate::store::Store::confirm_absent`] reports it, since a recovery cannot use it.
+fn nothing_archived(store: &str) -> Error {
+    Error::Store(StoreError::Unavailable {
+        op: "list",
+        key: format!("{store}/{}/", crate::layout::WAL_DIR),
+        detail: format!(
+            "{store} holds no WAL file and no complete backup: nothing was ever archived there, or it is not the archive (a wrong bucket or prefix, a file system not mounted); check WALRS_STORE and the mount"
+        ),
+    })
+}
+
+/// The one-line error of a report that is not recoverable.
+fn why_not_recoverable(report: &Report) -> String {
+    if report.backups.is_empty() {
+        return format!(
+            "{} holds WAL but no complete backup: there is nothing to recover from; take a base backup (wal-rs backup-push)",
+            report.store
+        );
+    }
+    let failing: Vec<&BackupVerdict> = report.backups.iter().filter(|b| !b.recoverable).collect();
+    let what = match (report.missing.first(), report.missing_history.first(), failing.first()) {
+        (Some(m), _, _) => format!("{} segment(s) missing, first {}..{}", total_missing(report), m.first, m.last),
+        (None, Some(h), _) => format!("{h} is missing"),
+        (None, None, Some(b)) => format!("{}: {}", b.name, b.reason.as_deref().unwrap_or("not recoverable")),
+        (None, None, None) => "the archive is incomplete".to_string(),
+    };
+    format!(
+        "recovery to the newest WAL in {} is impossible from {} of {} backups: {what}: take a new base backup (wal-rs backup-push)",
+        report.store,
+        failing.len(),
+        report.backups.len()
+    )
 }
 
 /// The segment size to walk with. Unknown, it is an error as soon as there is anything to
@@ -209,11 +249,6 @@ fn finish_segno(b: &BackupInfo, seg_size: u32) -> u64 {
     segno(SegmentId::containing(Lsn(b.sentinel.finish_lsn.max(b.sentinel.start_lsn)), seg_size), seg_size)
 }
 
-/// The finish LSN, when the sentinel records one.
-fn finish_lsn(b: &BackupInfo) -> Option<Lsn> {
-    (b.sentinel.finish_lsn != 0 && b.sentinel.finish_lsn >= b.sentinel.start_lsn).then_some(Lsn(b.sentinel.finish_lsn))
-}
-
 /// Segments `lo..=hi` of one timeline, looked for as one stretch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
@@ -224,8 +259,10 @@ struct Span {
 
 /// What the listing holds, by name.
 struct Listing {
-    /// Segments present, by timeline and segment number.
+    /// Segments present in a form wal-fetch restores, by timeline and segment number.
     present: HashSet<(TimelineId, u64)>,
+    /// Segments stored only in a compression wal-rs cannot read: their keys.
+    unreadable: HashMap<(TimelineId, u64), String>,
     /// Timelines whose `.history` file is present.
     history_files: HashSet<TimelineId>,
     /// The newest timeline of any WAL file.
@@ -236,8 +273,13 @@ struct Listing {
 
 impl Listing {
     fn of(inv: &Inventory, seg: u32) -> Listing {
-        let mut out =
-            Listing { present: HashSet::new(), history_files: HashSet::new(), newest: None, gaps: Vec::new() };
+        let mut out = Listing {
+            present: HashSet::new(),
+            unreadable: HashMap::new(),
+            history_files: HashSet::new(),
+            newest: None,
+            gaps: Vec::new(),
+        };
         for o in &inv.objects {
             if let Some(file) = o.key.as_str().strip_prefix(crate::layout::GAP_PREFIX) {
                 out.gaps.push(file.trim_end_matches(".json").to_string());
@@ -246,7 +288,11 @@ impl Listing {
             // Only whole segments count: a `.partial` or `.backup` file is not the segment.
             let tli = match wal_name_of(o.key.as_str()) {
                 Some(WalFileName::Segment(t, s)) => {
-                    out.present.insert((t, segno(s, seg)));
+                    if restorable_by_walrs(o.key.file_name()) {
+                        out.present.insert((t, segno(s, seg)));
+                    } else {
+                        out.unreadable.insert((t, segno(s, seg)), o.key.to_string());
+                    }
                     t
                 }
                 Some(WalFileName::History(t)) => {
@@ -259,8 +305,39 @@ impl Listing {
         }
         // A history file read but listed under another compression counts as present.
         out.history_files.extend(inv.histories.keys().copied());
+        // The same segment also stored in a form wal-fetch reads is not unreadable.
+        out.unreadable.retain(|k, _| !out.present.contains(k));
         out
     }
+
+    /// Why segment `n` of `tli`, not present, fails a recovery.
+    fn missing_reason(&self, tli: TimelineId, n: u64, seg: u32) -> String {
+        match self.unreadable.get(&(tli, n)) {
+            Some(key) => format!("{} is stored only as {key}, in a compression wal-rs cannot read", name(tli, n, seg)),
+            None => format!("{} is missing", name(tli, n, seg)),
+        }
+    }
+}
+
+/// Whether wal-fetch can restore a WAL object of this file name: no extension (stored as
+/// is) or one of wal-rs's compressions.
+fn restorable_by_walrs(file_name: &str) -> bool {
+    file_name.split_once('.').is_none_or(|(_, ext)| Compression::from_extension(ext).is_some())
+}
+
+/// Why a WAL-G delta backup cannot be restored, if it is one that cannot: a backup of its
+/// chain is not in the store (or its sentinel names none).
+fn broken_delta(inv: &Inventory, b: &BackupInfo) -> Option<String> {
+    if !inv.deltas.contains_key(&b.name) {
+        return None;
+    }
+    let bases = delta_bases(&inv.deltas, &b.name);
+    if bases.is_empty() {
+        return Some("it is a WAL-G delta backup whose sentinel names no base backup".into());
+    }
+    bases.into_iter().find(|base| !inv.backups.iter().any(|o| o.name == *base)).map(|base| {
+        format!("it is a WAL-G delta backup and {base}, which it builds on, is not in the store: it cannot be restored")
+    })
 }
 
 /// The walk, with no I/O.
@@ -283,6 +360,7 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
         missing: Vec::new(),
         missing_history: Vec::new(),
         gaps: listing.gaps.clone(),
+        unreadable: Vec::new(),
         backups: Vec::new(),
         cluster_timeline: None,
         store_ahead_of_cluster: false,
@@ -299,23 +377,30 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
                 own_wal_only: false,
             });
         }
-        report.recoverable = inv.backups.is_empty();
+        report.recoverable = false;
         return report;
     };
     report.newest_timeline = Some(newest.0);
-    let missing_history = missing_history_files(inv, &listing.history_files, newest);
+    // A delta backup whose chain is not all there restores nothing: it takes no part in
+    // the walk, and fails on its own.
+    let broken: HashMap<&str, String> =
+        inv.backups.iter().filter_map(|b| broken_delta(inv, b).map(|why| (b.name.as_str(), why))).collect();
+    let counted: Vec<&BackupInfo> = inv.backups.iter().filter(|b| !broken.contains_key(b.name.as_str())).collect();
+    let missing_history = missing_history_files(&counted, &listing.history_files, newest);
     report.missing_history = missing_history.iter().map(|&t| WalFileName::History(t).to_string()).collect();
     let path = TimelinePath::new(newest, inv.histories.get(&newest).cloned().unwrap_or_default());
     report.timeline_path = path.timelines().iter().map(|t| t.0).collect();
     let on_path = |&&(t, n): &&(TimelineId, u64)| path.timeline_of(n, seg) == t;
 
-    let walk_from = match walk_start(&inv.backups, seg) {
+    let walk_from = match walk_start(&counted, seg) {
         Some(f) => Some(f),
         None => listing.present.iter().filter(on_path).map(|&(_, n)| n).min(),
     };
     let walked = |b: &BackupInfo| walk_from.is_some_and(|f| start_segno(b, seg) >= f);
     let last_present = listing.present.iter().filter(on_path).map(|&(_, n)| n).max();
-    let last_needed = inv.backups.iter().filter(|b| walked(b)).map(|b| finish_segno(b, seg)).max();
+    // Only a backup the path replays says where the walk must reach: another branch's
+    // finish is a position on that branch, not on this path.
+    let last_needed = counted.iter().filter(|b| walked(b) && is_on_path(&path, b)).map(|b| finish_segno(b, seg)).max();
     let end = last_present.max(last_needed);
 
     let mut spans = Vec::new();
@@ -326,7 +411,7 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
         walk = walk_spans(&path, seg, first, end);
         spans.extend(walk.iter().copied());
     }
-    spans.extend(inv.backups.iter().filter(|b| !walked(b)).filter_map(|b| own_span(b, seg)));
+    spans.extend(counted.iter().filter(|b| !walked(b)).filter_map(|b| own_span(b, seg)));
     let mut missing = Vec::new();
     for span in merge(spans) {
         report.segments_checked += span.hi - span.lo + 1;
@@ -334,6 +419,10 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
     }
     missing.sort_by_key(|m| (m.lo, m.tli));
     report.missing = missing.iter().map(|m| range(m.tli, m.lo, m.hi, seg)).collect();
+    report.unreadable = missing
+        .iter()
+        .flat_map(|m| (m.lo..=m.hi).filter_map(|n| listing.unreadable.get(&(m.tli, n)).cloned()))
+        .collect();
 
     for b in &inv.backups {
         let tli = backup_timeline(b);
@@ -342,11 +431,11 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
             .find(|&&t| t == newest || tli.is_none_or(|b_tli| t > b_tli))
             .map(|&t| format!("{} is missing", WalFileName::History(t)));
         let own_wal_only = !walked(b);
-        let reason = history_reason.or_else(|| {
+        let reason = broken.get(b.name.as_str()).cloned().or(history_reason).or_else(|| {
             if own_wal_only {
-                own_wal_problem(b, tli, &missing, seg)
+                own_wal_problem(b, tli, &listing, &missing, seg)
             } else {
-                walk_problem(b, tli, &path, &walk, &missing, seg)
+                walk_problem(b, &path, &listing, &walk, &missing, seg)
             }
         });
         report.backups.push(BackupVerdict {
@@ -357,9 +446,12 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
             own_wal_only,
         });
     }
-    // Every missing segment lies on some backup's WAL (or, with no backup, on the walk).
-    report.recoverable =
-        report.missing.is_empty() && report.missing_history.is_empty() && report.backups.iter().all(|b| b.recoverable);
+    // Every missing segment lies on some backup's WAL (or, with no backup, on the walk);
+    // WAL with no complete backup recovers nothing.
+    report.recoverable = !report.backups.is_empty()
+        && report.missing.is_empty()
+        && report.missing_history.is_empty()
+        && report.backups.iter().all(|b| b.recoverable);
     report
 }
 
@@ -370,8 +462,12 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
 /// missing: every one from the lowest backup timeline + 1 up to the newest must be there,
 /// or recovery stops on an older timeline and a promotion reuses a timeline ID. The newest
 /// timeline's is needed besides to know the path the walk follows.
-fn missing_history_files(inv: &Inventory, present: &HashSet<TimelineId>, newest: TimelineId) -> Vec<TimelineId> {
-    let lowest_backup = inv.backups.iter().filter_map(backup_timeline).min().unwrap_or(newest);
+fn missing_history_files(
+    backups: &[&BackupInfo],
+    present: &HashSet<TimelineId>,
+    newest: TimelineId,
+) -> Vec<TimelineId> {
+    let lowest_backup = backups.iter().filter_map(|b| backup_timeline(b)).min().unwrap_or(newest);
     let from = lowest_backup.0.min(newest.0.saturating_sub(1)) + 1;
     // Timeline 1 has no history file.
     (from.max(2)..=newest.0).map(TimelineId).filter(|t| !present.contains(t)).collect()
@@ -379,7 +475,7 @@ fn missing_history_files(inv: &Inventory, present: &HashSet<TimelineId>, newest:
 
 /// Where the continuous walk starts: the oldest non-permanent backup's start segment, or
 /// with none the newest permanent one's (retention's rule, `retention::plan`).
-fn walk_start(backups: &[BackupInfo], seg: u32) -> Option<u64> {
+fn walk_start(backups: &[&BackupInfo], seg: u32) -> Option<u64> {
     let oldest_ordinary = backups.iter().filter(|b| !b.sentinel.is_permanent).map(|b| start_segno(b, seg)).min();
     oldest_ordinary.or_else(|| backups.iter().rev().find(|b| b.sentinel.is_permanent).map(|b| start_segno(b, seg)))
 }
@@ -434,32 +530,38 @@ fn first_missing(missing: &[Span], tli: TimelineId, lo: u64, hi: u64) -> Option<
 /// Why recovery from `b` to the newest WAL is impossible, if it is.
 fn walk_problem(
     b: &BackupInfo,
-    tli: Option<TimelineId>,
     path: &TimelinePath,
+    listing: &Listing,
     walk: &[Span],
     missing: &[Span],
     seg: u32,
 ) -> Option<String> {
-    if !tli.is_some_and(|t| path.passes(t, Lsn(b.sentinel.start_lsn), finish_lsn(b))) {
+    if !is_on_path(path, b) {
         return Some(format!(
             "its timeline {} is not on the path to timeline {} from its start to its finish",
-            tli.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+            backup_timeline(b).map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
             path.tip
         ));
     }
     let start = start_segno(b, seg);
     walk.iter()
         .find_map(|s| first_missing(missing, s.tli, s.lo.max(start), s.hi).map(|n| (s.tli, n)))
-        .map(|(t, n)| format!("{} is missing", name(t, n, seg)))
+        .map(|(t, n)| listing.missing_reason(t, n, seg))
 }
 
 /// Why a permanent backup older than the walk cannot be made consistent, if it cannot.
-fn own_wal_problem(b: &BackupInfo, tli: Option<TimelineId>, missing: &[Span], seg: u32) -> Option<String> {
+fn own_wal_problem(
+    b: &BackupInfo,
+    tli: Option<TimelineId>,
+    listing: &Listing,
+    missing: &[Span],
+    seg: u32,
+) -> Option<String> {
     let Some(tli) = tli else {
         return Some("its timeline is unknown: its name is not base_<WAL file>".into());
     };
     first_missing(missing, tli, start_segno(b, seg), finish_segno(b, seg))
-        .map(|n| format!("{} is missing: the backup cannot be made consistent", name(tli, n, seg)))
+        .map(|n| format!("{}: the backup cannot be made consistent", listing.missing_reason(tli, n, seg)))
 }
 
 fn range(tli: TimelineId, a: u64, b: u64, seg: u32) -> MissingRange {
@@ -487,6 +589,12 @@ fn print_text(r: &Report) {
     }
     for g in &r.gaps {
         println!("gap record: {g} was acknowledged without being archived");
+    }
+    for key in &r.unreadable {
+        println!("unreadable: {key} is in a compression wal-rs cannot read (wal-fetch exits 10): counted as missing");
+    }
+    if r.backups.is_empty() && r.newest_timeline.is_some() {
+        println!("no complete backup: there is nothing to recover from");
     }
     for b in &r.backups {
         match (&b.reason, b.own_wal_only) {
@@ -540,7 +648,7 @@ mod tests {
         let mut histories = Histories::new();
         histories.insert(TimelineId(2), parse_history("1\t0/5000000\tpromoted\n").unwrap());
         let backups = vec![backup(1, 2, 2, "2026-11-20T00:00:00Z"), backup(2, 7, 7, "2026-11-21T00:00:00Z")];
-        Inventory { objects, backups, histories, segment_size: Some(SEG) }
+        Inventory { objects, backups, deltas: Default::default(), histories, segment_size: Some(SEG) }
     }
 
     #[test]
@@ -631,7 +739,13 @@ mod tests {
         let mut permanent = backup(1, 2, 2, "2026-11-20T00:00:00Z");
         permanent.sentinel.is_permanent = true;
         let backups = vec![permanent, backup(1, 10, 10, "2026-11-21T00:00:00Z")];
-        let mut i = Inventory { objects, backups, histories: Histories::new(), segment_size: Some(SEG) };
+        let mut i = Inventory {
+            objects,
+            backups,
+            deltas: Default::default(),
+            histories: Histories::new(),
+            segment_size: Some(SEG),
+        };
         let r = verify(&i, SEG);
         assert!(r.recoverable && r.missing.is_empty(), "{r:#?}");
         assert_eq!(r.from.as_deref(), Some("00000001000000000000000A"));
@@ -672,5 +786,119 @@ mod tests {
         assert_eq!(r.missing.last().unwrap().first, "00000002000000000000000A");
         assert_eq!(r.missing.last().unwrap().segments, 2);
         assert!(!r.recoverable);
+    }
+
+    /// Store s1 of the review: backups on timeline 2 at 0x28, 0x50 and 0x60; timeline 3
+    /// branched from timeline 2 at 0/30800000 (a recovery of the first backup) and archived
+    /// 0x30..=0x3F. Timeline 2 went on to 0x6F before the branch was made.
+    fn pitr_inv() -> Inventory {
+        let mut objects: Vec<ObjectMeta> = (0x10..=0x1F).map(|n| obj(&seg_key(1, n))).collect();
+        objects.extend((0x20..=0x6F).map(|n| obj(&seg_key(2, n))));
+        objects.extend((0x30..=0x3F).map(|n| obj(&seg_key(3, n))));
+        objects.push(obj("wal_005/00000002.history"));
+        objects.push(obj("wal_005/00000003.history"));
+        let mut histories = Histories::new();
+        histories.insert(TimelineId(2), parse_history("1\t0/20000000\tpromoted\n").unwrap());
+        histories.insert(TimelineId(3), parse_history("1\t0/20000000\tpromoted\n2\t0/30800000\tpitr\n").unwrap());
+        let backups = vec![
+            backup(2, 0x28, 0x29, "2026-11-20T10:00:00Z"),
+            backup(2, 0x50, 0x51, "2026-11-22T10:00:00Z"),
+            backup(2, 0x60, 0x61, "2026-11-23T10:00:00Z"),
+        ];
+        Inventory { objects, backups, deltas: Default::default(), histories, segment_size: Some(SEG) }
+    }
+
+    #[test]
+    fn backups_off_the_path_do_not_stretch_the_walk() {
+        let r = verify(&pitr_inv(), SEG);
+        assert_eq!(r.timeline_path, [1, 2, 3]);
+        assert!(r.missing.is_empty(), "segments that never existed reported missing: {:#?}", r.missing);
+        assert_eq!(r.to.as_deref(), Some("00000003000000000000003F"));
+        assert!(r.backups[0].recoverable, "{:#?}", r.backups[0]);
+        // The other two are on the abandoned part of timeline 2: not recoverable, exit 12.
+        assert!(!r.backups[1].recoverable && !r.backups[2].recoverable);
+        assert!(!r.recoverable);
+        let why = why_not_recoverable(&r);
+        assert!(why.contains("from 2 of 3 backups") && why.contains("not on the path"), "{why}");
+    }
+
+    #[test]
+    fn a_delta_backup_whose_base_is_gone_is_not_recoverable() {
+        use crate::backup::sentinel::DeltaOrigin;
+        let full = backup(1, 2, 2, "2026-11-20T00:00:00Z");
+        let d1 = backup(1, 3, 3, "2026-11-20T01:00:00Z");
+        let d2 = backup(1, 4, 4, "2026-11-20T02:00:00Z");
+        let origin = |from: &BackupInfo| DeltaOrigin {
+            from: Some(from.name.clone()),
+            full_name: Some(full.name.clone()),
+            from_lsn: Some(from.sentinel.start_lsn),
+            count: None,
+        };
+        let objects: Vec<ObjectMeta> = (2..=6).map(|n| obj(&seg_key(1, n))).collect();
+        let mut i = Inventory {
+            objects,
+            backups: vec![full.clone(), d1.clone(), d2.clone()],
+            deltas: [(d1.name.clone(), origin(&full)), (d2.name.clone(), origin(&d1))].into(),
+            histories: Histories::new(),
+            segment_size: Some(SEG),
+        };
+        let r = verify(&i, SEG);
+        assert!(r.recoverable, "the whole chain is there: {r:#?}");
+        // Retention before the fix deleted the full backup and the first delta, and the WAL
+        // before the second delta.
+        i.backups = vec![d2.clone()];
+        i.objects.retain(|o| o.key.as_str() >= seg_key(1, 4).as_str());
+        let r = verify(&i, SEG);
+        assert!(!r.recoverable);
+        assert!(!r.backups[0].recoverable);
+        assert!(r.backups[0].reason.as_deref().unwrap().contains(&d1.name), "{:#?}", r.backups[0]);
+        // It does not count: the walk does not start from it.
+        assert_eq!(r.from.as_deref(), Some("000000010000000000000004"));
+        assert!(r.missing.is_empty(), "{r:#?}");
+        // Its full backup back but not the delta between: still broken.
+        i.backups = vec![full, d2];
+        let r = verify(&i, SEG);
+        assert!(!r.backups[1].recoverable, "{:#?}", r.backups[1]);
+    }
+
+    #[test]
+    fn wal_with_no_complete_backup_is_not_recoverable() {
+        let mut i = inv();
+        i.backups.clear();
+        let r = verify(&i, SEG);
+        assert!(r.missing.is_empty());
+        assert!(!r.recoverable, "{r:#?}");
+        assert!(why_not_recoverable(&r).contains("no complete backup"), "{}", why_not_recoverable(&r));
+        assert!(!holds_nothing(&i));
+    }
+
+    #[test]
+    fn an_empty_store_is_a_storage_failure() {
+        use crate::config::Overrides;
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Overrides::default();
+        o.values.insert("store".into(), format!("file://{}", dir.path().display()));
+        let config = Config::resolve(&o, &crate::test_support::NoEnv).unwrap();
+        let err = crate::test_support::block_on(run(&config, true, None)).unwrap_err();
+        assert_eq!(crate::exit::code_of(&err), crate::exit::STORAGE, "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&dir.path().display().to_string()) && text.contains("WALRS_STORE"), "{text}");
+    }
+
+    #[test]
+    fn segments_wal_fetch_cannot_decode_count_as_missing() {
+        let mut i = inv();
+        i.objects.retain(|o| o.key.as_str() != seg_key(2, 8));
+        i.objects.push(obj("wal_005/000000020000000000000008.br"));
+        let r = verify(&i, SEG);
+        assert_eq!(r.missing.len(), 1, "{r:#?}");
+        assert_eq!(r.missing[0].first, "000000020000000000000008");
+        assert_eq!(r.unreadable, ["wal_005/000000020000000000000008.br"]);
+        assert!(r.backups[1].reason.as_deref().unwrap().contains("cannot read"), "{:#?}", r.backups[1]);
+        // Stored as lz4 besides, it is there.
+        i.objects.push(obj(&seg_key(2, 8)));
+        let r = verify(&i, SEG);
+        assert!(r.recoverable && r.unreadable.is_empty(), "{r:#?}");
+        assert!(restorable_by_walrs("000000020000000000000008") && restorable_by_walrs("000000020000000000000008.zst"));
     }
 }

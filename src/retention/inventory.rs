@@ -39,13 +39,14 @@ pub async fn read(store: &Arc<Store>) -> Result<Inventory, Error> {
             Err(e) => return Err(e.into()),
         }
     }
-    let backups = only_listed(catalog::list(store).await?, &objects);
+    let (listed, deltas) = catalog::list_with_deltas(store).await?;
+    let backups = only_listed(listed, &objects);
     let histories = read_histories(store, &objects).await?;
     let segment_size = match segment_size(store, &backups).await? {
         Some(size) => Some(size),
         None => segment_size_of_oldest_segment(store, &objects).await?,
     };
-    Ok(Inventory { objects, backups, histories, segment_size })
+    Ok(Inventory { objects, backups, deltas, histories, segment_size })
 }
 
 /// The backups whose sentinel is among `objects`. The catalog lists the store again: a

@@ -8,6 +8,13 @@
 //!   name: after a timeline change or a major upgrade the newest names sort first.
 //! - A permanent backup (`IsPermanent` in its sentinel) is never deleted, except by
 //!   `delete everything FORCE`, and neither is the WAL from its start to its finish segment.
+//! - The newest backup a recovery of the newest timeline (the highest in the store) can
+//!   start from is never deleted, except by `everything`, and neither is the WAL along that
+//!   timeline's path from its start. Finish order does not tell it: after a point-in-time
+//!   recovery from an old backup opens a new timeline, the newer backups lie on the
+//!   abandoned branch.
+//! - A kept WAL-G delta backup keeps every backup it builds on, down to its full backup,
+//!   and those count for WAL like ordinary backups, permanent or not.
 //! - WAL is kept from the start segment of the oldest retained non-permanent backup (or of
 //!   a backup-push still in progress) onward, on every timeline: the timelines leading to
 //!   the newest one, and any other branch too, because whether a branch is dead is a
@@ -34,8 +41,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::timelines::{descends_from, segno, Histories};
-use crate::backup::catalog::BackupInfo;
+use super::timelines::{descends_from, segno, Histories, TimelinePath};
+use crate::backup::catalog::{BackupInfo, Deltas};
 use crate::layout;
 use crate::store::{ObjectKey, ObjectMeta};
 use crate::wal::{Lsn, SegmentId, TimelineId, WalFileName};
@@ -65,8 +72,10 @@ pub enum Request {
 pub struct Inventory {
     /// Every object under `wal_005/`, `basebackups_005/` and `walrs/gaps/`.
     pub objects: Vec<ObjectMeta>,
-    /// The complete backups, oldest first ([`crate::backup::catalog::list`]).
+    /// The complete backups, oldest first ([`crate::backup::catalog::list_with_deltas`]).
     pub backups: Vec<BackupInfo>,
+    /// The WAL-G delta backups among them, by name, with the backup each builds on.
+    pub deltas: Deltas,
     /// The history files read, by the timeline each describes.
     pub histories: Histories,
     /// WAL segment size in bytes; `None` when nothing in the store tells it.
@@ -127,6 +136,30 @@ pub struct Plan {
     /// The LSN of the first segment kept on every timeline, when WAL is pruned from a
     /// backup's start (permanent backups' ranges are kept besides).
     pub wal_kept_from: Option<String>,
+    /// Backups the request would have deleted that stay, each with why: the newest backup
+    /// the newest timeline can recover from, and the backups kept delta backups build on.
+    pub kept_against_request: Vec<KeptBackup>,
+    /// Timelines of the newest timeline's path on which WAL is kept from earlier than
+    /// `wal_kept_from`: from the start of the newest backup on that path.
+    pub wal_kept_on_path: Vec<WalKeptFrom>,
+}
+
+/// A backup kept although the request would have deleted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeptBackup {
+    /// The backup.
+    pub name: String,
+    /// Why it stays.
+    pub reason: String,
+}
+
+/// Where WAL is kept from on one timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WalKeptFrom {
+    /// The timeline.
+    pub timeline: u32,
+    /// The LSN of its first segment kept.
+    pub from: String,
 }
 
 impl Plan {
@@ -171,11 +204,20 @@ struct Range {
 
 /// Decides which objects go.
 pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan, PlanError> {
-    let (doomed_backups, kept): (Vec<&BackupInfo>, Vec<&BackupInfo>) = split_backups(&inv.backups, request)?;
+    let newest_timeline = newest_timeline(inv);
+    let newest_path = newest_timeline.map(|t| TimelinePath::new(t, inv.histories.get(&t).cloned().unwrap_or_default()));
+    // `everything` asks for every backup to go: nothing is kept for the newest timeline.
+    let path_backup = match request {
+        Request::Everything { .. } => None,
+        _ => newest_path.as_ref().and_then(|path| newest_backup_on(path, &inv.backups)),
+    };
+    let Chosen { doomed: doomed_backups, kept, kept_against_request } =
+        choose_backups(inv, request, newest_timeline.zip(path_backup))?;
     let mut out = Plan {
         deleted_backups: doomed_backups.iter().map(|b| b.name.clone()).collect(),
         kept_backups: kept.iter().map(|b| b.name.clone()).collect(),
         permanent_backups: kept.iter().filter(|b| b.sentinel.is_permanent).map(|b| b.name.clone()).collect(),
+        kept_against_request,
         ..Plan::default()
     };
 
@@ -213,7 +255,14 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
         out.in_progress.iter().filter_map(|dir| start_segment_of_name(dir)).map(|s| segno(s, seg_size)).collect();
     let everything = matches!(request, Request::Everything { .. });
     let start_of = |b: &BackupInfo| segno(SegmentId::containing(Lsn(b.sentinel.start_lsn), seg_size), seg_size);
-    let oldest_kept = kept.iter().filter(|b| !b.sentinel.is_permanent).map(|b| start_of(b)).min();
+    // A permanent backup a kept delta builds on needs its WAL onward like an ordinary one:
+    // the chain is restored as one.
+    let chain_bases: BTreeSet<&str> = kept.iter().flat_map(|b| delta_bases(&inv.deltas, &b.name)).collect();
+    let oldest_kept = kept
+        .iter()
+        .filter(|b| !b.sentinel.is_permanent || chain_bases.contains(b.name.as_str()))
+        .map(|b| start_of(b))
+        .min();
     let oldest_in_progress = in_progress_starts.iter().copied().min();
     let newest_permanent = kept.iter().rev().find(|b| b.sentinel.is_permanent).map(|b| start_of(b));
     // A backup-push in progress only ever moves the line earlier: alone, it is no reason to
@@ -238,9 +287,21 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
         })
         .collect();
     out.wal_kept_from = anchor.map(|a| Lsn(a * seg_size as u64).to_string());
+    // The newest backup on the newest timeline's path recovers along that path, whatever
+    // the WAL positions of other branches: its WAL is kept per timeline of the path.
+    let path_floor: BTreeMap<TimelineId, u64> = match (&newest_path, path_backup) {
+        (Some(path), Some(b)) => wal_floor_along(path, start_of(b), seg_size),
+        _ => BTreeMap::new(),
+    };
+    out.wal_kept_on_path = path_floor
+        .iter()
+        .filter(|(_, &f)| anchor.is_none_or(|a| f < a))
+        .map(|(t, &f)| WalKeptFrom { timeline: t.0, from: Lsn(f * seg_size as u64).to_string() })
+        .collect();
     let keep_segment = |tli: TimelineId, n: u64| -> bool {
         !prune_wal
             || anchor.is_some_and(|a| n >= a)
+            || path_floor.get(&tli).is_some_and(|&f| n >= f)
             || pinned.iter().any(|r| r.tli.is_none_or(|t| t == tli) && (r.first..=r.last).contains(&n))
     };
 
@@ -272,13 +333,6 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
             WalFileName::History(t) => history_files.push((t, o)),
         }
     }
-    let newest_timeline = inv
-        .objects
-        .iter()
-        .filter_map(|o| wal_name_of(o.key.as_str()))
-        .map(|n| n.timeline())
-        .chain(inv.backups.iter().filter_map(backup_timeline))
-        .max();
     // A kept timeline whose own history file is not in the store hides which ancestors it
     // has: then no history file goes.
     let ancestry_known = kept_timelines.iter().all(|k| k.0 == 1 || inv.histories.contains_key(k));
@@ -328,6 +382,112 @@ pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan,
     out.delete.extend(histories);
     out.delete.extend(gaps);
     Ok(out)
+}
+
+/// The highest timeline of any WAL file or backup in the store.
+fn newest_timeline(inv: &Inventory) -> Option<TimelineId> {
+    inv.objects
+        .iter()
+        .filter_map(|o| wal_name_of(o.key.as_str()))
+        .map(|n| n.timeline())
+        .chain(inv.backups.iter().filter_map(backup_timeline))
+        .max()
+}
+
+/// The newest backup (by finish, `backups` oldest first) from which a recovery following
+/// `path` becomes consistent.
+pub fn newest_backup_on<'a>(path: &TimelinePath, backups: &'a [BackupInfo]) -> Option<&'a BackupInfo> {
+    backups.iter().rev().find(|b| is_on_path(path, b))
+}
+
+/// Whether a recovery following `path` from `b` replays its WAL start to finish.
+pub fn is_on_path(path: &TimelinePath, b: &BackupInfo) -> bool {
+    let finish = (b.sentinel.finish_lsn != 0 && b.sentinel.finish_lsn >= b.sentinel.start_lsn)
+        .then_some(Lsn(b.sentinel.finish_lsn));
+    backup_timeline(b).is_some_and(|t| path.passes(t, Lsn(b.sentinel.start_lsn), finish))
+}
+
+/// For each timeline of `path`, the first segment a recovery along it from segment `start`
+/// reads from that timeline (timelines the path leaves before `start` are not listed).
+fn wal_floor_along(path: &TimelinePath, start: u64, seg_size: u32) -> BTreeMap<TimelineId, u64> {
+    let mut out = BTreeMap::new();
+    for s in path.stretches(seg_size) {
+        let from = s.first.max(start);
+        if s.last.is_none_or(|last| from <= last) {
+            out.insert(s.tli, from);
+        }
+    }
+    out
+}
+
+/// The backups a WAL-G delta backup builds on, nearest first (`DeltaFrom`, its own base...),
+/// with the chain's full backup (`DeltaFullName`) last; empty for a full backup. Restoring
+/// a delta needs every one of them. A chain that loops (damaged sentinels) stops there.
+pub fn delta_bases<'d>(deltas: &'d Deltas, name: &str) -> Vec<&'d str> {
+    let mut out: Vec<&'d str> = Vec::new();
+    let mut roots: Vec<&'d str> = Vec::new();
+    let mut current = name;
+    while let Some(origin) = deltas.get(current) {
+        roots.extend(origin.full_name.as_deref());
+        let Some(next) = origin.from.as_deref().or(origin.full_name.as_deref()) else { break };
+        if next == name || out.contains(&next) {
+            break;
+        }
+        out.push(next);
+        current = next;
+    }
+    for root in roots {
+        if !out.contains(&root) {
+            out.push(root);
+        }
+    }
+    out
+}
+
+/// The complete backups that go and those that stay, both oldest first.
+struct Chosen<'a> {
+    doomed: Vec<&'a BackupInfo>,
+    kept: Vec<&'a BackupInfo>,
+    /// Among the kept, those the request alone would have deleted.
+    kept_against_request: Vec<KeptBackup>,
+}
+
+/// The complete backups that go and those that stay (both oldest first) for `request`, and
+/// those kept against it: `for_newest` (the newest timeline and the newest backup it
+/// recovers from), and every backup a kept delta backup builds on, since a delta restores only on
+/// top of its whole chain.
+fn choose_backups<'a>(
+    inv: &'a Inventory,
+    request: &Request,
+    for_newest: Option<(TimelineId, &'a BackupInfo)>,
+) -> Result<Chosen<'a>, PlanError> {
+    let (_, kept) = split_backups(&inv.backups, request)?;
+    let mut keep: BTreeSet<&str> = kept.iter().map(|b| b.name.as_str()).collect();
+    let mut rescued = Vec::new();
+    if let Some((tli, b)) = for_newest {
+        if keep.insert(&b.name) {
+            rescued.push(KeptBackup {
+                name: b.name.clone(),
+                reason: format!(
+                    "the newest backup from which timeline {tli}, the newest, can be recovered; it can go once a newer backup on that timeline's path exists"
+                ),
+            });
+        }
+    }
+    let kept_deltas: Vec<&str> = keep.iter().copied().filter(|n| inv.deltas.contains_key(*n)).collect();
+    for delta in kept_deltas {
+        for base in delta_bases(&inv.deltas, delta) {
+            let Some(b) = inv.backups.iter().find(|b| b.name == base) else { continue };
+            if keep.insert(&b.name) {
+                rescued.push(KeptBackup {
+                    name: b.name.clone(),
+                    reason: format!("delta backup {delta}, which stays, builds on it"),
+                });
+            }
+        }
+    }
+    let (kept, doomed) = inv.backups.iter().partition(|b| keep.contains(b.name.as_str()));
+    Ok(Chosen { doomed, kept, kept_against_request: rescued })
 }
 
 /// The segment size the decision uses. Unknown, it matters as soon as there is a backup
@@ -476,7 +636,7 @@ mod tests {
         objects.push(obj("walrs/gaps/00000002000000000000000B.json", 60, old));
         let mut histories = Histories::new();
         histories.insert(TimelineId(2), parse_history("1\t0/6000000\tpromoted\n").unwrap());
-        Inventory { objects, backups, histories, segment_size: Some(SEG) }
+        Inventory { objects, backups, deltas: Default::default(), histories, segment_size: Some(SEG) }
     }
 
     fn keys(p: &Plan) -> Vec<&str> {
@@ -531,8 +691,9 @@ mod tests {
         // The oldest backup by finish time has the name that sorts last.
         let now = SystemTime::now();
         let mut inv = store(now);
+        // (Its sentinel keeps timeline 1: a backup on timeline 9 would make 9 the newest
+        // timeline, and that backup the one kept for it.)
         inv.backups[0].name = "base_00000009000000000000000F".into();
-        inv.backups[0].sentinel.timeline = Some(9);
         crate::backup::catalog::sort(&mut inv.backups);
         let p = plan(&inv, &Request::Retain(3), &policy(now)).unwrap();
         assert_eq!(p.deleted_backups, ["base_00000009000000000000000F"]);
@@ -665,13 +826,19 @@ mod tests {
     fn the_newest_timelines_history_stays() {
         let now = SystemTime::now();
         let mut inv = store(now);
-        // An abandoned branch, timeline 3 from timeline 1 at segment 3, all of it old.
+        // A branch, timeline 3 from timeline 1 at segment 3, all of it old. Abandoned or
+        // not is an operator's call: as the newest timeline, the newest backup it recovers
+        // from (the first, on timeline 1 before the fork) stays, and its WAL.
         inv.objects.push(obj(&seg_key(3, 3), 16, now - 9 * DAY));
         inv.objects.push(obj("wal_005/00000003.history.lz4", 40, now - 9 * DAY));
         inv.histories.insert(TimelineId(3), parse_history("1\t0/3000000\tfork\n").unwrap());
         let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
         let k = keys(&p);
-        assert!(k.contains(&"wal_005/000000030000000000000003.lz4"));
+        assert_eq!(p.deleted_backups, ["base_000000010000000000000004"]);
+        assert_eq!(p.kept_against_request[0].name, "base_000000010000000000000002");
+        assert!(!k.contains(&"wal_005/000000030000000000000003.lz4"));
+        assert!(!k.contains(&"wal_005/000000010000000000000002.lz4"));
+        assert!(k.contains(&"wal_005/000000010000000000000001.lz4"));
         assert!(!k.contains(&"wal_005/00000003.history.lz4"), "timeline 3 is the newest ID: its history stays");
 
         // Timeline 4 (from 2) comes. Timeline 3's history describes nothing kept, but
@@ -731,5 +898,178 @@ mod tests {
         assert!(wal_name_of("wal_005/00000002.history.br").is_some());
         assert!(wal_name_of("wal_005/notes.txt").is_none());
         assert!(wal_name_of("basebackups_005/000000010000000000000003.lz4").is_none());
+    }
+
+    /// Backups B1, B2, B3 on timeline 2 at segments 0x28, 0x50, 0x60; B1 restored to a
+    /// point in segment 0x30 and promoted: timeline 3 branches from timeline 2 at
+    /// 0/30800000 and archives 0x30..=0x3F into the same prefix. B2 and B3 lie on timeline
+    /// 2 past the branch: timeline 3 cannot recover from them.
+    fn pitr_store(now: SystemTime) -> Inventory {
+        let old = now - 10 * DAY;
+        let backups = vec![
+            backup(2, 0x28, 0x29, "2026-11-20T10:00:00Z", false),
+            backup(2, 0x50, 0x51, "2026-11-22T10:00:00Z", false),
+            backup(2, 0x60, 0x61, "2026-11-23T10:00:00Z", false),
+        ];
+        let mut objects = Vec::new();
+        for b in &backups {
+            objects.extend(backup_objects(b, old));
+        }
+        objects.extend((0x10..=0x1F).map(|n| obj(&seg_key(1, n), 16, old)));
+        objects.extend((0x20..=0x6F).map(|n| obj(&seg_key(2, n), 16, old)));
+        objects.extend((0x30..=0x3F).map(|n| obj(&seg_key(3, n), 16, now)));
+        objects.push(obj("wal_005/00000002.history.lz4", 40, old));
+        objects.push(obj("wal_005/00000003.history.lz4", 80, now));
+        let mut histories = Histories::new();
+        histories.insert(TimelineId(2), parse_history("1\t0/20000000\tpromoted\n").unwrap());
+        histories.insert(TimelineId(3), parse_history("1\t0/20000000\tpromoted\n2\t0/30800000\tpitr\n").unwrap());
+        Inventory { objects, backups, deltas: Default::default(), histories, segment_size: Some(SEG) }
+    }
+
+    #[test]
+    fn after_a_pitr_the_new_timelines_only_backup_and_its_wal_stay() {
+        let now = SystemTime::now();
+        let inv = pitr_store(now);
+        let b1 = "base_000000020000000000000028";
+        let t = crate::backup::sentinel::parse_time("2026-11-23T12:00:00Z").unwrap();
+        for request in [
+            Request::Retain(2),
+            Request::Retain(1),
+            Request::BeforeName("base_000000020000000000000050".into()),
+            Request::BeforeTime(t),
+        ] {
+            let p = plan(&inv, &request, &policy(now)).unwrap();
+            let k = keys(&p);
+            assert!(p.kept_backups.iter().any(|b| b == b1), "{request:?}: {p:#?}");
+            assert!(!k.iter().any(|k| k.contains(b1)), "{request:?}: {k:?}");
+            assert_eq!(p.kept_against_request.len(), 1, "{request:?}");
+            assert_eq!(p.kept_against_request[0].name, b1);
+            assert!(p.kept_against_request[0].reason.contains("timeline 3"), "{:?}", p.kept_against_request);
+            for n in 0x28..=0x2F {
+                assert!(!k.contains(&seg_key(2, n).as_str()), "{request:?}: timeline 2 before the branch went");
+            }
+            for n in 0x30..=0x3F {
+                assert!(!k.contains(&seg_key(3, n).as_str()), "{request:?}: timeline 3 went: {k:?}");
+            }
+            assert!(k.contains(&seg_key(1, 0x1F).as_str()), "{request:?}: WAL before B1 stays deletable");
+            assert!(!p.delete.iter().any(|d| d.kind == Kind::History), "{request:?}");
+        }
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(p.deleted_backups.is_empty(), "{:?}", p.deleted_backups);
+        // `everything` asks for every backup: none is kept for the newest timeline.
+        let p = plan(&inv, &Request::Everything { force: false }, &policy(now)).unwrap();
+        assert!(p.kept_backups.is_empty() && p.kept_against_request.is_empty());
+
+        // B1 permanent, so it pins only its own WAL by the rules for permanent backups: as
+        // the newest backup on timeline 3's path, the WAL along that path stays too.
+        let mut inv = inv;
+        inv.backups[0].sentinel.is_permanent = true;
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(p.kept_against_request.is_empty(), "a permanent backup is kept by the request");
+        assert_eq!(p.wal_kept_from.as_deref(), Some("0/50000000"));
+        assert_eq!(
+            p.wal_kept_on_path,
+            [
+                WalKeptFrom { timeline: 2, from: "0/28000000".into() },
+                WalKeptFrom { timeline: 3, from: "0/30000000".into() }
+            ]
+        );
+        let k = keys(&p);
+        for n in 0x30..=0x3F {
+            assert!(!k.contains(&seg_key(3, n).as_str()), "timeline 3 went: {k:?}");
+        }
+        assert!(!k.contains(&seg_key(2, 0x2F).as_str()));
+        assert!(k.contains(&seg_key(1, 0x1F).as_str()));
+    }
+
+    /// WAL-G's sentinel of a full backup F at segment 0x10 and of deltas D1 (from F, at
+    /// 0x20) and D2 (from D1, at 0x30), as /tmp/review-retention/mk2.sh wrote them.
+    fn delta_chain_store(now: SystemTime) -> Inventory {
+        let old = now - 10 * DAY;
+        let full = "base_000000010000000000000010";
+        let d1 = "base_000000010000000000000020_D_000000010000000000000010";
+        let d2 = "base_000000010000000000000030_D_000000010000000000000020";
+        let sentinel = |start: u64, finish: &str, delta: &str| {
+            format!(
+                r#"{{"LSN":{},"FinishLSN":{},"FinishTime":"{finish}","StartTime":"{finish}","Version":2,"IsPermanent":false{delta}}}"#,
+                seg_lsn(start),
+                seg_lsn(start + 1),
+            )
+        };
+        let sentinels = [
+            (full, sentinel(0x10, "2026-11-20T10:00:00Z", "")),
+            (
+                d1,
+                sentinel(
+                    0x20,
+                    "2026-11-21T10:00:00Z",
+                    &format!(
+                        r#","DeltaFrom":"{full}","DeltaFullName":"{full}","DeltaFromLSN":{},"DeltaCount":1"#,
+                        seg_lsn(0x10)
+                    ),
+                ),
+            ),
+            (
+                d2,
+                sentinel(
+                    0x30,
+                    "2026-11-22T10:00:00Z",
+                    &format!(
+                        r#","DeltaFrom":"{d1}","DeltaFullName":"{full}","DeltaFromLSN":{},"DeltaCount":2"#,
+                        seg_lsn(0x20)
+                    ),
+                ),
+            ),
+        ];
+        let mut backups = Vec::new();
+        let mut deltas = Deltas::new();
+        for (name, json) in &sentinels {
+            let sentinel: Sentinel = serde_json::from_str(json).unwrap();
+            backups.push(BackupInfo { name: name.to_string(), sentinel });
+            if let Some(d) = crate::backup::sentinel::DeltaOrigin::of_sentinel(json.as_bytes()) {
+                deltas.insert(name.to_string(), d);
+            }
+        }
+        let mut objects = Vec::new();
+        for b in &backups {
+            objects.extend(backup_objects(b, old));
+        }
+        objects.extend((0x10..=0x40).map(|n| obj(&seg_key(1, n), 16, old)));
+        Inventory { objects, backups, deltas, histories: Histories::new(), segment_size: Some(SEG) }
+    }
+
+    #[test]
+    fn a_kept_delta_backup_keeps_its_chain_and_its_wal() {
+        let now = SystemTime::now();
+        let inv = delta_chain_store(now);
+        let (full, d1, d2) = (&inv.backups[0].name, &inv.backups[1].name, &inv.backups[2].name);
+        assert_eq!(delta_bases(&inv.deltas, d2), [d1.as_str(), full.as_str()]);
+        assert!(delta_bases(&inv.deltas, full).is_empty());
+        for request in [Request::Retain(1), Request::BeforeName(d2.clone())] {
+            let p = plan(&inv, &request, &policy(now)).unwrap();
+            assert!(p.deleted_backups.is_empty(), "{request:?}: {:?}", p.deleted_backups);
+            let rescued: Vec<&str> = p.kept_against_request.iter().map(|k| k.name.as_str()).collect();
+            assert_eq!(rescued, [d1.as_str(), full.as_str()], "{request:?}");
+            assert!(p.kept_against_request[0].reason.contains(d2.as_str()));
+            assert!(p.delete.is_empty(), "{request:?}: {:?}", keys(&p));
+            assert_eq!(p.wal_kept_from.as_deref(), Some("0/10000000"), "WAL from the chain's full backup");
+        }
+        // Retaining two keeps D1, which builds on F.
+        let p = plan(&inv, &Request::Retain(2), &policy(now)).unwrap();
+        assert!(p.deleted_backups.is_empty());
+        // Only the last delta permanent: `everything` keeps its chain and the WAL from F on.
+        let mut marked = inv.clone();
+        marked.backups[2].sentinel.is_permanent = true;
+        let p = plan(&marked, &Request::Everything { force: false }, &policy(now)).unwrap();
+        assert!(p.deleted_backups.is_empty(), "{:?}", p.deleted_backups);
+        assert!(p.delete.is_empty(), "{:?}", keys(&p));
+        // The full backup permanent: the chain still needs the WAL from its start on.
+        let mut marked = inv.clone();
+        marked.backups[0].sentinel.is_permanent = true;
+        let p = plan(&marked, &Request::Retain(1), &policy(now)).unwrap();
+        assert!(p.delete.is_empty(), "{:?}", keys(&p));
+        // FORCE takes the whole chain.
+        let p = plan(&inv, &Request::Everything { force: true }, &policy(now)).unwrap();
+        assert_eq!(p.deleted_backups.len(), 3);
     }
 }
