@@ -127,6 +127,148 @@ fn restored_dir_mode(tar_mode: u32) -> u32 {
     }
 }
 
+/// The largest GNU long-name or long-link entry, or PAX extension header, read: the tar
+/// crate reads these whole into memory, so a damaged or hostile partition could claim
+/// gigabytes. A PostgreSQL path is at most MAXPGPATH (1024) bytes.
+const MAX_EXTENSION_ENTRY: u64 = 64 << 10;
+
+/// A pass-through reader under `tar::Archive` that follows the archive's structure (each
+/// 512-byte header, then the body it announces) and, when a header announces a body the tar
+/// crate would read whole into memory (a GNU long name or link, PAX extensions) larger than
+/// [`MAX_EXTENSION_ENTRY`], fails every read after that header, so none of the body is read.
+/// It keeps in step with the tar crate (`Archive::entries`): a PAX `size` record sets the
+/// size of the next entry that is not itself an extension; GNU sparse entries, which carry
+/// further headers and which no data directory backup holds, are refused.
+struct BoundedExtensions<R> {
+    inner: R,
+    at: TarPosition,
+    /// The `size` record of the PAX extensions waiting for the entry they describe.
+    pax_size: Option<u64>,
+    /// Why the archive was refused: every read from then on fails with it.
+    refused: Option<String>,
+}
+
+enum TarPosition {
+    /// In a header: the block and how much of it has been read.
+    Header(Box<[u8; 512]>, usize),
+    /// In an entry's body (padding included). The records of PAX extensions (`pax_len`
+    /// bytes, no more than [`MAX_EXTENSION_ENTRY`]) are kept to read their `size`.
+    Body { left: u64, pax: Option<Vec<u8>>, pax_len: usize },
+    /// Past the end-of-archive block, where the tar crate stops: passed through.
+    End,
+}
+
+impl<R> BoundedExtensions<R> {
+    fn new(inner: R) -> Self {
+        BoundedExtensions { inner, at: TarPosition::Header(Box::new([0; 512]), 0), pax_size: None, refused: None }
+    }
+
+    /// Follows `bytes`, just read. Returns how many to pass on: up to the end of a refused
+    /// header, so that the reader gets it and fails on the body.
+    fn follow(&mut self, bytes: &[u8]) -> usize {
+        let mut used = 0;
+        while used < bytes.len() && self.refused.is_none() {
+            let rest = &bytes[used..];
+            match &mut self.at {
+                TarPosition::End => return bytes.len(),
+                TarPosition::Header(block, filled) => {
+                    let n = rest.len().min(512 - *filled);
+                    block[*filled..*filled + n].copy_from_slice(&rest[..n]);
+                    *filled += n;
+                    used += n;
+                    if *filled == 512 {
+                        let block = std::mem::replace(block, Box::new([0; 512]));
+                        if let Err(why) = self.enter(&block) {
+                            self.refused = Some(why);
+                        }
+                    }
+                }
+                TarPosition::Body { left, pax, pax_len } => {
+                    let n = rest.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    if let Some(pax) = pax {
+                        let keep = n.min(*pax_len - pax.len());
+                        pax.extend_from_slice(&rest[..keep]);
+                    }
+                    *left -= n as u64;
+                    used += n;
+                    if *left == 0 {
+                        if let Some(records) = pax {
+                            self.pax_size = pax_size_of(records);
+                        }
+                        self.at = TarPosition::Header(Box::new([0; 512]), 0);
+                    }
+                }
+            }
+        }
+        used
+    }
+
+    /// Reads the header `block` and moves into its body, or says why it is refused.
+    fn enter(&mut self, block: &[u8; 512]) -> Result<(), String> {
+        if block.iter().all(|b| *b == 0) {
+            self.at = TarPosition::End;
+            return Ok(());
+        }
+        let header = tar::Header::from_byte_slice(block);
+        let kind = header.entry_type();
+        let header_size = header.entry_size().map_err(|e| format!("a tar header with an unreadable size: {e}"))?;
+        let extension = kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions();
+        if extension && header_size > MAX_EXTENSION_ENTRY {
+            return Err(format!(
+                "a tar {kind:?} entry of {header_size} bytes, more than the {MAX_EXTENSION_ENTRY} the paths of a \
+                 backup need: refused unread"
+            ));
+        }
+        if kind.is_gnu_sparse() {
+            return Err("a GNU sparse tar entry, which no PostgreSQL backup holds: refused".into());
+        }
+        let size = match self.pax_size {
+            Some(pax) if !extension => pax,
+            _ => header_size,
+        };
+        // The tar crate reads a long name, long link or PAX extensions only with a GNU or
+        // ustar header, and hands out anything else as an entry, which uses up the PAX
+        // extensions read before it.
+        let recognised = header.as_gnu().is_some() || header.as_ustar().is_some();
+        let is_pax = recognised && kind.is_pax_local_extensions();
+        if !(recognised && (kind.is_gnu_longname() || kind.is_gnu_longlink())) {
+            self.pax_size = None;
+        }
+        let padded = size.checked_add(511).ok_or("a tar entry size that overflows")? & !511;
+        self.at = if padded == 0 {
+            TarPosition::Header(Box::new([0; 512]), 0)
+        } else {
+            // `size` is at most MAX_EXTENSION_ENTRY for PAX extensions (checked above).
+            TarPosition::Body { left: padded, pax: is_pax.then(Vec::new), pax_len: size as usize }
+        };
+        Ok(())
+    }
+}
+
+/// The `size` record of PAX extensions, read as the tar crate reads it.
+fn pax_size_of(records: &[u8]) -> Option<u64> {
+    for ext in tar::PaxExtensions::new(records) {
+        let ext = ext.ok()?;
+        if ext.key() == Ok("size") {
+            return ext.value().ok()?.parse().ok();
+        }
+    }
+    None
+}
+
+impl<R: Read> Read for BoundedExtensions<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(why) = &self.refused {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why.clone()));
+        }
+        let n = self.inner.read(buf)?;
+        Ok(self.follow(&buf[..n]))
+    }
+}
+
 /// Extracts every entry of the tar stream `reader` according to `plan`. With `expected`,
 /// every file must be listed there and match its size and sha256.
 pub fn extract<R: Read>(
@@ -134,7 +276,7 @@ pub fn extract<R: Read>(
     plan: &ExtractPlan,
     expected: Option<&HashMap<String, FileEntry>>,
 ) -> Result<ExtractSummary, ExtractError> {
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(BoundedExtensions::new(reader));
     let mut summary = ExtractSummary::default();
     let bad = |what: &str, e: io::Error| ExtractError::Bad(format!("{what}: {e}"));
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -223,7 +365,7 @@ pub struct CheckSummary {
 /// with `expected`, comparing it with the manifest; files listed but absent are problems
 /// too. Only an unreadable stream is an error: file mismatches are all collected.
 pub fn check<R: Read>(reader: R, expected: Option<&HashMap<String, FileEntry>>) -> Result<CheckSummary, ExtractError> {
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(BoundedExtensions::new(reader));
     let mut summary = CheckSummary::default();
     let mut seen = std::collections::HashSet::new();
     let bad = |what: &str, e: io::Error| ExtractError::Bad(format!("{what}: {e}"));
@@ -398,6 +540,97 @@ mod tests {
             builder.append_data(&mut header, path, body).unwrap();
         }
         builder.into_inner().unwrap()
+    }
+
+    /// Counts what is read through it.
+    struct Counted<R> {
+        inner: R,
+        read: std::rc::Rc<std::cell::Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// A GNU long-name ('L'), long-link ('K') or PAX ('x') entry whose header claims 1 GiB:
+    /// the tar crate would read it whole into memory. Refused after its header, the body
+    /// (zeros, never allocated here) unread.
+    #[test]
+    fn a_huge_extension_entry_is_refused_unread() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink, tar::EntryType::XHeader] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(kind);
+            header.set_path("././@LongLink").unwrap();
+            header.set_size(1 << 30);
+            header.set_cksum();
+            let read = std::rc::Rc::new(std::cell::Cell::new(0));
+            let stream = || Counted { inner: header.as_bytes().chain(io::repeat(0).take(1 << 30)), read: read.clone() };
+            let dir = tempfile::tempdir().unwrap();
+            let plan = ExtractPlan { dest: dir.path().to_path_buf(), tablespaces: HashMap::new() };
+            let err = extract(stream(), &plan, None).unwrap_err();
+            assert!(matches!(&err, ExtractError::Bad(d) if d.contains("65536")), "{kind:?}: {err}");
+            assert!(read.get() < 1 << 20, "{kind:?}: {} bytes read", read.get());
+            read.set(0);
+            let err = check(stream(), None).unwrap_err();
+            assert!(matches!(&err, ExtractError::Bad(d) if d.contains("65536")), "{kind:?}: {err}");
+            assert!(read.get() < 1 << 20, "{kind:?}: {} bytes read", read.get());
+        }
+    }
+
+    /// The guard keeps in step with the tar crate through GNU long names and a PAX size that
+    /// overrides the header's: the file's content, which looks like a huge long-name
+    /// header, is content, and a huge long-name entry after it is still caught.
+    #[test]
+    fn the_extension_guard_follows_long_names_and_pax_sizes() {
+        let mut huge = tar::Header::new_gnu();
+        huge.set_entry_type(tar::EntryType::GNULongName);
+        huge.set_path("././@LongLink").unwrap();
+        huge.set_size(1 << 30);
+        huge.set_cksum();
+        let content: Vec<u8> = huge.as_bytes().iter().copied().chain(std::iter::repeat_n(7, 88)).collect();
+        let long_path = format!("base/{}/1259", "d".repeat(150));
+
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut pax = tar::Header::new_ustar();
+        pax.set_entry_type(tar::EntryType::XHeader);
+        pax.set_path("PaxHeaders/f").unwrap();
+        let records = b"12 size=600\n";
+        pax.set_size(records.len() as u64);
+        pax.set_cksum();
+        builder.append(&pax, &records[..]).unwrap();
+        let mut file = tar::Header::new_ustar();
+        file.set_entry_type(tar::EntryType::Regular);
+        file.set_path("f").unwrap();
+        file.set_mode(0o600);
+        file.set_size(0);
+        file.set_cksum();
+        builder.get_mut().extend_from_slice(file.as_bytes());
+        builder.get_mut().extend_from_slice(&content);
+        let padded = builder.get_ref().len().next_multiple_of(512);
+        builder.get_mut().resize(padded, 0);
+        let mut long = tar::Header::new_gnu();
+        long.set_entry_type(tar::EntryType::Regular);
+        long.set_mode(0o600);
+        long.set_size(2);
+        builder.append_data(&mut long, &long_path, &b"ok"[..]).unwrap();
+        let good = builder.into_inner().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let plan = ExtractPlan { dest: dir.path().to_path_buf(), tablespaces: HashMap::new() };
+        let summary = extract(&good[..], &plan, None).unwrap();
+        assert_eq!((summary.files, summary.bytes), (2, 602));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), content);
+        assert_eq!(fs::read(dir.path().join(&long_path)).unwrap(), b"ok");
+        assert_eq!(check(&good[..], None).unwrap().files, 2);
+
+        let mut hostile = good[..good.len() - 1024].to_vec();
+        hostile.extend_from_slice(huge.as_bytes());
+        let err = check(hostile.as_slice().chain(io::repeat(0).take(1 << 30)), None).unwrap_err();
+        assert!(err.to_string().contains("refused unread"), "{err}");
     }
 
     fn mode_of(path: &Path) -> u32 {

@@ -23,6 +23,7 @@ use crate::backup::extract::{self, ExtractError, ExtractPlan, Found};
 use crate::backup::manifest::{FileEntry, Manifest, PartitionEntry};
 use crate::codec::{self, Sha256};
 use crate::config::{Config, Source};
+use crate::crypto::OpenError;
 use crate::error::Error;
 use crate::layout;
 use crate::log::{self, Level};
@@ -57,12 +58,8 @@ pub(super) struct FetchedBackup {
 }
 
 pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBackup, Error> {
-    // A rerun after an interrupted restore starts over in the same folders; anything else
-    // already there is never touched.
-    let resuming = is_interrupted_restore(&args.dest);
-    if !resuming {
-        refuse_non_empty(&args.dest)?;
-    }
+    // Refused before the store is asked anything; decided again below, under the lock.
+    interrupted_or_empty(&args.dest)?;
     let store = open_store(config).await?;
     let (backups, deltas, unreadable) = catalog::list_readable(&store).await?;
     let selector = selector(args)?;
@@ -77,31 +74,24 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         .ok_or_else(|| Error::NotFound(nothing_to_restore(&selector, &store.url(), deltas.len())))?;
     refuse_delta(&backup.name, &deltas)?;
     let (manifest, partitions) = partitions_of(&store, &backup).await?;
+    let walg_sets = match &manifest {
+        Some(_) => None,
+        None => walg_tar_sets(&store, &backup.name).await?,
+    };
+    if let Some(sets) = &walg_sets {
+        refuse_missing_partitions(sets, &partitions, &backup.name, &store.url())?;
+    }
 
-    // Tablespace locations: as backed up, or remapped; all must be absent or empty.
-    let remap: HashMap<&str, &PathBuf> = args.tablespace_map.iter().map(|(o, p)| (o.as_str(), p)).collect();
-    let mut tablespaces = HashMap::new();
-    for ts in backup.sentinel.tablespaces() {
-        // WAL-G's spec records locations with a trailing '/'; the link must be the path as
-        // the primary had it, since pg_tablespace_location (and pg_dumpall) report it.
-        let original = match ts.location.trim_end_matches('/') {
-            "" => "/",
-            trimmed => trimmed,
-        };
-        let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(original));
-        if !(resuming && dir.join(INCOMPLETE_MARKER).exists()) {
-            refuse_non_empty(&dir)?;
-        }
-        tablespaces.insert(ts.oid.clone(), dir);
-    }
-    for oid in remap.keys() {
-        if !tablespaces.contains_key(*oid) {
-            return Err(Error::Usage(format!(
-                "--tablespace-map {oid}=...: backup {} has no tablespace {oid}",
-                backup.name
-            )));
-        }
-    }
+    // Tablespace locations are checked before DEST is created for the lock, so that a
+    // refused run leaves nothing behind; and again under the lock, which decides.
+    tablespace_dirs(&backup, args, interrupted_or_empty(&args.dest)?)?;
+    // Held to the end: a second backup-fetch into DEST would take this run's marker for an
+    // interrupted restore's and clear the folder under it.
+    let _lock = lock_dest(&args.dest)?;
+    // A rerun after an interrupted restore starts over in the same folders; anything else
+    // already there is never touched.
+    let resuming = interrupted_or_empty(&args.dest)?;
+    let tablespaces = tablespace_dirs(&backup, args, resuming)?;
     if resuming {
         for dir in std::iter::once(&args.dest).chain(tablespaces.values()) {
             log::emit(
@@ -147,6 +137,9 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
     let (files, bytes) = summary?;
     progress.finish();
     require_backup_label(&args.dest, &backup.name, &store.url())?;
+    if let Some(sets) = &walg_sets {
+        require_listed_files(sets, &plan, &backup.name, &store.url())?;
+    }
 
     rewrite_tablespace_map(&args.dest, &tablespaces)?;
     write_recovery_settings(config, args)?;
@@ -202,8 +195,10 @@ fn refuse_delta(name: &str, deltas: &catalog::Deltas) -> Result<(), Error> {
 
 /// A base backup restores into a cluster only with its `backup_label`: without it PostgreSQL
 /// would start replay from pg_control's (later) checkpoint and silently miss changes. It is
-/// missing when a partition is (another tool's backups are restored from the store listing)
-/// or ends early (tar takes an end of stream at a header for the end of the archive).
+/// missing when the partition holding it is (another tool's backups are restored from the
+/// store listing) or ends early (tar takes an end of stream at a header for the end of the
+/// archive). WAL-G writes it into its last partition: a missing data partition is caught by
+/// [`refuse_missing_partitions`] instead.
 fn require_backup_label(dest: &Path, name: &str, store_url: &str) -> Result<(), Error> {
     let label = dest.join("backup_label");
     let present = fs::symlink_metadata(&label).is_ok_and(|m| m.file_type().is_file() && m.len() > 0);
@@ -285,6 +280,121 @@ pub(super) async fn partitions_of(
     Ok((None, parts))
 }
 
+/// WAL-G's record of what went into each partition: `TarFileSets` of `files_metadata.json`,
+/// each partition's name (without its compression extension) and the paths in it.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct WalgTarSets {
+    #[serde(rename = "TarFileSets", default)]
+    pub(super) sets: std::collections::BTreeMap<String, Vec<String>>,
+    /// `Files`: the files WAL-G opened and packed. A file is put in `TarFileSets` before it
+    /// is opened, and one deleted in between (a table dropped during the backup) stays
+    /// listed there but not here, and is rightly not in the partition.
+    #[serde(rename = "Files", default)]
+    pub(super) files: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// The file WAL-G writes beside a backup's partitions.
+const WALG_FILES_METADATA: &str = "files_metadata.json";
+
+/// `files_metadata.json` of a backup without a wal-rs manifest; `None` when the backup has
+/// none (older WAL-G versions).
+pub(super) async fn walg_tar_sets(store: &Arc<Store>, backup: &str) -> Result<Option<WalgTarSets>, Error> {
+    let key = layout::backup_file_key(backup, WALG_FILES_METADATA);
+    let bytes = match store.get_bytes(&key).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt {
+        key: format!("{}/{key}", store.url()),
+        detail: format!("not WAL-G's {WALG_FILES_METADATA}: {e}"),
+    })
+}
+
+/// The partitions `sets` lists that are not among `stored` (`part_001.tar` stored as
+/// `part_001.tar.lz4`, say), by their listed name.
+pub(super) fn missing_partitions<'a>(sets: &'a WalgTarSets, stored: &[PartitionEntry]) -> Vec<&'a str> {
+    let is_stored = |listed: &str| {
+        stored.iter().any(|p| match p.name.strip_prefix(listed) {
+            Some(ext) => ext.is_empty() || (ext.starts_with('.') && !ext[1..].contains('.')),
+            None => false,
+        })
+    };
+    sets.sets.keys().map(String::as_str).filter(|listed| !is_stored(listed)).collect()
+}
+
+/// Fails when a partition WAL-G recorded is not in the store: restored without it, the
+/// cluster would lack its files and still start (its `backup_label` is elsewhere).
+fn refuse_missing_partitions(
+    sets: &WalgTarSets,
+    stored: &[PartitionEntry],
+    backup: &str,
+    store_url: &str,
+) -> Result<(), Error> {
+    let missing = missing_partitions(sets, stored);
+    let Some(first) = missing.first() else { return Ok(()) };
+    Err(Error::Corrupt {
+        key: format!("{store_url}/{}", layout::partition_key(backup, first)),
+        detail: format!(
+            "{WALG_FILES_METADATA} lists {} partition(s) the store does not hold ({}): nothing was restored",
+            missing.len(),
+            missing.join(", ")
+        ),
+    })
+}
+
+/// Fails when a file WAL-G packed into a data partition was not restored (a partition cut
+/// short at an end-of-archive block). Only files in both `TarFileSets` and `Files` count:
+/// folders are not in `Files`, nor are files that vanished before WAL-G could open them.
+/// `pg_control`'s partition is placed later and skipped.
+fn require_listed_files(sets: &WalgTarSets, plan: &ExtractPlan, backup: &str, store_url: &str) -> Result<(), Error> {
+    let data_sets = sets.sets.iter().filter(|(name, _)| !name.starts_with("pg_control"));
+    for (partition, paths) in data_sets {
+        for path in paths.iter().filter(|p| sets.files.contains_key(p.as_str())) {
+            let Some(target) = plan.target_of(path).ok().flatten() else { continue };
+            if fs::symlink_metadata(&target).is_err() {
+                return Err(Error::Corrupt {
+                    key: format!("{store_url}/{}", layout::partition_key(backup, partition)),
+                    detail: format!(
+                        "{path}, which {WALG_FILES_METADATA} lists in {partition}, was not restored (the partition is missing or cut short)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where each tablespace of `backup` is restored: as backed up, or remapped by
+/// `--tablespace-map`. Each must be absent or empty, or, when `resuming`, hold an
+/// interrupted restore's marker. Touches nothing.
+fn tablespace_dirs(backup: &BackupInfo, args: &FetchArgs, resuming: bool) -> Result<HashMap<String, PathBuf>, Error> {
+    let remap: HashMap<&str, &PathBuf> = args.tablespace_map.iter().map(|(o, p)| (o.as_str(), p)).collect();
+    let mut tablespaces = HashMap::new();
+    for ts in backup.sentinel.tablespaces() {
+        // WAL-G's spec records locations with a trailing '/'; the link must be the path as
+        // the primary had it, since pg_tablespace_location (and pg_dumpall) report it.
+        let original = match ts.location.trim_end_matches('/') {
+            "" => "/",
+            trimmed => trimmed,
+        };
+        let dir = remap.get(ts.oid.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| PathBuf::from(original));
+        if !(resuming && dir.join(INCOMPLETE_MARKER).exists()) {
+            refuse_non_empty(&dir)?;
+        }
+        tablespaces.insert(ts.oid.clone(), dir);
+    }
+    for oid in remap.keys() {
+        if !tablespaces.contains_key(*oid) {
+            return Err(Error::Usage(format!(
+                "--tablespace-map {oid}=...: backup {} has no tablespace {oid}",
+                backup.name
+            )));
+        }
+    }
+    Ok(tablespaces)
+}
+
 /// Written into DEST (and each tablespace folder) before anything else, removed once
 /// `global/pg_control` is in place: it marks folders a rerun may clear and restore again.
 const INCOMPLETE_MARKER: &str = ".walrs-restore-incomplete";
@@ -295,13 +405,41 @@ fn is_interrupted_restore(dest: &Path) -> bool {
     dest.join(INCOMPLETE_MARKER).is_file() && !dest.join("global/pg_control").exists()
 }
 
+/// Whether DEST holds an interrupted restore to clear; refuses a folder with anything else.
+fn interrupted_or_empty(dest: &Path) -> Result<bool, Error> {
+    if is_interrupted_restore(dest) {
+        return Ok(true);
+    }
+    refuse_non_empty(dest)?;
+    Ok(false)
+}
+
+/// Creates DEST if need be and locks it (`flock` on the folder itself: it outlives a clear,
+/// adds nothing to the data directory, and is released when the process ends, however).
+/// A second backup-fetch into DEST is refused at once.
+fn lock_dest(dest: &Path) -> Result<fs::File, Error> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dest).map_err(|e| Error::local("create", dest, e))?;
+    let dir = fs::File::open(dest).map_err(|e| Error::local("open", dest, e))?;
+    match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(dir),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::InvalidInput {
+            path: dest.display().to_string(),
+            reason: "another backup-fetch is restoring into this folder; nothing was touched: wait for it to \
+                     finish, or stop it and run again"
+                .into(),
+        }),
+        Err(e) => Err(Error::local("lock", dest, e.into())),
+    }
+}
+
 fn mark_incomplete(dir: &Path) -> Result<(), Error> {
     let marker = dir.join(INCOMPLETE_MARKER);
     fs::write(&marker, b"a wal-rs backup-fetch that has not finished; a rerun clears this folder\n")
         .map_err(|e| Error::local("write", &marker, e))
 }
 
-/// Removes everything inside `dir` (not `dir` itself, which may be a mount point).
+/// Removes everything inside `dir` (not `dir` itself, which may be a mount point) but the
+/// marker, which stays: a clear killed halfway leaves a folder a rerun still clears.
 fn clear_dir(dir: &Path) -> Result<(), Error> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -310,6 +448,9 @@ fn clear_dir(dir: &Path) -> Result<(), Error> {
     };
     for entry in entries {
         let entry = entry.map_err(|e| Error::local("read", dir, e))?;
+        if entry.file_name() == INCOMPLETE_MARKER {
+            continue;
+        }
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
@@ -405,16 +546,21 @@ impl RestoreJob {
             // deadline is the store's error as it is (exit 7, 8, 9...), never "corrupt".
             let get = get_with_retry("backup-fetch", &self.store, &key, &describe, self.deadline);
             let reader = self.handle.block_on(get)?;
+            if self.verify && reader.size != part.stored_size {
+                return Err(Error::Corrupt { key: describe, detail: size_mismatch(reader.size, part.stored_size) });
+            }
             let source = SharedReader::new(reader.body);
             let shared = source.0.clone();
-            let result = codec::decompressor(compression, source)
-                .map_err(|e| ExtractError::Bad(e.to_string()))
-                .and_then(|mut stream| {
-                    let summary = extract::extract(&mut stream, plan, expected.as_ref())?;
-                    // Read to the end so the stored bytes are hashed whole.
-                    io::copy(&mut stream, &mut io::sink()).map_err(|e| ExtractError::Bad(e.to_string()))?;
-                    Ok(summary)
-                });
+            let stream = codec::decompressor(compression, source);
+            if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
+                return Err(refused);
+            }
+            let result = stream.map_err(|e| ExtractError::Bad(e.to_string())).and_then(|mut stream| {
+                let summary = extract::extract(&mut stream, plan, expected.as_ref())?;
+                // Read to the end so the stored bytes are hashed whole.
+                io::copy(&mut stream, &mut io::sink()).map_err(|e| ExtractError::Bad(e.to_string()))?;
+                Ok(summary)
+            });
             match result {
                 Ok(summary) => {
                     let h = shared.lock().unwrap();
@@ -469,6 +615,21 @@ impl RestoreJob {
         }
         fs::remove_dir_all(&staging).map_err(|e| Error::local("remove", &staging, e))?;
         Ok(())
+    }
+}
+
+/// What a stored size that is not the manifest's says (checked before the download).
+pub(super) fn size_mismatch(stored: u64, recorded: u64) -> String {
+    format!("the store holds {stored} bytes but the manifest records {recorded}")
+}
+
+/// The error of a partition the configured keys refuse (no key opens it, or it is not
+/// encrypted while encryption is required), which `codec::decompressor` passes on inside
+/// its io::Error: exit 14 as for wal-fetch, not damage, and not worth another attempt.
+pub(super) fn key_refusal(e: &io::Error, describe: &str) -> Option<Error> {
+    match e.get_ref()?.downcast_ref::<OpenError>()? {
+        OpenError::Source(_) | OpenError::BadHeader(_) => None,
+        refused => Some(Error::Key { key: describe.to_string(), detail: refused.to_string() }),
     }
 }
 
@@ -642,8 +803,27 @@ fn write_recovery_settings(config: &Config, args: &FetchArgs) -> Result<(), Erro
     let current = read_restored(&auto, "backup-fetch")?.unwrap_or_default();
     let text = recovery_conf::rewrite_auto_conf(&current, &command, &targets);
     write_restored(&auto, text.as_bytes())?;
-    let signal = args.dest.join(if args.standby { "standby.signal" } else { "recovery.signal" });
-    write_restored(&signal, b"")
+    let (wanted, other) =
+        if args.standby { ("standby.signal", "recovery.signal") } else { ("recovery.signal", "standby.signal") };
+    write_restored(&args.dest.join(wanted), b"")?;
+    remove_other_signal(&args.dest.join(other))
+}
+
+/// Removes the signal file not asked for (the link itself if it is one, never its target):
+/// one from the backup (older WAL-G versions keep `standby.signal`) would win over the one
+/// written, and `standby.signal` keeps PostgreSQL a standby for good.
+fn remove_other_signal(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            log::emit(
+                Level::Warn,
+                &[("op", &"backup-fetch"), ("file", &path.display()), ("outcome", &"from the backup: removed")],
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::local("remove", path, e)),
+    }
 }
 
 /// `wal-rs wal-fetch %f %p` with the same store settings as this run. Credentials are never
@@ -789,6 +969,46 @@ mod tests {
         assert!(fs::symlink_metadata(dest.join("tablespace_map")).is_err(), "a linked tablespace_map stays");
     }
 
+    /// PostgreSQL stays a standby while `standby.signal` is there, whatever else is: one
+    /// carried in the backup (older WAL-G keeps it) must not outlive a restore asked to end
+    /// recovery, nor the other way round. A link is removed itself, never followed.
+    #[test]
+    fn the_signal_not_asked_for_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("data");
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join("standby.signal"), "").unwrap();
+        let config = Config::resolve(&crate::config::Overrides::default(), &crate::config::ProcessEnv).unwrap();
+
+        write_recovery_settings(&config, &fetch_args(&dest)).unwrap();
+        assert!(fs::symlink_metadata(dest.join("standby.signal")).is_err(), "standby.signal was left");
+        assert!(is_regular(&dest.join("recovery.signal")));
+
+        fs::remove_file(dest.join("recovery.signal")).unwrap();
+        let outside = link_to_x(dir.path(), "outside_signal", &dest.join("recovery.signal"));
+        write_recovery_settings(&config, &FetchArgs { standby: true, ..fetch_args(&dest) }).unwrap();
+        assert!(fs::symlink_metadata(dest.join("recovery.signal")).is_err(), "the linked recovery.signal was left");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "x", "removed through the link");
+        assert!(is_regular(&dest.join("standby.signal")));
+    }
+
+    /// The marker is what lets a rerun clear the folder: a clear that is killed halfway
+    /// must leave it, or the folder is refused for good.
+    #[test]
+    fn clearing_an_interrupted_restore_keeps_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b", "z", INCOMPLETE_MARKER] {
+            fs::write(dir.path().join(name), "x").unwrap();
+        }
+        fs::create_dir_all(dir.path().join("base/1")).unwrap();
+        fs::write(dir.path().join("base/1/1259"), "x").unwrap();
+        clear_dir(dir.path()).unwrap();
+        let left: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, [INCOMPLETE_MARKER]);
+        assert!(is_interrupted_restore(dir.path()));
+    }
+
     #[test]
     fn a_regular_tablespace_map_is_rewritten_in_place() {
         let dir = tempfile::tempdir().unwrap();
@@ -890,6 +1110,122 @@ mod tests {
         fs::write(root.join(layout::partition_key(backup, "part_002.tar.lz4").as_str()), b"not lz4").unwrap();
         let damaged = fetch(&root, "part_002.tar.lz4");
         assert!(matches!(damaged, Error::Corrupt { .. }), "{damaged}");
+    }
+
+    /// A copy of the WAL-G-layout fixture's store (one backup: part_001 the data, part_002
+    /// backup_label, pg_control) and a configuration using it.
+    fn walg_fixture(dir: &Path) -> (PathBuf, Config) {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/walg-layout-pg15/store");
+        let copy = dir.join("store");
+        let copied = std::process::Command::new("cp").arg("-r").arg(&fixture).arg(&copy).status().unwrap();
+        assert!(copied.success(), "copying {}", fixture.display());
+        let mut overrides = crate::config::Overrides::default();
+        overrides.values.insert("store".into(), format!("file://{}", copy.display()));
+        overrides.values.insert("retry_deadline_secs".into(), "1".into());
+        (copy, Config::resolve(&overrides, &crate::config::ProcessEnv).unwrap())
+    }
+
+    fn fetch_now(config: &Config, dest: &Path) -> Result<FetchedBackup, Error> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run(config, &fetch_args(dest)))
+    }
+
+    const WALG_BACKUP: &str = "base_000000010000000000000002";
+
+    /// WAL-G writes backup_label into its last partition: without files_metadata.json's
+    /// list, a lost data partition restored as a cluster that starts, with no data.
+    #[test]
+    fn a_walg_backup_missing_a_partition_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, config) = walg_fixture(dir.path());
+        let part = store.join(layout::partition_key(WALG_BACKUP, "part_001.tar.lz4").as_str());
+        fs::remove_file(part).unwrap();
+        let dest = dir.path().join("data");
+        let err = fetch_now(&config, &dest).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("tar_partitions/part_001.tar is corrupt"), "{text}");
+        assert!(text.contains("lists 1 partition(s) the store does not hold (part_001.tar)"), "{text}");
+        assert!(!dest.exists(), "the refused restore created {}", dest.display());
+    }
+
+    /// A file that vanished between WAL-G's walk and its open (a table dropped during the
+    /// backup) stays in `TarFileSets` but not in `Files`, and is not in the partition: the
+    /// backup is sound and restores. A file in both that did not come back is refused.
+    #[test]
+    fn a_file_walg_listed_but_never_packed_is_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, config) = walg_fixture(dir.path());
+        let metadata = store.join(layout::backup_file_key(WALG_BACKUP, WALG_FILES_METADATA).as_str());
+        let original: serde_json::Value = serde_json::from_slice(&fs::read(&metadata).unwrap()).unwrap();
+        let with_phantom = |in_files: bool| {
+            let mut doc = original.clone();
+            doc["TarFileSets"]["part_001.tar"].as_array_mut().unwrap().push("base/5/99999".into());
+            if in_files {
+                doc["Files"]["base/5/99999"] = serde_json::json!({"IsSkipped": false});
+            }
+            fs::write(&metadata, serde_json::to_vec(&doc).unwrap()).unwrap();
+        };
+        with_phantom(false);
+        let dest = dir.path().join("data");
+        assert_eq!(fetch_now(&config, &dest).unwrap().name, WALG_BACKUP);
+        with_phantom(true);
+        let dest = dir.path().join("data2");
+        let err = fetch_now(&config, &dest).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }) && err.to_string().contains("base/5/99999"), "{err}");
+    }
+
+    /// Another backup-fetch restoring into DEST (its marker there, its lock held): refused at
+    /// once, and nothing of its restore is cleared. Once it is gone, the folder is an
+    /// interrupted restore a run clears and restores.
+    #[test]
+    fn a_second_backup_fetch_into_the_same_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, config) = walg_fixture(dir.path());
+        let dest = dir.path().join("data");
+        fs::create_dir_all(dest.join("base/1")).unwrap();
+        fs::write(dest.join(INCOMPLETE_MARKER), "").unwrap();
+        fs::write(dest.join("base/1/1259"), "restored by the other run").unwrap();
+        let other = fs::File::open(&dest).unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+
+        let err = fetch_now(&config, &dest).unwrap_err();
+        assert_eq!(crate::exit::code_of(&err), crate::exit::INVALID_INPUT, "{err}");
+        assert!(err.to_string().contains("another backup-fetch is restoring into this folder"), "{err}");
+        assert_eq!(fs::read_to_string(dest.join("base/1/1259")).unwrap(), "restored by the other run");
+
+        drop(other);
+        let done = fetch_now(&config, &dest).unwrap();
+        assert_eq!(done.name, WALG_BACKUP);
+        assert!(dest.join("global/pg_control").is_file() && !dest.join(INCOMPLETE_MARKER).exists());
+        assert_ne!(fs::read(dest.join("base/1/1259")).unwrap(), b"restored by the other run");
+    }
+
+    /// A partition the configured keys refuse (here: sealed, and no key configured) is a
+    /// key error, exit 14 as for wal-fetch, not a corrupt backup (exit 10).
+    #[test]
+    fn a_partition_no_configured_key_opens_is_a_key_error() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let key = layout::partition_key(WALG_BACKUP, "part_001.tar");
+        fs::create_dir_all(root.join(key.as_str()).parent().unwrap()).unwrap();
+        let sealed = crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), b"a tar").unwrap();
+        fs::write(root.join(key.as_str()), sealed).unwrap();
+        let job = RestoreJob {
+            store: Arc::new(Store::Local(crate::store::local::LocalStore::new(root))),
+            backup: WALG_BACKUP.into(),
+            plan: ExtractPlan { dest: dir.path().join("data"), tablespaces: HashMap::new() },
+            verify: false,
+            progress: Arc::new(Progress::new("backup-fetch", 0)),
+            handle: rt.handle().clone(),
+            deadline: Duration::from_secs(1),
+        };
+        let part = PartitionEntry { name: "part_001.tar".into(), ..Default::default() };
+        let err = job.restore_partition(&part, &job.plan).unwrap_err();
+        assert!(matches!(err, Error::Key { .. }), "{err}");
+        assert_eq!(crate::exit::code_of(&err), crate::exit::KEY);
+        assert!(err.to_string().contains("no encryption key is configured"), "{err}");
     }
 
     /// PostgreSQL runs restore_command in the data directory: a relative path given to

@@ -5,8 +5,10 @@
 //! (several at once, each read -> tar -> compress -> upload); stop the backup; write the
 //! backup_label partition and then `pg_control` last; wait until every WAL segment from the
 //! start to the stop LSN is in the store (checked in the store itself); write metadata and
-//! manifest; write the sentinel last. A backup interrupted anywhere before the sentinel is
-//! not listed and leaves only garbage for `delete garbage`.
+//! manifest; write the sentinel last, once every object written is found still there. A
+//! backup interrupted anywhere before the sentinel is not listed and leaves only garbage
+//! for `delete garbage`; while it runs, its writer record is rewritten every minute or so,
+//! so that `delete garbage` never takes its folder for a dead run's.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -89,7 +91,12 @@ pub(super) async fn run(
     let started = time::OffsetDateTime::now_utc();
     let label = format!("wal-rs {}", format_time(started));
     let (start_lsn, start_file) = backup_api::start(&client, info.version_num, &label, fast).await?;
-    let name = reserve_backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
+    let Reservation { name, record } =
+        reserve_backup_name(&store, &start_file, start_lsn, info.wal_segment_size).await?;
+    // Until the sentinel is written (or this run fails), the folder stays recent for
+    // `delete garbage`, however long the WAL takes to arrive.
+    let _keep_alive =
+        WriterKeepAlive::start(store.clone(), &name, record, writer_refresh_interval(config.retention.garbage_min_age));
     let tablespaces = walk::tablespaces(&pgdata).map_err(|e| Error::local("read", &pgdata.join("pg_tblspc"), e))?;
     log::emit(
         Level::Info,
@@ -181,16 +188,7 @@ pub(super) async fn run(
         wal_segment_size: Some(info.wal_segment_size),
         manifest: Some(crate::backup::manifest::MANIFEST_FILE.into()),
     };
-    let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
-    store.put_bytes(&layout::backup_file_key(&name, "metadata.json"), to_json(&metadata), overwrite.clone()).await?;
-    crate::backup::manifest::store_manifest(&store, &name, &manifest).await?;
-    drop(manifest);
-    if !create_or_find_own(&store, &layout::sentinel_key(&name), to_json(&sentinel)).await? {
-        return Err(Error::AlreadyExists(format!(
-            "backup {name} already exists in {} with another sentinel: run backup-push again",
-            store.url()
-        )));
-    }
+    write_documents(&store, &name, manifest, &metadata, &sentinel).await?;
     Ok(PushedBackup {
         name,
         start_lsn: start_lsn.to_string(),
@@ -201,6 +199,97 @@ pub(super) async fn run(
         stored_bytes: stored,
         wal_wait_ms,
     })
+}
+
+/// Writes metadata.json, the manifest and, last, the sentinel, which lists the backup as
+/// complete: only once every object this run put into the folder is still there.
+async fn write_documents(
+    store: &Arc<Store>,
+    name: &str,
+    manifest: Manifest,
+    metadata: &BackupMetadata,
+    sentinel: &Sentinel,
+) -> Result<(), Error> {
+    let written: Vec<ObjectKey> = std::iter::once(layout::backup_file_key(name, WRITER_FILE))
+        .chain(manifest.partitions.iter().map(|p| layout::partition_key(name, &p.name)))
+        .collect();
+    let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+    store.put_bytes(&layout::backup_file_key(name, "metadata.json"), to_json(metadata), overwrite).await?;
+    crate::backup::manifest::store_manifest(store, name, &manifest).await?;
+    drop(manifest);
+    require_still_stored(store, name, &written).await?;
+    if !create_or_find_own(store, &layout::sentinel_key(name), to_json(sentinel)).await? {
+        return Err(Error::AlreadyExists(format!(
+            "backup {name} already exists in {} with another sentinel: run backup-push again",
+            store.url()
+        )));
+    }
+    Ok(())
+}
+
+/// Fails when an object this run wrote into the backup's folder is gone. `delete garbage`
+/// takes a folder with no sentinel and nothing written for `delete_garbage_min_age_secs`
+/// for a dead run's; a sentinel over what is left would list a backup without its data as
+/// complete, and retention would then keep it in place of a good one.
+async fn require_still_stored(store: &Store, name: &str, written: &[ObjectKey]) -> Result<(), Error> {
+    let folder = format!("{}/{name}/", layout::BACKUP_DIR);
+    let listed: HashSet<String> = store.list(&folder).await?.into_iter().map(|m| m.key.as_str().to_string()).collect();
+    let missing: Vec<&ObjectKey> = written.iter().filter(|k| !listed.contains(k.as_str())).collect();
+    let Some(first) = missing.first() else {
+        return Ok(());
+    };
+    let others = match missing.len() - 1 {
+        0 => String::new(),
+        n => format!(" and {n} other objects"),
+    };
+    Err(Error::NotFound(format!(
+        "{first}{others} of backup {name} were deleted from {} while backup-push ran (`wal-rs delete garbage` with a delete_garbage_min_age_secs shorter than the backup's pauses?); no sentinel was written: run backup-push again",
+        store.url()
+    )))
+}
+
+/// Keeps this run's writer record recent: rewrites it every `interval` until dropped.
+/// `delete garbage` deletes a folder with no sentinel once nothing in it was written for
+/// `delete_garbage_min_age_secs`, and a backup waiting for its WAL writes nothing else.
+struct WriterKeepAlive(tokio::task::JoinHandle<()>);
+
+impl WriterKeepAlive {
+    fn start(store: Arc<Store>, name: &str, record: Vec<u8>, interval: Duration) -> WriterKeepAlive {
+        let key = layout::backup_file_key(name, WRITER_FILE);
+        WriterKeepAlive(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let overwrite = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+                // A failed refresh is not the backup's failure: the check before the
+                // sentinel finds anything deleted meanwhile.
+                if let Err(e) = store.put_bytes(&key, record.clone(), overwrite).await {
+                    log::emit(
+                        Level::Warn,
+                        &[
+                            ("op", &"backup-push"),
+                            ("key", &key),
+                            ("outcome", &"writer record not refreshed"),
+                            ("error", &e),
+                        ],
+                    );
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for WriterKeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often the writer record is rewritten: a tenth of the garbage age this host's
+/// configuration gives `delete` (the default's 24 h gives once a minute), and no more than
+/// once every 5 s. An age below a minute or so cannot be kept to; the check before the
+/// sentinel then fails the backup rather than list it without its data.
+fn writer_refresh_interval(garbage_min_age: Duration) -> Duration {
+    (garbage_min_age / 10).clamp(Duration::from_secs(5), Duration::from_secs(60))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -236,7 +325,7 @@ async fn reserve_backup_name(
     start_file: &WalFileName,
     start_lsn: Lsn,
     seg_size: u32,
-) -> Result<String, Error> {
+) -> Result<Reservation, Error> {
     let plain = format!("base_{start_file}");
     let offset = format!("{plain}_{:08X}", start_lsn.0 % seg_size as u64);
     let writer = to_json(&serde_json::json!({
@@ -257,7 +346,7 @@ async fn reserve_backup_name(
         // finding the same bytes there means this run's own earlier try stored it.
         let record = layout::backup_file_key(&name, WRITER_FILE);
         if create_or_find_own(store, &record, writer.clone()).await? {
-            return Ok(name);
+            return Ok(Reservation { name, record: writer });
         }
     }
     Err(Error::AlreadyExists(format!(
@@ -284,6 +373,12 @@ async fn read_pg_control(path: &Path, system_identifier: u64) -> Result<Vec<u8>,
             "its CRC did not match in {PG_CONTROL_READS} reads, or it is another cluster's: the control file is damaged; check the server (pg_controldata) before taking a backup"
         ),
     })
+}
+
+/// A backup name this run holds, and the bytes of the writer record that holds it.
+struct Reservation {
+    name: String,
+    record: Vec<u8>,
 }
 
 /// Reads of pg_control before a torn copy is taken for a damaged file.
@@ -539,7 +634,7 @@ async fn wait_for_wal(
         if missing != waiting_for {
             (waiting_for, since, delay) = (missing, Instant::now(), Duration::from_millis(100));
         }
-        if let Some(gap) = gap_between(store, timeline, missing, last).await? {
+        if let Some(gap) = gap_between(store, timeline, missing, last, compression).await? {
             return Err(Error::NotFound(format!(
                 "WAL segment {gap} of the backup was dropped unarchived by archive_queue_max_bytes (gap record {} in {}): this backup can never be restored; take a new backup once archiving keeps up",
                 layout::gap_key(&gap.to_string()),
@@ -601,21 +696,31 @@ async fn first_missing(
     }
 }
 
-/// The first segment from `from` to `last` on `timeline` with a gap record: acknowledged
-/// to PostgreSQL without being archived (see `backup-list`'s and `wal-verify`'s reading of
-/// the same records).
+/// The first segment from `from` to `last` on `timeline` with a gap record and no object:
+/// acknowledged to PostgreSQL without being archived (see `backup-list`'s and
+/// `wal-verify`'s reading of the same records). A record whose segment is stored after all
+/// (the valve dropped it while an archive daemon's upload of it was under way) is no gap.
 async fn gap_between(
     store: &Store,
     timeline: TimelineId,
     from: SegmentId,
     last: SegmentId,
+    compression: Compression,
 ) -> Result<Option<WalFileName>, Error> {
-    Ok(super::common::gap_records(store)
+    let mut gaps: Vec<WalFileName> = super::common::gap_records(store)
         .await?
         .iter()
         .filter_map(|name| WalFileName::parse(name).ok())
         .filter(|n| matches!(n, WalFileName::Segment(t, s) if *t == timeline && (from..=last).contains(s)))
-        .min_by_key(|n| n.wal_segment()))
+        .collect();
+    gaps.sort_by_key(|n| n.wal_segment());
+    for gap in gaps {
+        let keys: Vec<ObjectKey> = layout::wal_candidates(&gap, compression).into_iter().map(|(k, _)| k).collect();
+        if store.find_first(&keys).await?.is_none() {
+            return Ok(Some(gap));
+        }
+    }
+    Ok(None)
 }
 
 fn hostname() -> String {
@@ -659,7 +764,7 @@ mod tests {
             let store = Arc::new(Store::Memory(MemoryStore::new()));
             let start = WalFileName::parse("000000010000000000000028").unwrap();
             let lsn = Lsn(0x28_0000_0028);
-            let reserve = || reserve_backup_name(&store, &start, lsn, 16 << 20);
+            let reserve = || async { reserve_backup_name(&store, &start, lsn, 16 << 20).await.map(|r| r.name) };
             // The first run takes the plain name; one starting in the same segment while it
             // runs (or after it died) gets the offset, a third a count.
             assert_eq!(reserve().await.unwrap(), "base_000000010000000000000028");
@@ -672,7 +777,7 @@ mod tests {
                 .put_bytes(&layout::sentinel_key("base_000000010000000000000030"), b"{}".to_vec(), create)
                 .await
                 .unwrap();
-            let name = reserve_backup_name(&store, &other, Lsn(0x30_0000_0100), 16 << 20).await.unwrap();
+            let name = reserve_backup_name(&store, &other, Lsn(0x30_0000_0100), 16 << 20).await.unwrap().name;
             assert_eq!(name, "base_000000010000000000000030_00000100");
         });
     }
@@ -708,6 +813,28 @@ mod tests {
             assert!(matches!(err, Error::NotFound(_)), "{err:?}");
             let shown = err.to_string();
             assert!(shown.contains("000000010000000000000005") && shown.contains("walrs/gaps/"), "{shown}");
+        });
+    }
+
+    /// The valve can drop a segment an archive daemon is uploading: its gap record then
+    /// stands beside the stored segment, and names no gap. The wait goes on for the
+    /// segment still on its way instead of failing the backup.
+    #[test]
+    fn a_gap_record_of_a_stored_segment_is_no_gap() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let (late, stored) = (SegmentId { log: 0, seg: 5 }, SegmentId { log: 0, seg: 6 });
+            put(&store, &segment_key(1, stored), b"segment").await;
+            put(&store, &layout::gap_key(&WalFileName::Segment(TimelineId(1), stored).to_string()), b"{}").await;
+            let arriving = store.clone();
+            let arrival = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                put(&arriving, &segment_key(1, late), b"segment").await;
+            });
+            let wait =
+                wait_for_wal(&store, TimelineId(1), late, stored, 16 << 20, Compression::Lz4, Duration::from_secs(30));
+            wait.await.expect("the wait ends once the late segment arrives");
+            arrival.await.unwrap();
         });
     }
 
@@ -765,6 +892,94 @@ mod tests {
             assert!(matches!(err, Error::Timeout(_)), "{err:?}");
             assert!(err.to_string().contains(&WalFileName::Segment(TimelineId(1), next).to_string()), "{err}");
             assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        });
+    }
+
+    fn metadata() -> BackupMetadata {
+        serde_json::from_value(serde_json::json!({
+            "start_time": "2026-11-27T10:00:00Z", "finish_time": "2026-11-27T11:00:00Z",
+            "date_fmt": "%Y-%m-%dT%H:%M:%S.%fZ", "hostname": "db1", "data_dir": "/var/lib/postgresql/15/main",
+            "pg_version": 150004, "start_lsn": 1, "finish_lsn": 2, "is_permanent": false,
+            "system_identifier": 7, "uncompressed_size": 3, "compressed_size": 3
+        }))
+        .unwrap()
+    }
+
+    /// `delete garbage` deleted a partition while the push waited for its WAL: the push
+    /// fails, naming it, and writes no sentinel, which would list a backup without its data.
+    #[test]
+    fn a_partition_deleted_before_the_sentinel_fails_the_push_without_a_sentinel() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let name = "base_000000010000000000000028";
+            put(&store, &layout::backup_file_key(name, WRITER_FILE), b"{}").await;
+            let parts = [
+                layout::partition_name(1, Compression::Lz4),
+                layout::partition_name(2, Compression::Lz4),
+                layout::pg_control_partition_name(Compression::Lz4),
+            ];
+            for part in &parts {
+                put(&store, &layout::partition_key(name, part), b"tar").await;
+            }
+            let manifest = Manifest {
+                version: 1,
+                backup: name.into(),
+                compression: "lz4".into(),
+                partitions: parts.iter().map(|p| PartitionEntry { name: p.clone(), ..Default::default() }).collect(),
+            };
+            let sentinel: Sentinel = serde_json::from_str(r#"{"LSN":1,"FinishLSN":2}"#).unwrap();
+            let deleted = layout::partition_key(name, &parts[1]);
+            store.delete(&deleted).await.unwrap();
+
+            let err = write_documents(&store, name, manifest.clone(), &metadata(), &sentinel).await.unwrap_err();
+
+            assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+            assert!(err.to_string().starts_with(&format!("{deleted} of backup {name} were deleted")), "{err}");
+            assert!(store.head(&layout::sentinel_key(name)).await.unwrap().is_none(), "a sentinel was written");
+            // The writer record gone too (the whole folder deleted): the same.
+            put(&store, &deleted, b"tar").await;
+            store.delete(&layout::backup_file_key(name, WRITER_FILE)).await.unwrap();
+            let err = write_documents(&store, name, manifest.clone(), &metadata(), &sentinel).await.unwrap_err();
+            assert!(err.to_string().contains(WRITER_FILE), "{err}");
+            assert!(store.head(&layout::sentinel_key(name)).await.unwrap().is_none(), "a sentinel was written");
+            // Everything there: the sentinel is written.
+            put(&store, &layout::backup_file_key(name, WRITER_FILE), b"{}").await;
+            write_documents(&store, name, manifest, &metadata(), &sentinel).await.unwrap();
+            let stored = store.get_bytes(&layout::sentinel_key(name)).await.unwrap();
+            assert_eq!(serde_json::from_slice::<Sentinel>(&stored).unwrap(), sentinel);
+        });
+    }
+
+    /// A push waiting for its WAL writes nothing else into its folder: the writer record is
+    /// rewritten (same bytes, new write time) so `delete garbage` finds the folder recent.
+    #[test]
+    fn the_writer_record_is_kept_recent_while_the_push_runs() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let name = "base_000000010000000000000028";
+            let key = layout::backup_file_key(name, WRITER_FILE);
+            put(&store, &key, b"{\"pid\":1}").await;
+            let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+            let Store::Memory(memory) = &*store else { unreachable!() };
+            memory.set_modified(&key, two_days_ago);
+
+            let _keep_alive =
+                WriterKeepAlive::start(store.clone(), name, b"{\"pid\":1}".to_vec(), Duration::from_millis(10));
+            let refreshed = async {
+                loop {
+                    let meta = store.head(&key).await.unwrap().unwrap();
+                    if meta.modified.unwrap() > two_days_ago {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), refreshed).await.expect("the record was never rewritten");
+            assert_eq!(store.get_bytes(&key).await.unwrap(), b"{\"pid\":1}");
+            // With the default garbage age (24 h), once a minute; never more than every 5 s.
+            assert_eq!(writer_refresh_interval(Duration::from_secs(86400)), Duration::from_secs(60));
+            assert_eq!(writer_refresh_interval(Duration::from_secs(120)), Duration::from_secs(12));
+            assert_eq!(writer_refresh_interval(Duration::ZERO), Duration::from_secs(5));
         });
     }
 

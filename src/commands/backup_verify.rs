@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
-use super::backup_fetch::{get_with_retry, SharedReader};
+use super::backup_fetch::{
+    get_with_retry, key_refusal, missing_partitions, size_mismatch, walg_tar_sets, SharedReader,
+};
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract;
@@ -77,7 +79,8 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
     let backup = find_backup(&store, name).await?;
     let (manifest, parts) = super::backup_fetch::partitions_of(&store, &backup).await?;
     let has_manifest = manifest.is_some();
-    let mut problems = Vec::new();
+    let mut problems =
+        if has_manifest { Vec::new() } else { walg_partition_problems(&store, &backup.name, &parts).await? };
     let (files, bytes_stored, bytes_original) = {
         let store = store.clone();
         let backup_name = backup.name.clone();
@@ -107,6 +110,28 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<VerifyReport, Err
         problems,
         ms: started.elapsed().as_millis(),
     })
+}
+
+/// A backup without a wal-rs manifest: the partitions WAL-G's `files_metadata.json` lists
+/// that the store does not hold (or that file's own damage).
+async fn walg_partition_problems(
+    store: &Arc<Store>,
+    backup: &str,
+    parts: &[PartitionEntry],
+) -> Result<Vec<Problem>, Error> {
+    let sets = match walg_tar_sets(store, backup).await {
+        Ok(Some(sets)) => sets,
+        Ok(None) => return Ok(Vec::new()),
+        Err(Error::Corrupt { key, detail }) => return Ok(vec![Problem { object: key, detail }]),
+        Err(e) => return Err(e),
+    };
+    Ok(missing_partitions(&sets, parts)
+        .into_iter()
+        .map(|name| Problem {
+            object: layout::partition_key(backup, name).to_string(),
+            detail: "listed in files_metadata.json but missing from the store: the backup cannot be restored".into(),
+        })
+        .collect())
 }
 
 #[derive(Debug, Default)]
@@ -192,9 +217,18 @@ fn check_partition(
             Err(Error::Store(StoreError::NotFound { .. })) => return problem("missing from the store".into()),
             Err(e) => return Err(e),
         };
+        if has_manifest && reader.size != part.stored_size {
+            return problem(size_mismatch(reader.size, part.stored_size));
+        }
         let source = SharedReader::new(reader.body);
         let hashed = source.0.clone();
-        let result = codec::decompressor(compression, source).and_then(|mut stream| {
+        let stream = codec::decompressor(compression, source);
+        // The configured keys refuse the partition: a problem of the configuration, not of
+        // the backup, which says nothing about it.
+        if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
+            return Err(refused);
+        }
+        let result = stream.and_then(|mut stream| {
             let summary =
                 extract::check(&mut stream, expected.as_ref()).map_err(|e| io::Error::other(e.to_string()))?;
             io::copy(&mut stream, &mut io::sink())?;
@@ -358,6 +392,50 @@ mod tests {
         assert_eq!(damaged.problems.len(), 1, "{:?}", damaged.problems);
         let missing = check(dir.path().to_path_buf(), "part_003.tar.lz4").unwrap();
         assert_eq!(missing.problems[0].detail, "missing from the store");
+    }
+
+    /// The configured keys refuse a partition (sealed, no key configured): the command fails
+    /// with the key error (exit 14); the backup may well be sound.
+    #[test]
+    fn a_partition_no_configured_key_opens_fails_the_command() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let backup = "base_000000010000000000000002";
+        let key = layout::partition_key(backup, "part_001.tar");
+        std::fs::create_dir_all(dir.path().join(key.as_str()).parent().unwrap()).unwrap();
+        let sealed = crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), b"a tar").unwrap();
+        std::fs::write(dir.path().join(key.as_str()), sealed).unwrap();
+        let store = Arc::new(Store::Local(crate::store::local::LocalStore::new(dir.path().to_path_buf())));
+        let parts = [PartitionEntry { name: "part_001.tar".into(), ..Default::default() }];
+        let err = check_all(&store, backup, &parts, false, 1, Duration::from_secs(1), rt.handle()).unwrap_err();
+        assert_eq!(crate::exit::code_of(&err), crate::exit::KEY, "{err}");
+    }
+
+    /// A WAL-G backup whose files_metadata.json lists a partition the store lacks.
+    #[test]
+    fn a_walg_partition_missing_from_the_store_is_a_problem() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = Arc::new(Store::Memory(MemoryStore::new()));
+            let backup = "base_000000010000000000000002";
+            let metadata =
+                br#"{"Files":{},"TarFileSets":{"part_001.tar":["base/1/1259"],"part_002.tar":["backup_label"]}}"#;
+            let key = layout::backup_file_key(backup, "files_metadata.json");
+            let opts = PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+            store.put_bytes(&key, metadata.to_vec(), opts).await.unwrap();
+            let part = |name: &str| PartitionEntry { name: name.into(), ..Default::default() };
+            let stored = [part("part_002.tar.lz4"), part("pg_control.tar.lz4")];
+            let problems = walg_partition_problems(&store, backup, &stored).await.unwrap();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].object, format!("basebackups_005/{backup}/tar_partitions/part_001.tar"));
+            let all = [part("part_001.tar.lz4"), part("part_002.tar.lz4"), part("pg_control.tar.lz4")];
+            assert!(walg_partition_problems(&store, backup, &all).await.unwrap().is_empty());
+            // No files_metadata.json (older WAL-G): nothing to compare with.
+            assert!(walg_partition_problems(&store, "base_000000010000000000000004", &stored)
+                .await
+                .unwrap()
+                .is_empty());
+        });
     }
 
     #[test]

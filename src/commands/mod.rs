@@ -478,6 +478,7 @@ fn report_drill(op: &str, r: &restore_drill::DrillReport, json: bool) -> u8 {
             ("amcheck", &r.amcheck),
             ("amcheck_ms", &r.amcheck_ms),
             ("databases", &r.databases),
+            ("prepared_rolled_back", &r.prepared_rolled_back),
             ("tables", &r.tables),
             ("ms", &r.total_ms),
             ("outcome", &if r.passed { "passed" } else { "failed" }),

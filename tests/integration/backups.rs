@@ -36,6 +36,7 @@ mod code {
     pub const CORRUPT: i32 = 10;
     pub const NOT_FOUND: i32 = 12;
     pub const TIMEOUT: i32 = 13;
+    pub const KEY: i32 = 14;
 }
 
 /// How long a restored cluster may take to replay the archive and promote.
@@ -360,11 +361,9 @@ fn point_in_time_restores(wd: &WorkDir, store: &StoreEnv) {
 /// end of the new store's archive.
 ///
 /// The backup of the restored cluster carries its postgresql.auto.conf, where the first
-/// backup-fetch wrote `recovery_target_time` and `recovery_target_action`. At the time of
-/// writing the second backup-fetch appends only a new restore_command
-/// (write_recovery_settings in src/commands/backup_fetch.rs, via
-/// src/pg/recovery_conf.rs's settings(), which writes only the targets given), so the stale
-/// target of the first restore still applies to the second recovery.
+/// backup-fetch wrote `recovery_target_time` and `recovery_target_action`. The second
+/// backup-fetch must drop those, not only append a new restore_command: a stale target of
+/// the first restore would still apply to the second recovery.
 #[test]
 fn local_store_backup_of_a_point_in_time_copy_restores_to_its_end() {
     let wd = WorkDir::new("bk-pitr-again");
@@ -620,12 +619,9 @@ fn local_store_tablespace_restores_remapped_and_in_place() {
 /// `pg_tablespace_location()` is what pg_dumpall writes into CREATE TABLESPACE, and what
 /// scripts compare.
 ///
-/// At the time of writing this fails: the restored link and tablespace_map say
-/// `<location>/`. walk::tablespaces (src/backup/walk.rs) records each location with a
-/// trailing '/' (WAL-G's spec format), and backup-fetch (src/commands/backup_fetch.rs, the
-/// `PathBuf::from(&ts.location)` in run()) uses that string unchanged for the
-/// `pg_tblspc/<oid>` symlink and for the rewritten tablespace_map, from which PostgreSQL
-/// recreates the link at startup.
+/// The sentinel records each location with a trailing '/' (WAL-G's spec format): the
+/// `pg_tblspc/<oid>` link and the rewritten tablespace_map, from which PostgreSQL recreates
+/// the link at startup, must not carry it.
 #[test]
 fn local_store_in_place_tablespace_restore_keeps_the_exact_location() {
     let wd = WorkDir::new("bk-tblspc-exact");
@@ -941,4 +937,63 @@ fn walg_fixture_backup_lists_and_restores() {
         [[Some("1500".to_string()), Some("1125750".to_string()), Some("500".to_string())]],
         "the table the fixture's README describes"
     );
+}
+
+/// A copy of the WAL-G-layout fixture's store in `wd`.
+fn walg_fixture_copy(wd: &WorkDir) -> StoreEnv {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/walg-layout-pg15/store");
+    let copy = wd.join("walg-store");
+    run_ok(Command::new("cp").arg("-r").arg(&fixture).arg(&copy), "copying the fixture's store");
+    StoreEnv::local(&copy)
+}
+
+/// WAL-G writes backup_label into its last partition: with the data partition lost, the
+/// restore had backup_label, pg_control and nothing else, and exited 0. files_metadata.json
+/// lists every partition: backup-fetch refuses before writing anything, backup-verify
+/// reports the missing one.
+#[test]
+fn walg_backup_missing_a_data_partition_is_refused() {
+    let wd = WorkDir::new("bk-walg-missing");
+    let store = walg_fixture_copy(&wd);
+    let walrs = WalRs::new(&wd, &store);
+    let part = "basebackups_005/base_000000010000000000000002/tar_partitions/part_001.tar.lz4";
+    fs::remove_file(store.object_path(part)).unwrap();
+
+    let dest = wd.join("restored");
+    let run = walrs.run(&["backup-fetch", path_str(&dest), "LATEST"]);
+    run.expect_code(code::CORRUPT, "backup-fetch of a WAL-G backup missing part_001");
+    assert!(run.stderr.contains("part_001.tar"), "the error does not name part_001: {run:#?}");
+    assert!(!dest.exists(), "the refused restore created {}", dest.display());
+
+    let run = walrs.run(&["backup-verify", "LATEST", "--json"]);
+    run.expect_code(code::CORRUPT, "backup-verify of a WAL-G backup missing part_001");
+    let report = json_of(&run);
+    assert_eq!(report["ok"], false, "{report:#}");
+    let problems = report["problems"].as_array().expect("problems");
+    assert!(
+        problems.iter().any(|p| p["object"].as_str().is_some_and(|o| o.ends_with("tar_partitions/part_001.tar"))),
+        "no problem names part_001: {report:#}"
+    );
+}
+
+/// Encryption required (a key file, plaintext not allowed) and a plaintext backup: the
+/// keys refuse it, exit 14 with wal-fetch's explanation, at once and without retries, in
+/// backup-fetch and backup-verify alike.
+#[test]
+fn walg_backup_refused_by_the_keys_is_a_key_error() {
+    let wd = WorkDir::new("bk-walg-key");
+    let keys = wd.join("keys");
+    fs::write(&keys, "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90\n").unwrap();
+    fs::set_permissions(&keys, fs::Permissions::from_mode(0o600)).unwrap();
+    let store = walg_fixture_copy(&wd).with("WALRS_ENCRYPTION_KEY_FILE", path_str(&keys));
+    let walrs = WalRs::new(&wd, &store);
+
+    let run = walrs.run(&["backup-fetch", path_str(&wd.join("restored")), "LATEST"]);
+    run.expect_code(code::KEY, "backup-fetch of a plaintext backup with encryption required");
+    assert!(run.stderr.contains("encryption_allow_plaintext"), "no hint: {run:#?}");
+    assert!(!run.logged("attempt", "1"), "the refusal was retried: {run:#?}");
+
+    let run = walrs.run(&["backup-verify", "LATEST"]);
+    run.expect_code(code::KEY, "backup-verify of a plaintext backup with encryption required");
+    assert!(run.stderr.contains("encryption_allow_plaintext"), "no hint: {run:#?}");
 }

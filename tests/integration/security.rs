@@ -3,7 +3,9 @@
 //! that reaches the primary's checksums, a wrong or missing key refused by id, tampered and
 //! truncated objects refused with nothing written), `backup-verify` naming a damaged
 //! partition and a missing WAL segment, and the restore drill passing on a good backup and
-//! failing on a damaged one.
+//! failing on a damaged one, staying inside its folder (tablespaces, a linked
+//! postgresql.conf) on the primary's host, and passing on a backup taken with a prepared
+//! transaction open (the primary's `max_prepared_transactions`).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -173,6 +175,87 @@ fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
     assert!(!target.exists(), "a truncated object was restored");
     fs::write(&object, &original).unwrap();
     WalRs::new(wd, &store).fetch(name, &target).expect_code(0, "wal-fetch of the repaired object");
+}
+
+/// A backup of a cluster configured the Debian way: `postgresql.conf` a link to a file
+/// outside the data directory that names it (`data_directory`), and a tablespace outside it
+/// too. The drill, on the primary's own host, works on its copy alone: it passes, leaves
+/// nothing in its folder, and the live cluster's configuration, tablespace and server are
+/// as they were.
+#[test]
+fn local_store_restore_drill_stays_inside_its_folder() {
+    let wd = WorkDir::new("drill-inside");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let primary = PgCluster::archiving(&wd, "primary", &store);
+    let ts_dir = wd.pg_dir("ts");
+    primary.query(&format!("create tablespace ts1 location '{}'", ts_dir.display()));
+    primary.query("create table tt (id int primary key) tablespace ts1");
+    primary.query("insert into tt select generate_series(1, 1000)");
+    let etc = wd.pg_dir("etc");
+    let live_conf = etc.join("postgresql.conf");
+    fs::rename(primary.data.join("postgresql.conf"), &live_conf).expect("moving postgresql.conf out");
+    let mut conf_text = String::from_utf8(read(&live_conf)).unwrap();
+    conf_text.push_str(&format!("data_directory = '{}'\n", primary.data.display()));
+    fs::write(&live_conf, &conf_text).unwrap();
+    std::os::unix::fs::symlink(&live_conf, primary.data.join("postgresql.conf")).unwrap();
+    let walrs = walrs_for(&wd, &store, &primary);
+    let pushed = walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]);
+    pushed.expect_code(0, "backup-push");
+    let backup = json_of(&pushed)["name"].as_str().expect("a name").to_string();
+    let tablespace_files = files_under(&ts_dir);
+
+    let drills = wd.pg_dir("drills");
+    let as_root = WalRs::new(&wd, &store).env("PGUSER", "postgres");
+    let run = as_root.run(&["backup-verify", &backup, "--restore-drill", "--drill-dir", path_str(&drills), "--json"]);
+    run.expect_code(0, "restore drill of a backup with a linked postgresql.conf and a tablespace");
+    let drill = json_of(&run);
+    assert_eq!(drill["passed"], true, "{drill}");
+    assert!(drill["tables"].as_u64().unwrap_or(0) >= 1, "the table in the tablespace was not found: {drill}");
+    assert!(fs::read_dir(&drills).unwrap().next().is_none(), "the drill left its folder behind");
+    assert_eq!(String::from_utf8(read(&live_conf)).unwrap(), conf_text, "the live configuration was changed");
+    assert_eq!(files_under(&ts_dir), tablespace_files, "the live tablespace was written into");
+    assert_eq!(primary.one("select pg_is_in_recovery()::text || ' ' || count(*) from tt"), "false 1000");
+}
+
+/// A primary using two-phase commit, with a transaction prepared and still open when the
+/// backup is taken: recovery restores it into one of `max_prepared_transactions` slots, of
+/// which PostgreSQL's default has none. The drill takes the primary's value from the
+/// restored pg_control, rolls the transaction back in its copy (its table lock would block
+/// the checks) and passes; the primary then commits the transaction.
+#[test]
+fn local_store_restore_drill_recovers_a_prepared_transaction() {
+    let wd = WorkDir::new("drill-2pc");
+    let store = StoreEnv::local(&wd.pg_dir("store"));
+    let primary = PgCluster::init(&wd, "primary");
+    primary.set(&[("max_prepared_transactions", "5")]);
+    primary.archive_to(&store);
+    primary.start();
+    primary.query("create table ledger (id int primary key)");
+    primary.query("insert into ledger select generate_series(1, 100)");
+    // Prepared DDL: its lock on the table comes back with the recovery and would block the
+    // drill's checks for ever, unless the drill rolls it back in its copy.
+    primary.query(
+        "begin; insert into ledger values (101); alter table ledger add column note text; \
+         prepare transaction 'walrs-drill'",
+    );
+    let walrs = walrs_for(&wd, &store, &primary);
+    walrs.run(&["backup-push", "--fast", "--json", path_str(&primary.data)]).expect_code(0, "backup-push");
+    assert_eq!(primary.one("select count(*) from pg_prepared_xacts"), "1", "the prepared transaction ended early");
+
+    let drills = wd.pg_dir("drills");
+    let as_root = WalRs::new(&wd, &store).env("PGUSER", "postgres");
+    let run = as_root.run(&["backup-verify", "LATEST", "--restore-drill", "--drill-dir", path_str(&drills), "--json"]);
+    run.expect_code(0, "restore drill of a backup taken with a prepared transaction open");
+    let drill = json_of(&run);
+    assert_eq!(drill["passed"], true, "{drill}");
+    assert_eq!(drill["prepared_rolled_back"], 1, "{drill}");
+    assert!(drill["tables"].as_u64().unwrap_or(0) >= 1, "the table was not found: {drill}");
+    assert!(fs::read_dir(&drills).unwrap().next().is_none(), "the drill left its folder behind");
+
+    // The prepared transaction stays the primary's own: committing it lets the cluster
+    // stop cleanly.
+    primary.query("commit prepared 'walrs-drill'");
+    assert_eq!(primary.one("select count(*) || ' ' || max(id) from ledger"), "101 101");
 }
 
 #[test]
