@@ -58,7 +58,7 @@ pub async fn tick(ctx: &Ctx, n: u64) -> Result<()> {
         );
     }
     c.execute("DELETE FROM observations WHERE at < now() - interval '10 minutes'", &[]).await?;
-    if n % 10 == 0 {
+    if n.is_multiple_of(10) {
         refresh_backups(ctx, &c).await?;
     }
     Ok(())

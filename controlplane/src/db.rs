@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS servers (
 -- (rollback re-pointing a follower, unfollow, destroy): a step that started before commits
 -- its result only if the generation it read is still the server's.
 ALTER TABLE servers ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
+-- Times the server was sent back to `restoring` because `starting` or `recovering` kept
+-- failing; reset when it becomes available. Bounds the restores (worker::RESTORE_CYCLES).
+ALTER TABLE servers ADD COLUMN IF NOT EXISTS restore_restarts int NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS backups (
     timeline_id text NOT NULL REFERENCES timelines (id),
     name text NOT NULL,
@@ -133,14 +136,9 @@ async fn start_private(cfg: &Config, data: &Path) -> Result<()> {
             "-c".into(),
             format!("cat >> '{pgdata_s}/postgresql.conf' && touch '{pgdata_s}/walrs_control_ready'"),
         ];
-        append_via_stdin(&argv, &conf).await?;
+        sys::run_as_postgres_with_input(&argv, &[], Some(&conf)).await?.ok("configuring the state database")?;
     }
-    let running = std::fs::read_to_string(pgdata.join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
-        // SAFETY: signal 0 only checks existence.
-        .is_some_and(|pid| unsafe { libc::kill(pid, 0) == 0 });
-    if !running {
+    if !sys::postmaster_running(&pgdata) {
         let log = data.join("state.log").display().to_string();
         let argv: Vec<String> =
             [pg_tool("pg_ctl"), "-D".into(), pgdata_s, "-l".into(), log, "-w".into(), "-t".into(), "60".into()]
@@ -150,28 +148,6 @@ async fn start_private(cfg: &Config, data: &Path) -> Result<()> {
         run_as_postgres(&argv, &[]).await?.ok("starting the state database")?;
         crate::info!("event" = "state_db_started", "data" = data.display());
     }
-    Ok(())
-}
-
-/// Runs `argv` as postgres with `input` on its stdin.
-async fn append_via_stdin(argv: &[String], input: &str) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = if sys::is_root() {
-        let mut c = tokio::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).args(argv);
-        c
-    } else {
-        let mut c = tokio::process::Command::new(&argv[0]);
-        c.args(&argv[1..]);
-        c
-    };
-    cmd.stdin(std::process::Stdio::piped()).current_dir("/");
-    let mut child = cmd.spawn().context("running sh")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(input.as_bytes()).await?;
-    drop(stdin);
-    let status = child.wait().await?;
-    anyhow::ensure!(status.success(), "configuring the state database failed: {status}");
     Ok(())
 }
 

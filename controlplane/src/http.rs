@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::GenericClient;
@@ -58,6 +59,30 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON request body, like axum's [`Json`], whose rejections (malformed JSON, a missing
+/// `Content-Type: application/json`, a missing or mistyped field) are answered like every
+/// other API error: 422 with `{"error": "one line"}`, not axum's plain text.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(body)) => Ok(Body(body)),
+            Err(rejection) => Err(ApiError::Invalid(format!(
+                "request body: {}; send a JSON object with Content-Type: application/json",
+                one_line(&rejection.body_text())
+            ))),
+        }
+    }
+}
+
+/// `text` on one line: its lines joined with spaces.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 /// The router.
 pub fn router(ctx: Arc<Ctx>) -> Router {
@@ -137,25 +162,28 @@ fn check_attributes(attributes: Option<Value>) -> ApiResult<Value> {
     }
 }
 
-/// `at` as UTC text for recovery_target_time; refused when unparsable, infinite or in the
-/// future.
+/// `at` as UTC text for recovery_target_time; refused when unparsable, infinite, before
+/// year 1 AD or in the future. The text has no era, so a BC time would come back as the same
+/// date AD, a target the archive never reaches.
 async fn parse_at(c: &impl GenericClient, at: &str) -> ApiResult<String> {
+    const USE: &str = "use RFC 3339, e.g. 2026-01-02T03:04:05Z";
     let row = c
         .query_one(
-            "SELECT to_char(t at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', t <= now(), isfinite(t)
+            "SELECT to_char(t at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', t <= now(), isfinite(t),
+                    isfinite(t) AND extract(year FROM t at time zone 'UTC') >= 1
              FROM (SELECT $1::text::timestamptz AS t) x",
             &[&at],
         )
         .await
-        .map_err(|_| ApiError::Invalid(format!("at {at:?}: not a time; use RFC 3339, e.g. 2026-01-02T03:04:05Z")))?;
-    let (text, past, finite): (Option<String>, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        .map_err(|_| ApiError::Invalid(format!("at {at:?}: not a time; {USE}")))?;
+    let (text, past, finite, anno_domini): (Option<String>, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     match text {
-        _ if !finite => {
-            Err(ApiError::Invalid(format!("at {at:?}: not a finite time; use RFC 3339, e.g. 2026-01-02T03:04:05Z")))
-        }
+        _ if !finite => Err(ApiError::Invalid(format!("at {at:?}: not a finite time; {USE}"))),
+        _ if !anno_domini => Err(ApiError::Invalid(format!("at {at:?}: before year 1 AD; {USE}"))),
         _ if !past => Err(ApiError::Invalid(format!("at {at:?} is in the future"))),
         Some(text) => Ok(text),
-        None => Err(ApiError::Invalid(format!("at {at:?}: not a time; use RFC 3339, e.g. 2026-01-02T03:04:05Z"))),
+        None => Err(ApiError::Invalid(format!("at {at:?}: not a time; {USE}"))),
     }
 }
 
@@ -210,7 +238,7 @@ async fn insert_resource(
     Ok(id)
 }
 
-async fn create(State(ctx): State<Arc<Ctx>>, Json(b): Json<CreateBody>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn create(State(ctx): State<Arc<Ctx>>, Body(b): Body<CreateBody>) -> ApiResult<(StatusCode, Json<Value>)> {
     check_name(&b.name)?;
     let attrs = check_attributes(b.attributes)?;
     let mut c = db::connect(&ctx.conninfo).await?;
@@ -226,7 +254,7 @@ async fn create(State(ctx): State<Arc<Ctx>>, Json(b): Json<CreateBody>) -> ApiRe
 async fn fork(
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
-    Json(b): Json<ForkBody>,
+    Body(b): Body<ForkBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_name(&b.name)?;
     let mut c = db::connect(&ctx.conninfo).await?;
@@ -251,7 +279,7 @@ async fn fork(
 async fn rollback(
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
-    Json(b): Json<AtBody>,
+    Body(b): Body<AtBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut c = db::connect(&ctx.conninfo).await?;
     let tx = c.transaction().await?;
@@ -299,7 +327,7 @@ async fn add_follower(State(ctx): State<Arc<Ctx>>, Path(name): Path<String>) -> 
 async fn unfollow(
     State(ctx): State<Arc<Ctx>>,
     Path(sid): Path<String>,
-    Json(b): Json<NameBody>,
+    Body(b): Body<NameBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_name(&b.name)?;
     let mut c = db::connect(&ctx.conninfo).await?;

@@ -60,6 +60,9 @@ pub struct Server {
     /// Bumped by every change made by someone other than the server's own step (re-pointing
     /// on rollback, unfollow, destroy); a step's result commits only if it is unchanged.
     pub generation: i64,
+    /// Times it was sent back to `restoring` because it kept failing to start; reset once it
+    /// is available.
+    pub restore_restarts: i32,
 }
 
 /// States after which a server needs no work until something changes.
@@ -77,7 +80,8 @@ pub fn server_restartable(state: &str) -> bool {
 pub async fn load_server(c: &impl GenericClient, id: &str) -> Result<Option<Server>> {
     let row = c
         .query_opt(
-            "SELECT s.id, s.resource_id, s.role, s.state, s.timeline_id, t.store, s.spec, s.handle, s.generation
+            "SELECT s.id, s.resource_id, s.role, s.state, s.timeline_id, t.store, s.spec, s.handle, s.generation,
+                    s.restore_restarts
              FROM servers s JOIN timelines t ON t.id = s.timeline_id WHERE s.id = $1",
             &[&id],
         )
@@ -95,6 +99,7 @@ pub async fn load_server(c: &impl GenericClient, id: &str) -> Result<Option<Serv
         spec: serde_json::from_value(spec).context("server spec")?,
         handle: handle.map(serde_json::from_value).transpose().context("server handle")?,
         generation: r.get(8),
+        restore_restarts: r.get(9),
     }))
 }
 

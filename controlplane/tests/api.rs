@@ -416,6 +416,22 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
     );
 
     // --- roll back to T: the resource points at a new server with exactly the rows of T.
+    // Followers that had used restores of their own get all of them again: the rollback's
+    // re-pointing resets their count. A trigger records the count as they are sent back to
+    // `restoring` (it is reset again anyway once they are available).
+    let state_db = cp.state_db();
+    sql(
+        &state_db,
+        &format!(
+            "UPDATE servers SET restore_restarts = 2 WHERE id IN ('{f1}', '{f2}');
+             CREATE TABLE test_resent (id text, restore_restarts int);
+             CREATE FUNCTION test_note_resent() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO test_resent VALUES (NEW.id, NEW.restore_restarts); RETURN NULL; END $$;
+             CREATE TRIGGER test_note_resent AFTER UPDATE ON servers FOR EACH ROW
+               WHEN (NEW.state = 'restoring' AND NEW.generation <> OLD.generation) EXECUTE FUNCTION test_note_resent();"
+        ),
+    )
+    .unwrap();
     let t = Instant::now();
     let old_leader = app["leader"]["id"].as_str().unwrap().to_string();
     cp.call("POST", "/databases/app/rollback", Some(json!({ "at": at })), 202);
@@ -435,6 +451,11 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
         wait_rows("a follower after the rollback", &url_of(&s), (20, 20));
     }
     stamp("followers rebuilt after the rollback", t);
+    let resent = sql(&state_db, "SELECT id, restore_restarts FROM test_resent ORDER BY id").unwrap();
+    let mut expect = vec![vec![Some(f1.clone()), Some("0".to_string())], vec![Some(f2.clone()), Some("0".to_string())]];
+    expect.sort();
+    assert_eq!(resent, expect, "followers sent back to restoring by the rollback: (id, restore_restarts)");
+    sql(&state_db, "DROP TRIGGER test_note_resent ON servers").unwrap();
     sql(&new_url, "insert into t values (21)").unwrap();
     wait_rows("a follower of the rolled-back leader", &f1_url, (21, 21));
 
@@ -473,7 +494,7 @@ fn databases_follow_fork_converge_roll_back_unfollow_and_destroy() {
 }
 
 /// The API's checks, with no worker (nothing converges; the state database is set by hand):
-/// bad attributes and non-finite times are refused with 422, and a handler that changes a
+/// bad bodies, bad attributes and non-finite or BC times are refused with 422 and a JSON error, and a handler that changes a
 /// database waits for a concurrent change of that database and then answers 409, instead of
 /// acting on the state it read before.
 #[test]
@@ -487,6 +508,13 @@ fn api_refuses_bad_input_and_serializes_changes_of_a_database() {
         assert_eq!(status, 422, "attributes {bad}: {v}");
     }
     assert_eq!(cp.http("GET", "/databases/bad", None).0, 404);
+    // --- bodies the JSON extractor refuses get the API's error format too.
+    for bad in [json!({}), json!({ "name": 5 }), json!([])] {
+        let (status, v) = cp.http("POST", "/databases", Some(bad.clone()));
+        assert_eq!(status, 422, "body {bad}: {v}");
+        let error = v["error"].as_str().unwrap_or_else(|| panic!("body {bad}: no JSON error in the answer {v}"));
+        assert!(!error.contains('\n'), "not one line: {error}");
+    }
     cp.call("POST", "/databases", Some(json!({ "name": "db", "attributes": { "team": "a" } })), 201);
 
     // No worker runs: make the database look available by hand.
@@ -506,8 +534,9 @@ fn api_refuses_bad_input_and_serializes_changes_of_a_database() {
     };
     exec("UPDATE resources SET state = 'available' WHERE name = 'db'");
 
-    // --- times that are not finite (to_char gives NULL for them).
-    for at in ["-infinity", "infinity"] {
+    // --- times that are not finite (to_char gives NULL for them), or BC (to_char drops the
+    // era: 3000 BC would become 3000 AD, a target never reached).
+    for at in ["-infinity", "infinity", "3000-01-01 BC", "0001-12-31 23:59:59+00 BC"] {
         for path in ["/databases/db/rollback", "/databases/db/forks"] {
             let (status, v) = cp.http("POST", path, Some(json!({ "name": "db-fork", "at": at })));
             assert_eq!(status, 422, "POST {path} at {at}: {v}");

@@ -63,7 +63,9 @@ pub async fn step(tx: &Transaction<'_>, id: &str) -> Result<bool> {
 }
 
 /// Rollback's last step: the resource points at the new leader and its timeline; the old
-/// leader is destroyed; followers are restored again as standbys of the new leader.
+/// leader is destroyed; followers are restored again as standbys of the new leader. That is
+/// a new start (also for a `failed` follower), so a follower's count of restores from scratch
+/// starts again at 0: restores it used against the old leader say nothing about the new one.
 async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &str) -> Result<()> {
     tx.execute(
         "UPDATE resources SET leader_id = $2, timeline_id = (SELECT timeline_id FROM servers WHERE id = $2),
@@ -91,7 +93,7 @@ async fn swap_leader(tx: &Transaction<'_>, id: &str, old: Option<&str>, new: &st
         .query(
             "UPDATE servers SET state = 'restoring', spec = jsonb_build_object('source', 'standby', 'leader', $2::text),
                                 timeline_id = (SELECT timeline_id FROM servers WHERE id = $2),
-                                generation = generation + 1, updated_at = now()
+                                generation = generation + 1, restore_restarts = 0, updated_at = now()
              WHERE resource_id = $1 AND role = 'follower' AND state NOT IN ('destroying', 'destroyed') RETURNING id",
             &[&id, &new],
         )

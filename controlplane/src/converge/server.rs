@@ -14,8 +14,8 @@ use crate::provider::{Handle, Provider};
 /// line, configuration, input refused, cluster mismatch, not found.
 const FATAL_WALRS_CODES: [i32; 5] = [2, 3, 4, 6, 12];
 
-/// Consecutive attempts of a backup-push that exits 3 before the server is `failed`. wal-rs
-/// exits 3 for a bad setting, but also when it cannot connect to PostgreSQL or a query fails
+/// Failed attempts in a row of a step (whatever failed: the job's count) from which a
+/// backup-push that exits 3 makes the server `failed`. wal-rs exits 3 for a bad setting, but also when it cannot connect to PostgreSQL or a query fails
 /// ("the server is in recovery" while a promotion finishes, connections refused for a moment
 /// after a crash), which a retry fixes. With the job's backoff (0.5 s doubling, at most
 /// 15 s), 10 attempts span about 1.5 minutes.

@@ -26,11 +26,6 @@ impl Local {
         self.root.join(&h.provider_id)
     }
 
-    fn pid(pgdata: &Path) -> Option<i32> {
-        let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    }
-
     async fn pg_ctl(&self, h: &Handle, args: &[&str]) -> Result<Output> {
         let mut argv = vec![pg_tool("pg_ctl"), "-D".into(), h.pgdata.clone()];
         argv.extend(args.iter().map(|s| s.to_string()));
@@ -96,11 +91,7 @@ impl Provider for Local {
     }
 
     async fn is_running(&self, h: &Handle) -> Result<bool> {
-        Ok(match Local::pid(Path::new(&h.pgdata)) {
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            Some(pid) if pid > 0 => unsafe { libc::kill(pid, 0) == 0 },
-            _ => false,
-        })
+        Ok(sys::postmaster_running(Path::new(&h.pgdata)))
     }
 
     async fn destroy(&self, h: &Handle) -> Result<()> {
