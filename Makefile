@@ -4,12 +4,12 @@
 CARGO ?= cargo
 TOOLS := $(CURDIR)/.cache/tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
-# s3s-fs newer than 0.14.1 needs a newer rustc than this toolchain: pin it.
+# s3s-fs is pinned: a newer release may need a newer rustc than the rust-version in Cargo.toml.
 S3S_FS_VERSION := 0.14.1
 
 export WALRS_S3S_FS := $(S3S_FS)
 
-.PHONY: build test unit integration soak tools demo bench lint fmt clean fuzz
+.PHONY: build test unit integration soak tools packages demo bench lint fmt clean fuzz
 
 # The workspace's binaries: wal-rs, wal-rs-control, and the fault proxy the tests use.
 build:
@@ -17,28 +17,36 @@ build:
 
 tools: $(S3S_FS)
 
+# Commands that a machine with only PostgreSQL 15 lacks, installed with apt-get when missing
+# (scripts/need-packages.sh): the tests run the lz4 tool (`lz4 -d` of a stored object must
+# give back the original bytes); the demo and the soak report run python3.
+packages:
+	bash scripts/need-packages.sh lz4
+
 $(S3S_FS):
 	$(CARGO) install --locked s3s-fs --version $(S3S_FS_VERSION) --features binary --root $(TOOLS)
 
 # All tests: unit tests, then integration tests against real PostgreSQL 15 and a real
 # S3-protocol server on 127.0.0.1.
-test: build tools
+test: build tools packages
 	$(CARGO) test --release --workspace
 
 unit:
 	$(CARGO) test --release --workspace --lib --bins
 
-integration: build tools
+integration: build tools packages
 	$(CARGO) test --release --test integration
 
 # Reliability scenarios (issue 6): archiving and recovery through injected faults, kill -9
 # at random moments, black holes, full disks. Seeded (WALRS_SOAK_SEED replays a run); each
 # writes target/soak-results/<scenario>.json, rendered into docs/reliability.md.
-soak: build tools
+soak: build tools packages
+	bash scripts/need-packages.sh python3
 	$(CARGO) test --release --test soak -- --test-threads=1
 	python3 scripts/soak-report.py
 
 demo: build
+	bash scripts/need-packages.sh python3
 	bash scripts/demo.sh
 
 # Benchmarks against pgBackRest on this machine (not tests: they report, they do not fail

@@ -60,20 +60,9 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "uptime before: $(uptime)"
 
 step "tools: pgBackRest, GNU time, stunnel"
-# A fresh machine may have no package lists yet: update only if the install fails.
-apt_install() {
-    [ "$(id -u)" = 0 ] || return 1
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "$@" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; }
-}
-missing=()
-command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)
-[ -x /usr/bin/time ] || missing+=(time)
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt_install "${missing[@]}" || die "could not install ${missing[*]} (installing needs root)"
-fi
-if [ "$pgbr_s3" = 1 ] && ! { command -v stunnel4 >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; }; then
-    if ! apt_install stunnel4 openssl; then
+bash "$repo/scripts/need-packages.sh" pgbackrest /usr/bin/time:time || die "pgBackRest and GNU time are needed"
+if [ "$pgbr_s3" = 1 ]; then
+    if ! bash "$repo/scripts/need-packages.sh" stunnel4 openssl; then
         pgbr_s3=0
         notes+=("stunnel4 could not be installed, so pgBackRest was not run on S3: wal-rs on S3 is compared with pgBackRest on posix")
     fi

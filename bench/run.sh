@@ -48,15 +48,7 @@ fi
 
 step "pgBackRest"
 # pgbackrest is the peer measured; GNU time (/usr/bin/time) reports each process's peak RSS.
-missing=()
-command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)
-[ -x /usr/bin/time ] || missing+=(time)
-if [ "${#missing[@]}" -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "${missing[*]} not installed, and installing needs root"
-    # A fresh machine may have no package lists yet: update only if the install fails.
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "${missing[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
-fi
+bash "$repo/scripts/need-packages.sh" pgbackrest /usr/bin/time:time || die "pgBackRest and GNU time are needed"
 pgbackrest_bin="$(command -v pgbackrest)"
 pgbackrest_version="$("$pgbackrest_bin" version)"
 echo "$pgbackrest_version at $pgbackrest_bin"

@@ -66,14 +66,7 @@ die() { echo "throughput: $*" >&2; exit 1; }
 id postgres >/dev/null 2>&1 || die "no postgres user: install PostgreSQL 15"
 
 step "prerequisites"
-missing=()
-command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)
-command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-if [ "${#missing[@]}" -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "${missing[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
-fi
+bash "$repo/scripts/need-packages.sh" pgbackrest stunnel4 openssl || die "pgBackRest, stunnel4 and openssl are needed"
 pgbackrest_bin="$(command -v pgbackrest)"
 pgbackrest_version="$("$pgbackrest_bin" version)"
 echo "$pgbackrest_version; $(stunnel4 -version 2>&1 | grep -m1 '^stunnel')"

@@ -28,8 +28,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-if ! apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; then
-    apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null || {
+# A fresh VM's first boot often has apt-daily holding the lock for a while: wait for it.
+apt=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
+if ! "${apt[@]}" install "${missing[@]}" >/dev/null 2>&1; then
+    "${apt[@]}" update >/dev/null && "${apt[@]}" install "${missing[@]}" >/dev/null || {
         echo "need-packages: could not install ${missing[*]} with apt-get: install them by hand" >&2
         exit 1
     }

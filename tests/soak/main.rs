@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo test --release --test soak -- --test-threads=1
-//! WALRS_SOAK_SEED=1234 cargo test --release --test soak crash -- --test-threads=1   # replay
+//! WALRS_SOAK_SEED=1234 cargo test --release --test soak crash::crash_wal_push -- --exact --test-threads=1
 //! ```
 //!
 //! - `faults`: a live primary archives 300+ segments through 10% injected faults (500, 503
@@ -16,9 +16,11 @@
 //! - `full_disk`: restores into small tmpfs file systems.
 //!
 //! Each scenario prints its seed and writes its figures to
-//! `target/soak-results/<scenario>.json`; `scripts/soak-report.py` renders them into
-//! docs/reliability.md. Sizes are chosen to finish in minutes on a 2-core machine; set
-//! `WALRS_SOAK_SCALE=N` to multiply the trial counts.
+//! `target/soak-results/<scenario>.json`, with the command that replays it (the test's full
+//! name, `--exact`); `scripts/soak-report.py` renders them into docs/reliability.md. Sizes
+//! are chosen to finish in minutes on a 2-core machine; set `WALRS_SOAK_SCALE=N` to
+//! multiply the trial counts. `cargo test --test soak checks` runs the checks of this
+//! machinery, in seconds.
 
 #[path = "../integration/harness/mod.rs"]
 #[allow(dead_code)]

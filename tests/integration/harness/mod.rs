@@ -8,9 +8,9 @@ pub mod pg;
 pub mod s3;
 pub mod workdir;
 
-use std::collections::HashSet;
 use std::fs;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-pub use workdir::WorkDir;
+pub use workdir::{prefetchers_in, WorkDir};
 
 use workdir::{is_root, postgres_ids};
 
@@ -41,18 +41,73 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on now and that no other test of this process
-/// has been given (tests run in parallel threads).
+/// A TCP port on 127.0.0.1 that nothing listens on now and that no other test has been
+/// given. The servers bind it later, after this returns, so the port is taken where nothing
+/// else takes ports unasked:
+/// - below the kernel's ephemeral range (`ip_local_port_range`), from which every outgoing
+///   connection (a test's client, wal-rs's S3 requests) takes its local port: a port from
+///   that range could be some connection's by the time PostgreSQL binds it;
+/// - never twice in this process (tests run in parallel threads);
+/// - never in two test processes at once (people run suites side by side): each port given
+///   is locked (`flock`) in [`PORT_LOCKS`] until this process exits.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    /// The ports given, and the open lock files that hold them.
+    static GIVEN: Mutex<Vec<(u16, fs::File)>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a free port").port();
-        if given.insert(port) {
+    let (first, end) = unclaimed_port_range();
+    let span = u32::from(end - first);
+    // Processes start at different places, so side-by-side runs rarely meet.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for i in 0..span {
+        let port = first + ((start + i) % span) as u16;
+        if given.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
+        let Some(lock) = lock_port(port) else { continue };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push((port, lock));
             return port;
         }
     }
+    panic!("no free port in {first}..{end}: every one is in use, or locked in {PORT_LOCKS}");
+}
+
+/// Where [`free_port`] keeps a lock file per port it gave out.
+pub const PORT_LOCKS: &str = "/tmp/walrs-test-ports";
+
+/// The ports [`free_port`] picks from, `first..end`: those outside the kernel's ephemeral
+/// range (`ip_local_port_range`, 32768-60999 by default), from 20000 up to it, else above it.
+fn unclaimed_port_range() -> (u16, u16) {
+    const FIRST: u16 = 20_000;
+    const ENOUGH: u16 = 1000;
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (low, high) = match (bounds.next().flatten(), bounds.next().flatten()) {
+        (Some(low), Some(high)) => (low, high),
+        _ => (32_768, 60_999),
+    };
+    if low >= FIRST + ENOUGH {
+        (FIRST, low)
+    } else if high < u16::MAX - ENOUGH {
+        (high + 1, u16::MAX)
+    } else {
+        panic!("net.ipv4.ip_local_port_range is {low}-{high}: the tests need {ENOUGH} ports outside it")
+    }
+}
+
+/// Locks `port` for this process: an exclusive `flock` on its file in [`PORT_LOCKS`], held
+/// for as long as the file returned stays open (the kernel drops it when the process exits,
+/// however it ends). None when another process holds it.
+fn lock_port(port: u16) -> Option<fs::File> {
+    let dir = Path::new(PORT_LOCKS);
+    if fs::create_dir(dir).is_ok() {
+        // Root and non-root runs share it; the sticky bit keeps each to its own files.
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o1777));
+    }
+    // Another user's lock file cannot be opened for writing: that user's run may hold it.
+    let file = fs::File::options().create(true).truncate(false).write(true).open(dir.join(port.to_string())).ok()?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(file)
 }
 
 /// A store as a test sees it: its URL, the environment wal-rs needs to reach it, and the
@@ -405,4 +460,71 @@ pub fn walrs_for(wd: &WorkDir, store: &StoreEnv, c: &pg::PgCluster) -> WalRs {
         .env("PGPORT", &c.port.to_string())
         .env("PGUSER", "postgres")
         .env("PGDATABASE", "postgres")
+}
+
+/// Checks of the harness itself: no PostgreSQL, no S3, a few seconds.
+#[cfg(test)]
+mod checks {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_locked_and_never_given_twice() {
+        let (first, end) = unclaimed_port_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was given twice: {ports:?}");
+        for port in ports {
+            assert!((first..end).contains(&port), "port {port} is in the ephemeral range (outside {first}..{end})");
+            assert!(lock_port(port).is_none(), "port {port} is not locked against other test processes");
+        }
+    }
+
+    #[test]
+    fn the_binary_is_linked_when_it_can_be_and_postgres_can_run_it() {
+        let wd = WorkDir::new("harness-bin");
+        let built = fs::metadata(env!("CARGO_BIN_EXE_wal-rs")).unwrap();
+        let installed = fs::metadata(wd.walrs()).unwrap();
+        if built.dev() == installed.dev() && built.mode() & 0o005 == 0o005 {
+            assert_eq!(installed.ino(), built.ino(), "{} is a copy: a link would do", wd.walrs().display());
+        }
+        assert_eq!(installed.mode() & 0o755, 0o755, "{} is not mode 755", wd.walrs().display());
+        let run = WalRs::without_store(&wd).run_as_postgres().run(&["--help"]);
+        run.expect_code(0, "wal-rs --help as postgres");
+        assert!(run.stdout.contains("wal-push"), "{run:#?}");
+    }
+
+    /// A process that has neither ended nor become a zombie (which has no command line).
+    fn is_running(pid: &str) -> bool {
+        fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+    }
+
+    #[test]
+    fn dropping_a_workdir_ends_its_prefetcher_then_removes_it() {
+        let wd = WorkDir::new("harness-prefetch");
+        let store = StoreEnv::local(&wd.dir("store"));
+        let src = wd.dir("src");
+        for segno in 1..4 {
+            let name = segment_name(1, segno);
+            let path = write_file(&src, &name, &craft_segment(1, segno, 7_300_000_000_000_000_901, segno));
+            WalRs::new(&wd, &store).push(&path).expect_code(0, "pushing a segment");
+        }
+        let data = wd.dir("data");
+        fs::create_dir(data.join("pg_wal")).unwrap();
+        WalRs::new(&wd, &store)
+            .env("WALRS_PREFETCH_COUNT", "2")
+            .cwd(&data)
+            .run(&["wal-fetch", &segment_name(1, 1), "pg_wal/RECOVERYXLOG"])
+            .expect_code(0, "wal-fetch as recovery runs it");
+        // Started before wal-fetch exits; idle, it lives on for tens of seconds.
+        let prefetchers = prefetchers_in(&data);
+        assert!(!prefetchers.is_empty(), "no prefetcher runs in {}", data.display());
+        let path = wd.path().to_path_buf();
+        drop(wd);
+        let running: Vec<_> = prefetchers.iter().filter(|p| is_running(p)).collect();
+        assert!(running.is_empty(), "prefetchers {running:?} outlived {}", path.display());
+        assert!(!path.exists(), "{} was not removed", path.display());
+    }
 }
