@@ -199,18 +199,24 @@ fn write_decrypt_seeds() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decrypt");
     fs::create_dir_all(&dir).unwrap();
     let key = Key::from_bytes(harness::DECRYPT_KEY);
-    let header = Header { key_id: key.id(), chunk_log2: 10, nonce_prefix: [3; 19] };
+    let header = Header { version: crypto::format::VERSION, key_id: key.id(), chunk_log2: 10, nonce_prefix: [3; 19] };
     for len in [0usize, 100, 1024, 1500, 2048, 3000] {
         let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         let body = (len.div_ceil(1024).max(1)) * 16 + len;
         let sealed = harness::seal_with(&harness::DECRYPT_KEY, &header, &plain, body).unwrap();
         assert_eq!(
-            crypto::open_bytes(Some(&crypto::KeyRing::new(vec![key.clone()]).unwrap()), &sealed).unwrap(),
+            crypto::open_bytes(
+                Some(&crypto::KeyRing::new(vec![key.clone()]).unwrap()),
+                harness::DECRYPT_BINDING,
+                &sealed
+            )
+            .unwrap(),
             plain
         );
         fs::write(dir.join(format!("seed-chunk1k-{len}")), sealed).unwrap();
     }
     // As wal-rs seals (64 KiB chunks, random nonce).
-    fs::write(dir.join("seed-sealer-300"), crypto::seal_bytes(Some(&key), &[9u8; 300]).unwrap()).unwrap();
+    let sealer = crypto::seal_bytes(Some(&key), harness::DECRYPT_BINDING, &[9u8; 300]).unwrap();
+    fs::write(dir.join("seed-sealer-300"), sealer).unwrap();
     fs::write(dir.join("seed-plain"), b"{\"version\":1}").unwrap();
 }

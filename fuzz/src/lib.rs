@@ -209,7 +209,7 @@ pub fn tar_partition(data: &[u8]) {
     // Odd lengths restore with a manifest (an empty one: every file is then refused).
     let empty = HashMap::new();
     let expected = (data.len() % 2 == 1).then_some(&empty);
-    if let Ok(mut stream) = codec::decompressor(Compression::None, io::Cursor::new(data.to_vec())) {
+    if let Ok(mut stream) = codec::decompressor(Compression::None, &decrypt_object(), io::Cursor::new(data.to_vec())) {
         if extract::extract(Limit::new(&mut stream), &plan, expected).is_ok() {
             let _ = io::copy(&mut Limit::new(&mut stream), &mut io::sink());
         }
@@ -234,7 +234,7 @@ pub fn tar_partition(data: &[u8]) {
 pub fn decode(data: &[u8]) {
     let hint = [Compression::None, Compression::Lz4, Compression::Zstd][data.len() % 3];
     let mut sink = HashingSink::default();
-    if let Ok(s) = codec::decode(data, hint, &mut sink) {
+    if let Ok(s) = codec::decode(data, hint, &decrypt_object(), &mut sink) {
         let (sha, len) = (Sha256(sink.hasher.clone().finalize().into()), sink.len);
         assert_eq!(s.sha256, sha, "decode reports a sha256 that is not that of its output");
         assert_eq!(s.bytes_out, len);
@@ -253,13 +253,21 @@ pub fn decode(data: &[u8]) {
             }
         }
     }
-    if let Ok(mut r) = codec::decompressor(hint, io::Cursor::new(data.to_vec())) {
+    if let Ok(mut r) = codec::decompressor(hint, &decrypt_object(), io::Cursor::new(data.to_vec())) {
         let _ = io::copy(&mut Limit::new(&mut r), &mut io::sink());
     }
 }
 
 /// The key the `decrypt` target's seeds are sealed with.
 pub const DECRYPT_KEY: [u8; 32] = [0x5a; 32];
+
+/// The store key the targets read objects from: the binding of sealed objects (format
+/// version 2).
+pub const DECRYPT_BINDING: &str = "wal_005/000000010000000000000003.lz4";
+
+fn decrypt_object() -> ObjectKey {
+    ObjectKey::new(DECRYPT_BINDING).expect("a valid key")
+}
 
 /// The decryption reader (`crypto::open_bytes` and the streaming `unseal`), with a ring whose
 /// second key is [`DECRYPT_KEY`]: an object opens only if it is exactly what sealing its
@@ -269,12 +277,12 @@ pub const DECRYPT_KEY: [u8; 32] = [0x5a; 32];
 pub fn decrypt(data: &[u8]) {
     let key = Key::from_bytes(DECRYPT_KEY);
     let ring = KeyRing::new(vec![Key::from_bytes([0xa5; 32]), key.clone()]).unwrap();
-    if let Ok(out) = crypto::open_bytes(Some(&ring), data) {
+    if let Ok(out) = crypto::open_bytes(Some(&ring), DECRYPT_BINDING, data) {
         let header = Header::decode(data).expect("an object opened without a valid header");
         assert_eq!(header.key_id, key.id());
         let resealed = seal_with(&DECRYPT_KEY, &header, &out, data.len() - HEADER_LEN);
         assert!(resealed.as_deref() == Some(data), "an object opened that is not its output sealed whole and in order");
-        let mut r = crypto::stream::unseal(data, Some(&ring)).expect("opened once");
+        let mut r = crypto::stream::unseal(data, Some(&ring), DECRYPT_BINDING).expect("opened once");
         let (mut small, mut buf) = (Vec::new(), [0u8; 7]);
         loop {
             let n = r.read(&mut buf[..1 + small.len() % 7]).expect("opened once");
@@ -286,14 +294,15 @@ pub fn decrypt(data: &[u8]) {
         assert_eq!(small, out, "small reads open differently");
     }
     let lenient = ring.allow_plaintext(true);
-    if let Ok(out) = crypto::open_bytes(Some(&lenient), data) {
+    if let Ok(out) = crypto::open_bytes(Some(&lenient), DECRYPT_BINDING, data) {
         if data.get(..MAGIC.len()) != Some(&MAGIC[..]) {
             assert_eq!(out, data, "an object that is not sealed was changed");
         }
     }
 }
 
-/// `plaintext` sealed with `key` under `header`, cut into the chunks a sealed body of
+/// `plaintext` sealed with `key` under `header` (bound to [`DECRYPT_BINDING`] from version 2),
+/// cut into the chunks a sealed body of
 /// `body_len` bytes has (the last may be full): the one ciphertext that may open to it.
 /// `None` when `plaintext` cannot fill those chunks.
 pub fn seal_with(key: &[u8; 32], header: &Header, plaintext: &[u8], body_len: usize) -> Option<Vec<u8>> {
@@ -302,9 +311,9 @@ pub fn seal_with(key: &[u8; 32], header: &Header, plaintext: &[u8], body_len: us
     if plaintext.len() < (pieces - 1) * chunk {
         return None;
     }
-    let aad = header.encode();
+    let aad = header.aad(DECRYPT_BINDING);
     let mut enc = EncryptorBE32::from_aead(XChaCha20Poly1305::new(key.into()), (&header.nonce_prefix).into());
-    let mut out = aad.to_vec();
+    let mut out = header.encode().to_vec();
     for i in 0..pieces - 1 {
         let msg = &plaintext[i * chunk..(i + 1) * chunk];
         out.extend(enc.encrypt_next(Payload { msg, aad: &aad }).ok()?);

@@ -19,7 +19,7 @@ pub const MANIFEST_FILE: &str = "walrs_manifest.json";
 pub async fn store_manifest(store: &Arc<Store>, backup: &str, manifest: &Manifest) -> Result<(), Error> {
     let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
     let key = layout::backup_file_key(backup, MANIFEST_FILE);
-    let bytes = crypto::seal_bytes(crypto::sealing_key().as_ref(), &json)
+    let bytes = crypto::seal_bytes(crypto::sealing_key().as_ref(), key.as_str(), &json)
         .map_err(|e| Error::local("encrypt", std::path::Path::new(key.as_str()), e))?;
     store.put_bytes(&key, bytes, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() }).await?;
     Ok(())
@@ -30,7 +30,7 @@ pub async fn load_manifest(store: &Arc<Store>, backup: &str) -> Result<Manifest,
     let key = layout::backup_file_key(backup, MANIFEST_FILE);
     let describe = format!("{}/{key}", store.url());
     let stored = store.get_bytes(&key).await?;
-    let bytes = crypto::open_bytes(crypto::ring().as_deref(), &stored).map_err(|e| match e {
+    let bytes = crypto::open_bytes(crypto::ring().as_deref(), key.as_str(), &stored).map_err(|e| match e {
         crypto::OpenError::BadHeader(detail) => Error::Corrupt { key: describe.clone(), detail },
         other => Error::Key { key: describe.clone(), detail: other.to_string() },
     })?;

@@ -17,7 +17,7 @@ use super::walk::{Entry, EntryKind};
 use crate::codec::encode::{read_full, Counting};
 use crate::codec::hasher::BackgroundHasher;
 use crate::codec::{Compression, Compressor, Sha256, CHUNK_SIZE};
-use crate::store::ObjectWriter;
+use crate::store::{ObjectKey, ObjectWriter};
 
 /// Why a partition could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +78,16 @@ pub struct PartitionWriter {
 }
 
 impl PartitionWriter {
-    /// A partition named `name` (e.g. `part_001.tar.lz4`) written to `object`.
-    pub fn new(name: String, object: Box<dyn ObjectWriter>, compression: Compression, level: i32) -> io::Result<Self> {
-        let compressor = Compressor::new(compression, level, HashingWriter::new(object))?;
+    /// A partition named `name` (e.g. `part_001.tar.lz4`) written to `object`, which
+    /// publishes it under `key`.
+    pub fn new(
+        name: String,
+        key: &ObjectKey,
+        object: Box<dyn ObjectWriter>,
+        compression: Compression,
+        level: i32,
+    ) -> io::Result<Self> {
+        let compressor = Compressor::new(compression, level, key, HashingWriter::new(object))?;
         let mut tar = tar::Builder::new(Counting { inner: compressor, count: 0 });
         tar.mode(tar::HeaderMode::Complete);
         Ok(PartitionWriter { name, tar, files: Vec::new(), scratch: Vec::new(), bytes_read: 0 })

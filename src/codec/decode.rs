@@ -10,6 +10,7 @@ use super::holdback::HoldBack;
 use super::lz4_blocks::Lz4Blocks;
 use super::{Compression, Sha256, Trailer};
 use crate::crypto::{self, KeyRing, OpenError};
+use crate::store::ObjectKey;
 
 /// What one decode did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,9 +56,16 @@ impl DecodeError {
 }
 
 /// Reads a stored object from `src` and writes the original bytes to `sink`, checking the
-/// trailer when there is one. Encrypted objects are opened with the configured keys.
-pub fn decode<R: Read, W: Write>(src: R, hint: Compression, sink: W) -> Result<DecodeSummary, DecodeError> {
-    decode_with(src, hint, crypto::ring().as_deref(), sink)
+/// trailer when there is one. Encrypted objects are opened with the configured keys, and
+/// must have been sealed for `object`, the key `src` was read from: one sealed for another
+/// key is `Corrupt`.
+pub fn decode<R: Read, W: Write>(
+    src: R,
+    hint: Compression,
+    object: &ObjectKey,
+    sink: W,
+) -> Result<DecodeSummary, DecodeError> {
+    decode_with(src, hint, crypto::ring().as_deref(), object, sink)
 }
 
 /// [`decode`] with the keys in `ring` instead of the configured ones.
@@ -65,12 +73,13 @@ pub fn decode_with<R: Read, W: Write>(
     src: R,
     hint: Compression,
     ring: Option<&KeyRing>,
+    object: &ObjectKey,
     mut sink: W,
 ) -> Result<DecodeSummary, DecodeError> {
     let source_failed = Rc::new(Cell::new(false));
     let bytes_in = Rc::new(Cell::new(0u64));
     let tagged = Tagged { inner: src, failed: source_failed.clone(), count: bytes_in.clone() };
-    let mut opened = crypto::stream::unseal(tagged, ring).map_err(DecodeError::from_open)?;
+    let mut opened = crypto::stream::unseal(tagged, ring, object.as_str()).map_err(DecodeError::from_open)?;
     let (compression, magic) = detect(&mut opened, hint).map_err(|e| {
         if source_failed.get() {
             DecodeError::Source(e)
@@ -129,11 +138,16 @@ pub fn decode_with<R: Read, W: Write>(
 /// Bytes decoded at a time: one lz4 block, which `Lz4Blocks` decodes in place.
 const DECODE_CHUNK: usize = super::lz4_parallel::BLOCK;
 
-/// A streaming decompressor over `src`, for readers that need the original bytes as a
-/// stream (tar partitions). A trailer, when present, is stepped over.
-pub fn decompressor<R: Read + Send + 'static>(hint: Compression, src: R) -> io::Result<Box<dyn Read + Send>> {
+/// A streaming decompressor over `src`, read from `object`, for readers that need the
+/// original bytes as a stream (tar partitions). A trailer, when present, is stepped over.
+/// An encrypted object sealed for another key fails its first read as `InvalidData`.
+pub fn decompressor<R: Read + Send + 'static>(
+    hint: Compression,
+    object: &ObjectKey,
+    src: R,
+) -> io::Result<Box<dyn Read + Send>> {
     let ring = crypto::ring();
-    let mut src = crypto::stream::unseal(src, ring.as_deref()).map_err(|e| match e {
+    let mut src = crypto::stream::unseal(src, ring.as_deref(), object.as_str()).map_err(|e| match e {
         OpenError::Source(e) => e,
         // The OpenError itself, so that callers can tell a key refusal (exit 14) from damage.
         other => io::Error::new(io::ErrorKind::InvalidData, other),
@@ -237,6 +251,11 @@ mod tests {
     use super::*;
     use crate::codec::encode;
 
+    /// The key the tests' objects are stored under.
+    pub(super) fn at() -> ObjectKey {
+        ObjectKey::new("wal_005/000000010000000000000003.lz4").unwrap()
+    }
+
     fn sample() -> Vec<u8> {
         (0..500_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect()
     }
@@ -245,14 +264,14 @@ mod tests {
     fn damaged_objects_are_reported_as_corrupt() {
         for c in [Compression::Lz4, Compression::Zstd] {
             let mut stored = Vec::new();
-            encode(&sample()[..], c, 1, &mut stored).unwrap();
+            encode(&sample()[..], c, 1, &at(), &mut stored).unwrap();
             // A flipped byte in the trailer's hash, and a cut in the middle.
             let mut flipped = stored.clone();
             let last = flipped.len() - 1;
             flipped[last] ^= 0xff;
-            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(matches!(decode(&flipped[..], c, &at(), io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
             let cut = &stored[..stored.len() / 2];
-            assert!(matches!(decode(cut, c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(matches!(decode(cut, c, &at(), io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
         }
     }
 
@@ -260,17 +279,17 @@ mod tests {
     fn a_damaged_trailer_is_corrupt_not_an_object_without_one() {
         for c in [Compression::Lz4, Compression::Zstd] {
             let mut stored = Vec::new();
-            encode(&sample()[..], c, 1, &mut stored).unwrap();
+            encode(&sample()[..], c, 1, &at(), &mut stored).unwrap();
             // One bit of the tag: zstd would otherwise step over the whole skippable frame
             // and return the data with nothing to check it against.
             let tag = stored.len() - crate::codec::trailer::LEN + 8;
             let mut flipped = stored.clone();
             flipped[tag] ^= 1;
-            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(matches!(decode(&flipped[..], c, &at(), io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
             // And a second fault in the data: still refused.
             let middle = flipped.len() / 2;
             flipped[middle] ^= 0x10;
-            assert!(matches!(decode(&flipped[..], c, io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
+            assert!(matches!(decode(&flipped[..], c, &at(), io::sink()), Err(DecodeError::Corrupt(_))), "{c}");
         }
     }
 
@@ -279,10 +298,10 @@ mod tests {
         let original = sample();
         for stored_as in [Compression::Lz4, Compression::Zstd] {
             let mut stored = Vec::new();
-            encode(&original[..], stored_as, 1, &mut stored).unwrap();
+            encode(&original[..], stored_as, 1, &at(), &mut stored).unwrap();
             for hint in Compression::ALL {
                 let mut out = Vec::new();
-                let s = decode(&stored[..], hint, &mut out).unwrap();
+                let s = decode(&stored[..], hint, &at(), &mut out).unwrap();
                 assert_eq!(out, original, "{stored_as} read with hint {hint}");
                 assert!(s.trailer.is_some());
             }
@@ -297,7 +316,7 @@ mod tests {
         enc.write_all(&original).unwrap();
         let foreign = enc.finish().unwrap();
         let mut out = Vec::new();
-        let s = decode(&foreign[..], Compression::Lz4, &mut out).unwrap();
+        let s = decode(&foreign[..], Compression::Lz4, &at(), &mut out).unwrap();
         assert_eq!(out, original);
         assert!(s.trailer.is_none());
     }
@@ -311,13 +330,14 @@ mod tests {
             }
         }
         for c in Compression::ALL {
-            assert!(matches!(decode(Broken, c, io::sink()), Err(DecodeError::Source(_))), "{c}");
+            assert!(matches!(decode(Broken, c, &at(), io::sink()), Err(DecodeError::Source(_))), "{c}");
         }
     }
 }
 
 #[cfg(test)]
 mod frame_end_tests {
+    use super::tests::at;
     use super::*;
     use crate::codec::encode;
 
@@ -328,7 +348,7 @@ mod frame_end_tests {
         let original: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         for c in [Compression::Lz4, Compression::Zstd] {
             let mut stored = Vec::new();
-            encode(&original[..], c, 1, &mut stored).unwrap();
+            encode(&original[..], c, 1, &at(), &mut stored).unwrap();
             for chunk in [1usize, 4096, 1 << 20, stored.len()] {
                 struct Chunked<'a>(&'a [u8], usize);
                 impl Read for Chunked<'_> {
@@ -339,7 +359,7 @@ mod frame_end_tests {
                         Ok(n)
                     }
                 }
-                let s = decode(Chunked(&stored, chunk), c, io::sink()).unwrap();
+                let s = decode(Chunked(&stored, chunk), c, &at(), io::sink()).unwrap();
                 assert!(s.trailer.is_some(), "{c} chunk {chunk}");
                 assert_eq!(s.bytes_in, stored.len() as u64);
             }

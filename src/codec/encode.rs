@@ -9,6 +9,7 @@ use super::lz4_parallel::{frame_info, ParallelLz4};
 use super::hasher::BackgroundHasher;
 use super::{Compression, Sha256, Trailer, CHUNK_SIZE};
 use crate::crypto::{self, Key, Sealing};
+use crate::store::ObjectKey;
 use sha2::Digest;
 
 /// What one encode did.
@@ -26,14 +27,16 @@ pub struct EncodeSummary {
 ///
 /// `level` applies to zstd only. The sha256 runs beside compression on another core (see
 /// [`ParallelLz4`] for lz4), so on two cores the hash costs little time. When encryption is
-/// configured the whole stream, trailer included, is sealed with the active key.
+/// configured the whole stream, trailer included, is sealed with the active key and bound
+/// to `object`, the key it is published under.
 pub fn encode<R: Read, W: Write>(
     src: R,
     compression: Compression,
     level: i32,
+    object: &ObjectKey,
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
-    encode_sealed(src, compression, level, crypto::sealing_key().as_ref(), sink)
+    encode_sealed(src, compression, level, crypto::sealing_key().as_ref(), object, sink)
 }
 
 /// [`encode`], sealing with `key` when one is given instead of the configured key.
@@ -42,10 +45,11 @@ pub fn encode_sealed<R: Read, W: Write>(
     compression: Compression,
     level: i32,
     key: Option<&Key>,
+    object: &ObjectKey,
     sink: W,
 ) -> Result<EncodeSummary, EncodeError> {
     use EncodeError::Sink;
-    let sealed = Sealing::new(key, Counting { inner: sink, count: 0 }).map_err(Sink)?;
+    let sealed = Sealing::new(key, object.as_str(), Counting { inner: sink, count: 0 }).map_err(Sink)?;
     // lz4, the default and the hot path of wal-push, compresses on all cores.
     let (bytes_in, sha256, mut sealed) = match compression {
         Compression::Lz4 => compress_lz4(&mut src, sealed)?,
@@ -160,9 +164,10 @@ impl<W: Write> Write for Counting<W> {
 pub struct Compressor<W: Write>(Encoder<Sealing<W>>);
 
 impl<W: Write> Compressor<W> {
-    /// A compressor writing to `sink`.
-    pub fn new(compression: Compression, level: i32, sink: W) -> io::Result<Self> {
-        let sealed = Sealing::new(crypto::sealing_key().as_ref(), sink)?;
+    /// A compressor writing to `sink`, which publishes the object `object` (the binding of
+    /// a sealed stream).
+    pub fn new(compression: Compression, level: i32, object: &ObjectKey, sink: W) -> io::Result<Self> {
+        let sealed = Sealing::new(crypto::sealing_key().as_ref(), object.as_str(), sink)?;
         Encoder::new(compression, level, sealed).map(Compressor)
     }
 
@@ -240,7 +245,7 @@ impl<W: Write> Write for Encoder<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{into_store_error, ObjectKey, StoreError};
+    use crate::store::{into_store_error, StoreError};
 
     /// A sink that takes the frame's header, then fails every write the way the S3 writer
     /// does when a part upload fails: a `StoreError` inside an `io::Error`.
@@ -269,13 +274,13 @@ mod tests {
     fn a_store_failure_at_the_end_of_a_partition_keeps_its_kind() {
         // lz4_flex before 0.13.2 panicked here (its `From<io::Error>` unwrapped a downcast
         // of any custom error to its own type), so backup-push exited "internal error".
+        let key = ObjectKey::new("base/part_1.tar.lz4").unwrap();
         for compression in [Compression::Lz4, Compression::Zstd, Compression::None] {
-            let mut c = Compressor::new(compression, 1, FailingStore { room: 64 }).unwrap();
+            let mut c = Compressor::new(compression, 1, &key, FailingStore { room: 64 }).unwrap();
             // Bytes that do not compress, so the data cannot fit in the sink's room.
             let data: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
             let wrote = c.write_all(&data).and_then(|_| c.finish().map(|_| ()));
             let err = wrote.expect_err(&format!("{compression:?}: the sink refuses the data"));
-            let key = ObjectKey::new("base/part_1.tar.lz4").unwrap();
             assert!(
                 matches!(into_store_error(err, "put", &key), StoreError::Unavailable { .. }),
                 "{compression:?}: the store's error comes back, not an I/O error"

@@ -122,6 +122,7 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ObjectKey;
 
     #[test]
     fn compression_names_and_extensions() {
@@ -138,50 +139,101 @@ mod tests {
     #[test]
     fn sealed_objects_round_trip_and_refuse_the_wrong_key_and_tampering() {
         use crate::crypto::{Key, KeyRing};
+        let at = ObjectKey::new("wal_005/000000010000000000000003.lz4").unwrap();
         let original: Vec<u8> = (0..400_000u32).flat_map(|i| (i / 5).to_le_bytes()).collect();
         let key = Key::from_bytes([5; 32]);
         let ring = KeyRing::new(vec![key.clone()]).unwrap();
         let wrong = KeyRing::new(vec![Key::from_bytes([6; 32])]).unwrap();
         for c in Compression::ALL {
             let mut stored = Vec::new();
-            let enc = encode_sealed(&original[..], c, 1, Some(&key), &mut stored).unwrap();
+            let enc = encode_sealed(&original[..], c, 1, Some(&key), &at, &mut stored).unwrap();
             assert_eq!(enc.bytes_out, stored.len() as u64);
             assert_eq!(&stored[..8], b"WALRSENC");
             let mut restored = Vec::new();
-            let dec = decode_with(&stored[..], c, Some(&ring), &mut restored).unwrap();
+            let dec = decode_with(&stored[..], c, Some(&ring), &at, &mut restored).unwrap();
             assert_eq!(restored, original, "{c}");
             assert_eq!(dec.sha256, enc.sha256);
             assert_eq!(dec.bytes_in, stored.len() as u64);
             assert!(matches!(
-                decode_with(&stored[..], c, Some(&wrong), std::io::sink()),
+                decode_with(&stored[..], c, Some(&wrong), &at, std::io::sink()),
                 Err(decode::DecodeError::Key(_))
             ));
-            assert!(matches!(decode_with(&stored[..], c, None, std::io::sink()), Err(decode::DecodeError::Key(_))));
+            assert!(matches!(
+                decode_with(&stored[..], c, None, &at, std::io::sink()),
+                Err(decode::DecodeError::Key(_))
+            ));
             let mut flipped = stored.clone();
             let mid = flipped.len() / 2;
             flipped[mid] ^= 1;
             assert!(matches!(
-                decode_with(&flipped[..], c, Some(&ring), std::io::sink()),
+                decode_with(&flipped[..], c, Some(&ring), &at, std::io::sink()),
                 Err(decode::DecodeError::Corrupt(_))
             ));
             let cut = &stored[..stored.len() - 20];
-            assert!(matches!(decode_with(cut, c, Some(&ring), std::io::sink()), Err(decode::DecodeError::Corrupt(_))));
+            assert!(matches!(
+                decode_with(cut, c, Some(&ring), &at, std::io::sink()),
+                Err(decode::DecodeError::Corrupt(_))
+            ));
+        }
+    }
+
+    /// An encrypted object copied over another name (timeline 2's history file as timeline
+    /// 3's, a segment of another timeline) is damage, not a key problem: the configured key
+    /// is the right one, the name is not.
+    #[test]
+    fn a_sealed_object_read_from_another_key_is_corrupt() {
+        use crate::crypto::{Key, KeyRing};
+        let key = Key::from_bytes([5; 32]);
+        let ring = KeyRing::new(vec![key.clone()]).unwrap();
+        let sealed_for = ObjectKey::new("wal_005/00000002.history.lz4").unwrap();
+        let read_from = ObjectKey::new("wal_005/00000003.history.lz4").unwrap();
+        let history = b"1\t0/5000000\tno recovery target specified\n".repeat(100);
+        for c in Compression::ALL {
+            let mut stored = Vec::new();
+            encode_sealed(&history[..], c, 1, Some(&key), &sealed_for, &mut stored).unwrap();
+            let mut restored = Vec::new();
+            let refused = decode_with(&stored[..], c, Some(&ring), &read_from, &mut restored);
+            assert!(
+                matches!(&refused, Err(decode::DecodeError::Corrupt(d)) if d.contains("failed authentication")),
+                "{c}: {refused:?}"
+            );
+            assert!(restored.is_empty(), "{c}: bytes of the other object were written");
+            let mut restored = Vec::new();
+            decode_with(&stored[..], c, Some(&ring), &sealed_for, &mut restored).unwrap();
+            assert_eq!(restored, history, "{c}");
         }
     }
 
     #[test]
+    fn unencrypted_objects_ignore_the_key_they_are_read_from() {
+        let original = b"plain bytes".repeat(1000);
+        let mut stored = Vec::new();
+        let written = ObjectKey::new("wal_005/00000002.history.lz4").unwrap();
+        encode_sealed(&original[..], Compression::Lz4, 1, None, &written, &mut stored).unwrap();
+        let mut plain = lz4_flex::frame::FrameDecoder::new(&stored[..]);
+        let mut via_lz4 = Vec::new();
+        std::io::Read::read_to_end(&mut plain, &mut via_lz4).unwrap();
+        assert_eq!(via_lz4, original, "an unencrypted object is still a plain lz4 stream");
+        let elsewhere = ObjectKey::new("wal_005/00000003.history.lz4").unwrap();
+        let mut restored = Vec::new();
+        decode_with(&stored[..], Compression::Lz4, None, &elsewhere, &mut restored).unwrap();
+        assert_eq!(restored, original);
+    }
+
+    #[test]
     fn every_compression_round_trips_with_its_checksum() {
+        let at = ObjectKey::new("wal_005/000000010000000000000003.lz4").unwrap();
         let mut original = Vec::new();
         for i in 0..300_000u32 {
             original.extend_from_slice(&(i / 7).to_le_bytes());
         }
         for c in Compression::ALL {
             let mut stored = Vec::new();
-            let enc = encode(&original[..], c, 1, &mut stored).unwrap();
+            let enc = encode(&original[..], c, 1, &at, &mut stored).unwrap();
             assert_eq!(enc.bytes_in, original.len() as u64);
             assert_eq!(enc.bytes_out, stored.len() as u64);
             let mut restored = Vec::new();
-            let dec = decode(&stored[..], c, &mut restored).unwrap();
+            let dec = decode(&stored[..], c, &at, &mut restored).unwrap();
             assert_eq!(restored, original, "{c}");
             assert_eq!(dec.sha256, enc.sha256);
             assert_eq!(dec.sha256, sha256_of(&original[..]).unwrap());

@@ -551,7 +551,7 @@ impl RestoreJob {
             }
             let source = SharedReader::new(reader.body);
             let shared = source.0.clone();
-            let stream = codec::decompressor(compression, source);
+            let stream = codec::decompressor(compression, &key, source);
             if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
                 return Err(refused);
             }
@@ -1210,7 +1210,8 @@ mod tests {
         let root = dir.path().join("store");
         let key = layout::partition_key(WALG_BACKUP, "part_001.tar");
         fs::create_dir_all(root.join(key.as_str()).parent().unwrap()).unwrap();
-        let sealed = crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), b"a tar").unwrap();
+        let sealed =
+            crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), key.as_str(), b"a tar").unwrap();
         fs::write(root.join(key.as_str()), sealed).unwrap();
         let job = RestoreJob {
             store: Arc::new(Store::Local(crate::store::local::LocalStore::new(root))),

@@ -545,7 +545,7 @@ impl DataJob {
                 let object =
                     self.store.writer(&key, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })?;
                 current = Some(
-                    PartitionWriter::new(part, object, self.compression, self.level)
+                    PartitionWriter::new(part, &key, object, self.compression, self.level)
                         .map_err(|e| into_store_error(e, "write", &key))?,
                 );
             }
@@ -598,8 +598,8 @@ async fn write_small_partition(
     tokio::task::spawn_blocking(move || {
         let key = layout::partition_key(&backup, &part);
         let object = store.writer(&key, PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() })?;
-        let mut p =
-            PartitionWriter::new(part, object, compression, level).map_err(|e| into_store_error(e, "write", &key))?;
+        let mut p = PartitionWriter::new(part, &key, object, compression, level)
+            .map_err(|e| into_store_error(e, "write", &key))?;
         for (rel, bytes) in &files {
             p.append_bytes(rel, bytes, 0o600).map_err(|e| partition_error(e, &backup))?;
         }

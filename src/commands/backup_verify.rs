@@ -222,7 +222,7 @@ fn check_partition(
         }
         let source = SharedReader::new(reader.body);
         let hashed = source.0.clone();
-        let stream = codec::decompressor(compression, source);
+        let stream = codec::decompressor(compression, &key, source);
         // The configured keys refuse the partition: a problem of the configuration, not of
         // the backup, which says nothing about it.
         if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
@@ -403,7 +403,8 @@ mod tests {
         let backup = "base_000000010000000000000002";
         let key = layout::partition_key(backup, "part_001.tar");
         std::fs::create_dir_all(dir.path().join(key.as_str()).parent().unwrap()).unwrap();
-        let sealed = crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), b"a tar").unwrap();
+        let sealed =
+            crate::crypto::seal_bytes(Some(&crate::crypto::Key::from_bytes([7; 32])), key.as_str(), b"a tar").unwrap();
         std::fs::write(dir.path().join(key.as_str()), sealed).unwrap();
         let store = Arc::new(Store::Local(crate::store::local::LocalStore::new(dir.path().to_path_buf())));
         let parts = [PartitionEntry { name: "part_001.tar".into(), ..Default::default() }];

@@ -97,7 +97,8 @@ pub(crate) async fn stored_sha256(
     }
     let reader = store.get(key).await?;
     let describe = format!("{}/{key}", store.url());
-    tokio::task::spawn_blocking(move || codec::decode(reader.body, compression, std::io::sink()))
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || codec::decode(reader.body, compression, &key, std::io::sink()))
         .await
         .expect("the decode task panicked")
         .map(|s| s.sha256)

@@ -148,7 +148,7 @@ async fn fetch_once(
     if let Some(stop) = prefetched.as_ref().map(|p| p.stop.clone()) {
         reader.body = Box::new(Stoppable { inner: reader.body, stop });
     }
-    tokio::task::spawn_blocking(move || restore(reader, compression, &name, &dest, &describe, prefetched))
+    tokio::task::spawn_blocking(move || restore(reader, &key, compression, &name, &dest, &describe, prefetched))
         .await
         .expect("the restore task panicked")
 }
@@ -196,6 +196,7 @@ pub(super) fn temp_path(dest: &Path) -> PathBuf {
 /// Blocking.
 fn restore(
     reader: ObjectReader,
+    key: &ObjectKey,
     compression: Compression,
     name: &WalFileName,
     dest: &Path,
@@ -220,7 +221,9 @@ fn restore(
         }
         None => None,
     };
-    let summary = codec::decode(reader.body, compression, &file).map_err(|e| match e {
+    // Decoded as the object of the key it was read from: a sealed object copied there from
+    // another name (another timeline's) fails authentication, as damage.
+    let summary = codec::decode(reader.body, compression, key, &file).map_err(|e| match e {
         // Whatever the error says, the reader was told to stop.
         _ if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) => stopped(dest),
         DecodeError::Source(e) if is_checksum_mismatch(&e) => corrupt(error_chain(&e)),

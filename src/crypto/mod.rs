@@ -1,6 +1,9 @@
 //! Client-side encryption: every object wal-rs writes (WAL, partitions, manifests) can be
 //! compressed and then sealed with XChaCha20-Poly1305 in the STREAM construction, so that a
-//! tampered, truncated or reordered object is detected and never restored.
+//! tampered, truncated or reordered object is detected and never restored. Each object is
+//! bound to the key it is stored under, so one copied over another name (another timeline's
+//! history file, another backup's partition) is refused the same way. Objects sealed before
+//! the binding (format version 1) are still read, and are bound to no name until rewritten.
 //!
 //! Keys are 32 random bytes. The first key of the ring seals new objects; every key of the
 //! ring opens them, which is how keys rotate: put the new key first, keep the old ones

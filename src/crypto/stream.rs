@@ -6,7 +6,7 @@ use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
 use chacha20poly1305::aead::KeyInit;
 use chacha20poly1305::XChaCha20Poly1305;
 
-use super::format::{Header, CHUNK_LOG2, HEADER_LEN, MAGIC, NONCE_PREFIX_LEN, TAG_LEN};
+use super::format::{Header, CHUNK_LOG2, HEADER_LEN, MAGIC, NONCE_PREFIX_LEN, TAG_LEN, VERSION};
 use super::keys::{Key, KeyId, KeyRing};
 use crate::codec::encode::read_full;
 
@@ -45,21 +45,30 @@ fn cipher(key: &Key) -> XChaCha20Poly1305 {
 pub struct Sealer<W: Write> {
     inner: W,
     encryptor: Option<EncryptorBE32<XChaCha20Poly1305>>,
-    aad: [u8; HEADER_LEN],
+    aad: Vec<u8>,
     buf: Vec<u8>,
     chunk: usize,
 }
 
 impl<W: Write> Sealer<W> {
-    /// Starts a sealed object in `inner` with `key` and a fresh random nonce prefix.
-    pub fn new(key: &Key, mut inner: W) -> io::Result<Self> {
+    /// Starts a sealed object in `inner` with `key` and a fresh random nonce prefix, bound to
+    /// `binding`: the key the object is published under, relative to the store's root (the
+    /// final key, not a temporary one). Opened under any other binding, it fails
+    /// authentication.
+    pub fn new(key: &Key, binding: &str, inner: W) -> io::Result<Self> {
         let mut nonce_prefix = [0u8; NONCE_PREFIX_LEN];
         getrandom::getrandom(&mut nonce_prefix).map_err(|e| io::Error::other(e.to_string()))?;
-        let header = Header { key_id: key.id(), chunk_log2: CHUNK_LOG2, nonce_prefix };
-        let aad = header.encode();
-        inner.write_all(&aad)?;
-        let encryptor = EncryptorBE32::from_aead(cipher(key), (&nonce_prefix).into());
+        let header = Header { version: VERSION, key_id: key.id(), chunk_log2: CHUNK_LOG2, nonce_prefix };
+        Self::with_header(key, header, binding, inner)
+    }
+
+    /// Starts a sealed object with `header` as given (its version decides whether `binding`
+    /// is authenticated).
+    fn with_header(key: &Key, header: Header, binding: &str, mut inner: W) -> io::Result<Self> {
+        inner.write_all(&header.encode())?;
+        let encryptor = EncryptorBE32::from_aead(cipher(key), (&header.nonce_prefix).into());
         let chunk = header.chunk_size();
+        let aad = header.aad(binding);
         Ok(Sealer { inner, encryptor: Some(encryptor), aad, buf: Vec::with_capacity(chunk + TAG_LEN), chunk })
     }
 
@@ -111,10 +120,11 @@ pub enum Sealing<W: Write> {
 }
 
 impl<W: Write> Sealing<W> {
-    /// Seals into `inner` with `key`, or passes through when `key` is `None`.
-    pub fn new(key: Option<&Key>, inner: W) -> io::Result<Self> {
+    /// Seals into `inner` with `key`, bound to `binding` (see [`Sealer::new`]), or passes
+    /// through unchanged when `key` is `None`.
+    pub fn new(key: Option<&Key>, binding: &str, inner: W) -> io::Result<Self> {
         Ok(match key {
-            Some(k) => Sealing::Sealed(Sealer::new(k, inner)?),
+            Some(k) => Sealing::Sealed(Sealer::new(k, binding, inner)?),
             None => Sealing::Plain(inner),
         })
     }
@@ -147,7 +157,9 @@ impl<W: Write> Write for Sealing<W> {
 fn tampered(detail: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("encrypted object failed authentication ({detail}): it was altered or cut short"),
+        format!(
+            "encrypted object failed authentication ({detail}): it was altered, cut short, or copied from another key"
+        ),
     )
 }
 
@@ -157,7 +169,7 @@ fn tampered(detail: &str) -> io::Error {
 pub struct Opener<R: Read> {
     src: R,
     decryptor: Option<DecryptorBE32<XChaCha20Poly1305>>,
-    aad: [u8; HEADER_LEN],
+    aad: Vec<u8>,
     chunk: usize,
     /// Ciphertext being read, then the plaintext of the current chunk after opening.
     buf: Vec<u8>,
@@ -172,13 +184,13 @@ pub struct Opener<R: Read> {
 }
 
 impl<R: Read> Opener<R> {
-    fn new(key: &Key, header: Header, src: R) -> Self {
+    fn new(key: &Key, header: Header, binding: &str, src: R) -> Self {
         let decryptor = DecryptorBE32::from_aead(cipher(key), (&header.nonce_prefix).into());
         let chunk = header.chunk_size();
         Opener {
             src,
             decryptor: Some(decryptor),
-            aad: header.encode(),
+            aad: header.aad(binding),
             chunk,
             buf: Vec::with_capacity(chunk + TAG_LEN + 1),
             pos: 0,
@@ -273,8 +285,10 @@ impl<R: Read> Read for Unsealed<R> {
 }
 
 /// Looks at the first bytes of `src`: a sealed object is opened with the matching key of
-/// `ring`, anything else passes through unchanged.
-pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>) -> Result<Unsealed<R>, OpenError> {
+/// `ring`, anything else passes through unchanged. `binding` is the key the object was read
+/// from, relative to the store's root: a version 2 object sealed under another key fails
+/// authentication as its first chunk is read (version 1 objects carry no binding).
+pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>, binding: &str) -> Result<Unsealed<R>, OpenError> {
     let mut head = vec![0u8; MAGIC.len()];
     let n = read_full(&mut src, &mut head).map_err(OpenError::Source)?;
     head.truncate(n);
@@ -292,20 +306,22 @@ pub fn unseal<R: Read>(mut src: R, ring: Option<&KeyRing>) -> Result<Unsealed<R>
         found: header.key_id,
         have: ring.ids().iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", "),
     })?;
-    Ok(Unsealed::Sealed(Box::new(Opener::new(key, header, src))))
+    Ok(Unsealed::Sealed(Box::new(Opener::new(key, header, binding, src))))
 }
 
-/// Seals a small object held in memory (a manifest) when `key` is given.
-pub fn seal_bytes(key: Option<&Key>, bytes: &[u8]) -> io::Result<Vec<u8>> {
-    let mut s = Sealing::new(key, Vec::with_capacity(bytes.len() + HEADER_LEN + TAG_LEN))?;
+/// Seals a small object held in memory (a manifest) when `key` is given, bound to `binding`
+/// (see [`Sealer::new`]).
+pub fn seal_bytes(key: Option<&Key>, binding: &str, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = Sealing::new(key, binding, Vec::with_capacity(bytes.len() + HEADER_LEN + TAG_LEN))?;
     s.write_all(bytes)?;
     s.finish()
 }
 
-/// Opens a small object held in memory, sealed or not. The error is one line.
-pub fn open_bytes(ring: Option<&KeyRing>, bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
+/// Opens a small object held in memory, sealed or not, read from the key `binding` (see
+/// [`unseal`]). The error is one line; a body that fails authentication is `BadHeader`.
+pub fn open_bytes(ring: Option<&KeyRing>, binding: &str, bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
     let mut out = Vec::with_capacity(bytes.len());
-    unseal(bytes, ring)?.read_to_end(&mut out).map_err(|e| OpenError::BadHeader(e.to_string()))?;
+    unseal(bytes, ring, binding)?.read_to_end(&mut out).map_err(|e| OpenError::BadHeader(e.to_string()))?;
     Ok(out)
 }
 
@@ -321,8 +337,24 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
+    /// The key the tests' objects are stored under.
+    const AT: &str = "wal_005/000000010000000000000003.lz4";
+
     fn seal(k: &Key, data: &[u8]) -> Vec<u8> {
-        seal_bytes(Some(k), data).unwrap()
+        seal_bytes(Some(k), AT, data).unwrap()
+    }
+
+    /// `data` sealed as wal-rs before the binding did (format version 1).
+    fn seal_unbound(k: &Key, data: &[u8]) -> Vec<u8> {
+        let header = Header {
+            version: crate::crypto::format::VERSION_UNBOUND,
+            key_id: k.id(),
+            chunk_log2: CHUNK_LOG2,
+            nonce_prefix: [4; NONCE_PREFIX_LEN],
+        };
+        let mut s = Sealer::with_header(k, header, "ignored by version 1", Vec::new()).unwrap();
+        s.write_all(data).unwrap();
+        s.finish().unwrap()
     }
 
     #[test]
@@ -337,7 +369,7 @@ mod tests {
             if len > 0 {
                 assert_ne!(&sealed[HEADER_LEN..HEADER_LEN + len.min(64)], &data[..len.min(64)]);
             }
-            assert_eq!(open_bytes(Some(&ring), &sealed).unwrap(), data, "len {len}");
+            assert_eq!(open_bytes(Some(&ring), AT, &sealed).unwrap(), data, "len {len}");
         }
     }
 
@@ -352,9 +384,9 @@ mod tests {
         let strict = KeyRing::new(vec![key(1)]).unwrap();
         let lenient = strict.clone().allow_plaintext(true);
         for data in [&b""[..], b"abc", b"WALRSEN", &sample(100_000)] {
-            assert_eq!(open_bytes(Some(&lenient), data).unwrap(), data);
-            assert_eq!(open_bytes(None, data).unwrap(), data);
-            assert!(matches!(open_bytes(Some(&strict), data), Err(OpenError::NotSealed)));
+            assert_eq!(open_bytes(Some(&lenient), AT, data).unwrap(), data);
+            assert_eq!(open_bytes(None, AT, data).unwrap(), data);
+            assert!(matches!(open_bytes(Some(&strict), AT, data), Err(OpenError::NotSealed)));
         }
     }
 
@@ -368,19 +400,19 @@ mod tests {
         // Cuts at chunk boundaries (the dangerous ones) and elsewhere.
         for cut in [HEADER_LEN, HEADER_LEN + 5, HEADER_LEN + sealed_len, HEADER_LEN + 2 * sealed_len, sealed.len() - 1]
         {
-            assert!(open_bytes(Some(&ring), &sealed[..cut]).is_err(), "cut at {cut}");
+            assert!(open_bytes(Some(&ring), AT, &sealed[..cut]).is_err(), "cut at {cut}");
         }
         for pos in [0usize, 9, 15, 25, HEADER_LEN, HEADER_LEN + c, sealed.len() - 1] {
             let mut bad = sealed.clone();
             bad[pos] ^= 0x10;
-            assert!(open_bytes(Some(&ring), &bad).is_err(), "flip at {pos}");
+            assert!(open_bytes(Some(&ring), AT, &bad).is_err(), "flip at {pos}");
         }
         // Chunks swapped.
         let mut swapped = sealed[..HEADER_LEN].to_vec();
         swapped.extend_from_slice(&sealed[HEADER_LEN + sealed_len..HEADER_LEN + 2 * sealed_len]);
         swapped.extend_from_slice(&sealed[HEADER_LEN..HEADER_LEN + sealed_len]);
         swapped.extend_from_slice(&sealed[HEADER_LEN + 2 * sealed_len..]);
-        assert!(open_bytes(Some(&ring), &swapped).is_err());
+        assert!(open_bytes(Some(&ring), AT, &swapped).is_err());
     }
 
     #[test]
@@ -390,7 +422,7 @@ mod tests {
         let c = 1 << CHUNK_LOG2;
         let mut sealed = seal(&k, &sample(2 * c));
         sealed[HEADER_LEN + 3] ^= 0x01;
-        let mut opened = unseal(&sealed[..], Some(&ring)).unwrap();
+        let mut opened = unseal(&sealed[..], Some(&ring), AT).unwrap();
         let mut out = vec![0u8; 4 * c];
         assert!(opened.read(&mut out).is_err());
         for _ in 0..3 {
@@ -402,13 +434,58 @@ mod tests {
     #[test]
     fn missing_and_wrong_keys_are_named_by_id() {
         let sealed = seal(&key(3), b"secret rows");
-        let e = open_bytes(None, &sealed).unwrap_err();
+        let e = open_bytes(None, AT, &sealed).unwrap_err();
         assert!(matches!(e, OpenError::NoKey(id) if id == key(3).id()), "{e}");
         let other = KeyRing::new(vec![key(4)]).unwrap();
-        let e = open_bytes(Some(&other), &sealed).unwrap_err();
+        let e = open_bytes(Some(&other), AT, &sealed).unwrap_err();
         assert!(e.to_string().contains(&key(3).id().to_string()) && e.to_string().contains(&key(4).id().to_string()));
         // Rotation: the old key after the new one still opens old objects.
         let rotated = KeyRing::new(vec![key(4), key(3)]).unwrap();
-        assert_eq!(open_bytes(Some(&rotated), &sealed).unwrap(), b"secret rows");
+        assert_eq!(open_bytes(Some(&rotated), AT, &sealed).unwrap(), b"secret rows");
+    }
+
+    #[test]
+    fn an_object_opens_only_under_the_key_it_was_sealed_for() {
+        let k = key(6);
+        let ring = KeyRing::new(vec![k.clone()]).unwrap();
+        let c = 1 << CHUNK_LOG2;
+        for len in [0, 10, 2 * c + 5] {
+            let data = sample(len);
+            let sealed = seal(&k, &data);
+            assert_eq!(sealed[8], 2, "new objects are written in version 2");
+            assert_eq!(open_bytes(Some(&ring), AT, &sealed).unwrap(), data);
+            for other in ["wal_005/000000020000000000000003.lz4", "wal_005/000000010000000000000003", ""] {
+                // Authentication fails (damage), not the key lookup: the key is right.
+                let e = open_bytes(Some(&ring), other, &sealed).unwrap_err();
+                assert!(matches!(e, OpenError::BadHeader(_)), "len {len} under {other:?}: {e}");
+                assert!(e.to_string().contains("failed authentication"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn version_1_objects_still_open_under_any_key() {
+        let k = key(7);
+        let ring = KeyRing::new(vec![k.clone()]).unwrap();
+        let data = sample(3 * (1 << CHUNK_LOG2) + 11);
+        let sealed = seal_unbound(&k, &data);
+        assert_eq!(sealed[8], 1);
+        for binding in [AT, "basebackups_005/base_x/tar_partitions/part_001.tar.lz4", ""] {
+            assert_eq!(open_bytes(Some(&ring), binding, &sealed).unwrap(), data, "under {binding:?}");
+        }
+        // Still authenticated: a flipped byte is refused.
+        let mut bad = sealed.clone();
+        bad[HEADER_LEN + 1] ^= 1;
+        assert!(matches!(open_bytes(Some(&ring), AT, &bad), Err(OpenError::BadHeader(_))));
+    }
+
+    #[test]
+    fn a_newer_format_version_asks_for_an_upgrade() {
+        let k = key(8);
+        let ring = KeyRing::new(vec![k.clone()]).unwrap();
+        let mut sealed = seal(&k, b"from the future");
+        sealed[8] = 3;
+        let e = open_bytes(Some(&ring), AT, &sealed).unwrap_err();
+        assert!(matches!(e, OpenError::BadHeader(_)) && e.to_string().contains("upgrade wal-rs"), "{e}");
     }
 }

@@ -78,9 +78,10 @@ async fn segment_size_of_oldest_segment(store: &Arc<Store>, objects: &[ObjectMet
     };
     let reader = store.get(&object.key).await?;
     let segment = name.wal_segment().expect("a segment");
+    let key = object.key.clone();
     let size = tokio::task::spawn_blocking(move || {
         let mut header = [0u8; crate::wal::page::LONG_HEADER_SIZE];
-        let mut original = codec::decode::decompressor(compression, reader.body).ok()?;
+        let mut original = codec::decode::decompressor(compression, &key, reader.body).ok()?;
         std::io::Read::read_exact(&mut original, &mut header).ok()?;
         crate::wal::SegmentHeader::parse(&header, name.timeline(), segment).ok().map(|h| h.segment_size)
     })
@@ -148,9 +149,10 @@ async fn read_small_wal_file(store: &Arc<Store>, key: &ObjectKey) -> Result<Vec<
         e => Compression::from_extension(e).ok_or_else(|| Error::Unsupported { key: describe.clone() })?,
     };
     let reader = store.get(key).await?;
+    let key = key.clone();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        codec::decode(reader.body, compression, &mut out).map(|_| out)
+        codec::decode(reader.body, compression, &key, &mut out).map(|_| out)
     })
     .await
     .expect("the decode task panicked")

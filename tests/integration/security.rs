@@ -1,7 +1,8 @@
 //! Issue 5's safety checks on real clusters: client-side encryption end to end (every
 //! stored WAL object, partition and manifest sealed, nothing readable in them, a restore
 //! that reaches the primary's checksums, a wrong or missing key refused by id, tampered and
-//! truncated objects refused with nothing written), `backup-verify` naming a damaged
+//! truncated objects refused with nothing written, and so is a sealed object copied over
+//! another name in the store), `backup-verify` naming a damaged
 //! partition and a missing WAL segment, and the restore drill passing on a good backup and
 //! failing on a damaged one, staying inside its folder (tablespaces, a linked
 //! postgresql.conf) on the primary's host, and passing on a backup taken with a prepared
@@ -13,10 +14,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::harness::pg::PgCluster;
-use crate::harness::s3::S3Server;
+use crate::harness::s3::{S3Server, BUCKET};
 use crate::harness::workdir::chown_postgres;
 use crate::harness::{
-    files_under, flip_middle_byte, json_of, path_str, read, sha256_hex, walrs_for, StoreEnv, WalRs, WorkDir,
+    craft_segment, files_under, flip_middle_byte, json_of, path_str, read, segment_name, sha256_hex, walrs_for,
+    write_file, StoreEnv, WalRs, WorkDir,
 };
 
 const KEY_A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
@@ -175,6 +177,81 @@ fn encrypted_round_trip(wd: &WorkDir, plain: &StoreEnv) {
     assert!(!target.exists(), "a truncated object was restored");
     fs::write(&object, &original).unwrap();
     WalRs::new(wd, &store).fetch(name, &target).expect_code(0, "wal-fetch of the repaired object");
+}
+
+#[test]
+fn local_store_sealed_object_under_another_name_is_corrupt() {
+    let wd = WorkDir::new("enc-rename-local");
+    let store = StoreEnv::local(&wd.dir("store"));
+    sealed_object_under_another_name_is_corrupt(&wd, &store, None);
+}
+
+#[test]
+fn s3_store_sealed_object_under_another_name_is_corrupt() {
+    let wd = WorkDir::new("enc-rename-s3");
+    let s3 = S3Server::start(&wd);
+    sealed_object_under_another_name_is_corrupt(&wd, &s3.store("clusters/rename"), Some((&s3, "clusters/rename")));
+}
+
+/// Copies the WAL object of `from` over that of `to` as the store's own copy does. s3s-fs
+/// keeps each object's checksum beside it (`.bucket-<bucket>.object-<key>.internal.json`
+/// in its data directory, names in unpadded URL-safe base64), and CopyObject carries the
+/// checksum along: without it the SDK's checksum would catch the copy before wal-rs does.
+fn copy_wal_object(store: &StoreEnv, s3: Option<(&S3Server, &str)>, from: &str, to: &str) {
+    fs::copy(store.wal_object(from), store.wal_object(to)).expect("copying an object in the store");
+    if let Some((server, prefix)) = s3 {
+        use base64::Engine as _;
+        let info = |name: &str| {
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let key = format!("{prefix}/wal_005/{name}.lz4");
+            server.data.join(format!(".bucket-{}.object-{}.internal.json", b64(BUCKET), b64(&key)))
+        };
+        fs::copy(info(from), info(to)).expect("copying an object's checksum in s3s-fs");
+    }
+}
+
+/// Whoever can write the bucket copies one sealed object over another's name: timeline 2's
+/// history file over timeline 3's (recovery to 'latest' would follow the wrong branch), and
+/// segment 3 of timeline 1 over segment 3 of timeline 2 (its page header names a lower
+/// timeline, which the header check accepts). Each object is bound to its key, so the copy
+/// fails authentication: corrupt (210, or 1 in a standby), nothing written. No cluster is
+/// needed: the files are crafted.
+fn sealed_object_under_another_name_is_corrupt(wd: &WorkDir, plain: &StoreEnv, s3: Option<(&S3Server, &str)>) {
+    const SYSID: u64 = 7_300_000_000_000_000_001;
+    let keys = key_file(wd, "keys", &[KEY_A]);
+    let store = plain.with("WALRS_ENCRYPTION_KEY_FILE", path_str(&keys));
+    let walrs = WalRs::new(wd, &store);
+    let standby = wd.dir("standby");
+    write_file(&standby, "standby.signal", b"");
+    let history_2 = b"1\t0/5000000\tno recovery target specified\n".to_vec();
+    let history_3 = [&history_2[..], b"2\t0/7000000\tno recovery target specified\n"].concat();
+    let cases = [
+        ("00000002.history".to_string(), history_2, "00000003.history".to_string(), history_3),
+        (segment_name(1, 3), craft_segment(1, 3, SYSID, 1), segment_name(2, 3), craft_segment(2, 3, SYSID, 2)),
+    ];
+    for (i, (copied, copied_bytes, victim, victim_bytes)) in cases.iter().enumerate() {
+        for (name, bytes) in [(copied, copied_bytes), (victim, victim_bytes)] {
+            let path = write_file(&wd.dir(&format!("in-{i}-{name}")), name, bytes);
+            walrs.push(&path).expect_code(0, &format!("encrypted wal-push of {name}"));
+        }
+        let target = wd.join(&format!("fetched-{i}"));
+        walrs.fetch(victim, &target).expect_code(0, &format!("wal-fetch of {victim} before the copy"));
+        assert_eq!(&read(&target), victim_bytes, "{victim} before the copy");
+        fs::remove_file(&target).unwrap();
+
+        copy_wal_object(&store, s3, copied, victim);
+        let run = walrs.fetch(victim, &target);
+        run.expect_code(FETCH_CORRUPT, &format!("wal-fetch of {victim} holding {copied}'s sealed object"));
+        assert!(run.stderr.contains("authentication"), "{run:#?}");
+        assert!(!target.exists(), "{copied}'s object was restored as {victim}");
+        let run = walrs.clone().cwd(&standby).fetch(victim, &target);
+        run.expect_code(1, &format!("the same wal-fetch of {victim} in a standby"));
+        assert!(!target.exists(), "{copied}'s object was restored as {victim} in a standby");
+        // The copied object itself still opens under its own name.
+        walrs.fetch(copied, &target).expect_code(0, &format!("wal-fetch of {copied}"));
+        assert_eq!(&read(&target), copied_bytes, "{copied}");
+        fs::remove_file(&target).unwrap();
+    }
 }
 
 /// A backup of a cluster configured the Debian way: `postgresql.conf` a link to a file

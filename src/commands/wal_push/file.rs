@@ -308,7 +308,7 @@ fn upload(
     }
     let mut writer = store.writer(key, PutOptions { mode: PutMode::Create, metadata })?;
     let source = crate::ratelimit::Limited::new(&mut file as &mut dyn Read, crate::ratelimit::disk());
-    let summary = codec::encode(source, compression, level, &mut writer).map_err(|e| match e {
+    let summary = codec::encode(source, compression, level, key, &mut writer).map_err(|e| match e {
         EncodeError::Source(e) => Error::local("read", path, e),
         EncodeError::Sink(e) => Error::Store(into_store_error(e, "write", key)),
     })?;
