@@ -137,10 +137,14 @@ impl DeltaOrigin {
         })
     }
 
-    /// The backup it is a delta from, for messages: `DeltaFrom`, else the chain's full
-    /// backup, else "an unnamed backup".
+    /// The backup it is a delta from: `DeltaFrom`, else the chain's full backup.
+    pub fn base_name(&self) -> Option<&str> {
+        self.from.as_deref().or(self.full_name.as_deref())
+    }
+
+    /// [`DeltaOrigin::base_name`] for messages: "an unnamed backup" when there is none.
     pub fn base(&self) -> &str {
-        self.from.as_deref().or(self.full_name.as_deref()).unwrap_or("an unnamed backup")
+        self.base_name().unwrap_or("an unnamed backup")
     }
 }
 

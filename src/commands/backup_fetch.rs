@@ -21,7 +21,7 @@ use super::common::{open_store, retry_transient};
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract::{self, ExtractError, ExtractPlan, Found};
 use crate::backup::manifest::{FileEntry, Manifest, PartitionEntry};
-use crate::codec::{self, Sha256};
+use crate::codec::{self, Compression, Sha256};
 use crate::config::{Config, Source};
 use crate::crypto::OpenError;
 use crate::error::Error;
@@ -101,7 +101,7 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
             clear_dir(dir)?;
         }
     }
-    create_dir(&args.dest)?;
+    // DEST itself was created by `lock_dest`.
     mark_incomplete(&args.dest)?;
     let tblspc = args.dest.join("pg_tblspc");
     create_dir(&tblspc)?;
@@ -418,7 +418,7 @@ fn interrupted_or_empty(dest: &Path) -> Result<bool, Error> {
 /// adds nothing to the data directory, and is released when the process ends, however).
 /// A second backup-fetch into DEST is refused at once.
 fn lock_dest(dest: &Path) -> Result<fs::File, Error> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dest).map_err(|e| Error::local("create", dest, e))?;
+    create_dir(dest)?;
     let dir = fs::File::open(dest).map_err(|e| Error::local("open", dest, e))?;
     match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(dir),
@@ -551,10 +551,7 @@ impl RestoreJob {
             }
             let source = SharedReader::new(reader.body);
             let shared = source.0.clone();
-            let stream = codec::decompressor(compression, &key, source);
-            if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
-                return Err(refused);
-            }
+            let stream = open_partition(compression, &key, &describe, source)?;
             let result = stream.map_err(|e| ExtractError::Bad(e.to_string())).and_then(|mut stream| {
                 let summary = extract::extract(&mut stream, plan, expected.as_ref())?;
                 // Read to the end so the stored bytes are hashed whole.
@@ -623,13 +620,22 @@ pub(super) fn size_mismatch(stored: u64, recorded: u64) -> String {
     format!("the store holds {stored} bytes but the manifest records {recorded}")
 }
 
-/// The error of a partition the configured keys refuse (no key opens it, or it is not
-/// encrypted while encryption is required), which `codec::decompressor` passes on inside
-/// its io::Error: exit 14 as for wal-fetch, not damage, and not worth another attempt.
-pub(super) fn key_refusal(e: &io::Error, describe: &str) -> Option<Error> {
-    match e.get_ref()?.downcast_ref::<OpenError>()? {
-        OpenError::Source(_) | OpenError::BadHeader(_) => None,
-        refused => Some(Error::Key { key: describe.to_string(), detail: refused.to_string() }),
+/// `codec::decompressor` over a partition's stored bytes. The configured keys refusing the
+/// partition (no key opens it, or it is not encrypted while encryption is required), which
+/// the decompressor passes on inside its io::Error, is the command's error: exit 14 as for
+/// wal-fetch, not damage, and not worth another attempt. Any other failure is returned for
+/// the caller to judge.
+pub(super) fn open_partition<R: Read + Send + 'static>(
+    compression: Compression,
+    key: &ObjectKey,
+    describe: &str,
+    source: R,
+) -> Result<io::Result<Box<dyn Read + Send>>, Error> {
+    let stream = codec::decompressor(compression, key, source);
+    let refused = stream.as_ref().err().and_then(|e| e.get_ref()?.downcast_ref::<OpenError>());
+    match refused {
+        Some(OpenError::Source(_) | OpenError::BadHeader(_)) | None => Ok(stream),
+        Some(refused) => Err(Error::Key { key: describe.to_string(), detail: refused.to_string() }),
     }
 }
 

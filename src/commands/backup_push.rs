@@ -677,13 +677,10 @@ async fn first_missing(
         };
         let log = segment.log;
         while segment.log == log {
-            let keys: Vec<ObjectKey> = layout::wal_candidates(&WalFileName::Segment(timeline, segment), compression)
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+            let name = WalFileName::Segment(timeline, segment);
             let present = match &listed {
-                Some(names) => keys.iter().any(|k| names.contains(k.as_str())),
-                None => store.find_first(&keys).await?.is_some(),
+                Some(names) => candidate_keys(&name, compression).iter().any(|k| names.contains(k.as_str())),
+                None => is_stored(store, &name, compression).await?,
             };
             if !present {
                 return Ok(Some(segment));
@@ -715,12 +712,21 @@ async fn gap_between(
         .collect();
     gaps.sort_by_key(|n| n.wal_segment());
     for gap in gaps {
-        let keys: Vec<ObjectKey> = layout::wal_candidates(&gap, compression).into_iter().map(|(k, _)| k).collect();
-        if store.find_first(&keys).await?.is_none() {
+        if !is_stored(store, &gap, compression).await? {
             return Ok(Some(gap));
         }
     }
     Ok(None)
+}
+
+/// The keys `name` may be stored under, in any compression.
+fn candidate_keys(name: &WalFileName, compression: Compression) -> Vec<ObjectKey> {
+    layout::wal_candidates(name, compression).into_iter().map(|(k, _)| k).collect()
+}
+
+/// Whether `name` is in the store, in any compression.
+async fn is_stored(store: &Store, name: &WalFileName, compression: Compression) -> Result<bool, Error> {
+    Ok(store.find_first(&candidate_keys(name, compression)).await?.is_some())
 }
 
 fn hostname() -> String {

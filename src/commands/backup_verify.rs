@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 
 use super::backup_fetch::{
-    get_with_retry, key_refusal, missing_partitions, size_mismatch, walg_tar_sets, SharedReader,
+    get_with_retry, missing_partitions, open_partition, size_mismatch, walg_tar_sets, SharedReader,
 };
 use super::common::open_store;
 use crate::backup::catalog::{self, BackupInfo, Selector};
 use crate::backup::extract;
 use crate::backup::manifest::{FileEntry, PartitionEntry};
-use crate::codec::{self, Sha256};
+use crate::codec::Sha256;
 use crate::config::Config;
 use crate::error::Error;
 use crate::layout;
@@ -222,12 +222,9 @@ fn check_partition(
         }
         let source = SharedReader::new(reader.body);
         let hashed = source.0.clone();
-        let stream = codec::decompressor(compression, &key, source);
-        // The configured keys refuse the partition: a problem of the configuration, not of
-        // the backup, which says nothing about it.
-        if let Some(refused) = stream.as_ref().err().and_then(|e| key_refusal(e, &describe)) {
-            return Err(refused);
-        }
+        // The configured keys refusing the partition is a problem of the configuration, not
+        // of the backup, which says nothing about it.
+        let stream = open_partition(compression, &key, &describe, source)?;
         let result = stream.and_then(|mut stream| {
             let summary =
                 extract::check(&mut stream, expected.as_ref()).map_err(|e| io::Error::other(e.to_string()))?;

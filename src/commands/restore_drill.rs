@@ -529,18 +529,20 @@ impl Server {
     /// locks, and one holding a table's (prepared DDL) would block the checks after it for
     /// ever. The copy is thrown away, so nothing is lost. Returns how many there were.
     async fn roll_back_prepared(&self) -> Result<u64, String> {
-        let one_line = |e: &tokio_postgres::Error| crate::pg::conn::one_line(e);
         let client = self.client("postgres").await?;
         let rows = client
             .query("SELECT database::text, gid FROM pg_prepared_xacts", &[])
             .await
-            .map_err(|e| format!("listing prepared transactions failed: {}", one_line(&e)))?;
+            .map_err(|e| format!("listing prepared transactions failed: {}", crate::pg::conn::one_line(&e)))?;
         for row in &rows {
             let (db, gid): (String, String) = (row.get(0), row.get(1));
             // A utility statement takes no parameters: the gid as a quoted literal.
             let sql = format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"));
             self.client(&db).await?.batch_execute(&sql).await.map_err(|e| {
-                format!("rolling back prepared transaction {gid:?} in database {db} failed: {}", one_line(&e))
+                format!(
+                    "rolling back prepared transaction {gid:?} in database {db} failed: {}",
+                    crate::pg::conn::one_line(&e)
+                )
             })?;
         }
         Ok(rows.len() as u64)

@@ -202,15 +202,11 @@ fn why_not_recoverable(report: &Report) -> String {
     )
 }
 
-/// The segment size to walk with. Unknown, it is an error as soon as there is anything to
-/// walk: segment numbers, hence which segments are missing, depend on it.
+/// The segment size to walk with. Unknown, it is an error (the store holds something to
+/// walk, see [`holds_nothing`]): segment numbers, hence which segments are missing, depend on
+/// it.
 fn segment_size(inv: &Inventory, store: &str) -> Result<u32, Error> {
-    let holds_wal = inv.objects.iter().any(|o| wal_name_of(o.key.as_str()).is_some());
-    match inv.segment_size {
-        Some(s) => Ok(s),
-        None if inv.backups.is_empty() && !holds_wal => Ok(inventory::DEFAULT_SEGMENT_SIZE),
-        None => Err(Error::Config(format!("{store}: {}", PlanError::UnknownSegmentSize))),
-    }
+    inv.segment_size.ok_or_else(|| Error::Config(format!("{store}: {}", PlanError::UnknownSegmentSize)))
 }
 
 /// The timeline a primary writes WAL on, from the name of the file it writes into; `None`
@@ -388,7 +384,7 @@ pub(super) fn verify(inv: &Inventory, seg: u32) -> Report {
     let counted: Vec<&BackupInfo> = inv.backups.iter().filter(|b| !broken.contains_key(b.name.as_str())).collect();
     let missing_history = missing_history_files(&counted, &listing.history_files, newest);
     report.missing_history = missing_history.iter().map(|&t| WalFileName::History(t).to_string()).collect();
-    let path = TimelinePath::new(newest, inv.histories.get(&newest).cloned().unwrap_or_default());
+    let path = TimelinePath::from_histories(&inv.histories, newest);
     report.timeline_path = path.timelines().iter().map(|t| t.0).collect();
     let on_path = |&&(t, n): &&(TimelineId, u64)| path.timeline_of(n, seg) == t;
 
@@ -482,9 +478,9 @@ fn walk_start(backups: &[&BackupInfo], seg: u32) -> Option<u64> {
 
 /// The walk from `first` to `end` along `path`, one span per timeline stretch.
 fn walk_spans(path: &TimelinePath, seg: u32, first: u64, end: u64) -> Vec<Span> {
-    path.stretches(seg)
+    path.stretches_from(first, seg)
         .iter()
-        .map(|s| Span { tli: s.tli, lo: s.first.max(first), hi: s.last.unwrap_or(end).min(end) })
+        .map(|s| Span { tli: s.tli, lo: s.first, hi: s.last.unwrap_or(end).min(end) })
         .filter(|s| s.lo <= s.hi)
         .collect()
 }

@@ -205,7 +205,7 @@ struct Range {
 /// Decides which objects go.
 pub fn plan(inv: &Inventory, request: &Request, policy: &Policy) -> Result<Plan, PlanError> {
     let newest_timeline = newest_timeline(inv);
-    let newest_path = newest_timeline.map(|t| TimelinePath::new(t, inv.histories.get(&t).cloned().unwrap_or_default()));
+    let newest_path = newest_timeline.map(|t| TimelinePath::from_histories(&inv.histories, t));
     // `everything` asks for every backup to go: nothing is kept for the newest timeline.
     let path_backup = match request {
         Request::Everything { .. } => None,
@@ -410,14 +410,7 @@ pub fn is_on_path(path: &TimelinePath, b: &BackupInfo) -> bool {
 /// For each timeline of `path`, the first segment a recovery along it from segment `start`
 /// reads from that timeline (timelines the path leaves before `start` are not listed).
 fn wal_floor_along(path: &TimelinePath, start: u64, seg_size: u32) -> BTreeMap<TimelineId, u64> {
-    let mut out = BTreeMap::new();
-    for s in path.stretches(seg_size) {
-        let from = s.first.max(start);
-        if s.last.is_none_or(|last| from <= last) {
-            out.insert(s.tli, from);
-        }
-    }
-    out
+    path.stretches_from(start, seg_size).into_iter().map(|s| (s.tli, s.first)).collect()
 }
 
 /// The backups a WAL-G delta backup builds on, nearest first (`DeltaFrom`, its own base...),
@@ -429,7 +422,7 @@ pub fn delta_bases<'d>(deltas: &'d Deltas, name: &str) -> Vec<&'d str> {
     let mut current = name;
     while let Some(origin) = deltas.get(current) {
         roots.extend(origin.full_name.as_deref());
-        let Some(next) = origin.from.as_deref().or(origin.full_name.as_deref()) else { break };
+        let Some(next) = origin.base_name() else { break };
         if next == name || out.contains(&next) {
             break;
         }

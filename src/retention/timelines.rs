@@ -79,6 +79,11 @@ impl TimelinePath {
         TimelinePath { ancestors: history, tip }
     }
 
+    /// The path to `tip` from the store's history files (none for `tip`: the timeline alone).
+    pub fn from_histories(histories: &Histories, tip: TimelineId) -> TimelinePath {
+        TimelinePath::new(tip, histories.get(&tip).cloned().unwrap_or_default())
+    }
+
     /// Whether `tli` is on the path.
     pub fn contains(&self, tli: TimelineId) -> bool {
         tli == self.tip || self.ancestors.iter().any(|e| e.tli == tli)
@@ -105,6 +110,16 @@ impl TimelinePath {
         }
         out.push(Stretch { tli: self.tip, first, last: None });
         out
+    }
+
+    /// [`TimelinePath::stretches`] from segment `start` on: none begins before `start`, and
+    /// those the path left before `start` are gone.
+    pub fn stretches_from(&self, start: u64, segment_size: u32) -> Vec<Stretch> {
+        self.stretches(segment_size)
+            .into_iter()
+            .map(|s| Stretch { first: s.first.max(start), ..s })
+            .filter(|s| s.last.is_none_or(|last| s.first <= last))
+            .collect()
     }
 
     /// The timeline whose file holds segment `seg` on this path.
