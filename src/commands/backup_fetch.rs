@@ -78,8 +78,10 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         Some(_) => None,
         None => walg_tar_sets(&store, &backup.name).await?,
     };
-    if let Some(sets) = &walg_sets {
-        refuse_missing_partitions(sets, &partitions, &backup.name, &store.url())?;
+    match &walg_sets {
+        Some(sets) => refuse_missing_partitions(sets, &partitions, &backup.name, &store.url())?,
+        None if manifest.is_some() => refuse_unstored_partitions(&store, &backup.name, &partitions).await?,
+        None => {}
     }
 
     // Tablespace locations are checked before DEST is created for the lock, so that a
@@ -269,15 +271,38 @@ pub(super) async fn partitions_of(
         return Ok((Some(manifest), parts));
     }
     // Written by another tool: restore what is there, unverified.
-    let prefix = format!("{}/{}/tar_partitions/", layout::BACKUP_DIR, backup.name);
-    let mut parts: Vec<PartitionEntry> = store
+    let mut parts = stored_partitions(store, &backup.name).await?;
+    parts.sort_by_key(|p| (p.name.starts_with("pg_control"), p.name.clone()));
+    Ok((None, parts))
+}
+
+/// The partitions the store holds for backup `name` (names and stored sizes), in no order.
+async fn stored_partitions(store: &Arc<Store>, name: &str) -> Result<Vec<PartitionEntry>, Error> {
+    let prefix = format!("{}/{name}/tar_partitions/", layout::BACKUP_DIR);
+    Ok(store
         .list(&prefix)
         .await?
         .into_iter()
         .map(|o| PartitionEntry { name: o.key.file_name().to_string(), stored_size: o.size, ..Default::default() })
-        .collect();
-    parts.sort_by_key(|p| (p.name.starts_with("pg_control"), p.name.clone()));
-    Ok((None, parts))
+        .collect())
+}
+
+/// Fails when a partition a wal-rs backup's manifest lists is not in the store: the backup
+/// is damaged (exit 10, as for a WAL-G backup missing a partition), and this is known before
+/// anything is written.
+async fn refuse_unstored_partitions(store: &Arc<Store>, backup: &str, listed: &[PartitionEntry]) -> Result<(), Error> {
+    let stored: std::collections::HashSet<String> =
+        stored_partitions(store, backup).await?.into_iter().map(|p| p.name).collect();
+    let missing: Vec<&str> = listed.iter().map(|p| p.name.as_str()).filter(|n| !stored.contains(*n)).collect();
+    let Some(first) = missing.first() else { return Ok(()) };
+    Err(Error::Corrupt {
+        key: format!("{}/{}", store.url(), layout::partition_key(backup, first)),
+        detail: format!(
+            "the backup's manifest lists {} partition(s) the store does not hold ({}): nothing was restored; restore another backup",
+            missing.len(),
+            missing.join(", ")
+        ),
+    })
 }
 
 /// WAL-G's record of what went into each partition: `TarFileSets` of `files_metadata.json`,

@@ -882,6 +882,15 @@ fn refusals_and_corruption(wd: &WorkDir, store: &StoreEnv, other: &StoreEnv) {
     assert!(run.stderr.contains("part_001"), "the error does not name part_001: {run:#?}");
     assert!(!dest.join("global/pg_control").exists(), "a failed restore left global/pg_control");
     assert!(run.elapsed < Duration::from_secs(60), "the failure took {:?}", run.elapsed);
+
+    // The partition gone from the store: the backup is damaged (exit 10, as for a WAL-G
+    // backup missing one), and that is known before anything is written.
+    fs::remove_file(&part).unwrap();
+    let dest = wd.join("from-missing");
+    let run = walrs.run(&["backup-fetch", path_str(&dest), "LATEST"]);
+    run.expect_code(code::CORRUPT, "backup-fetch of a backup missing a partition its manifest lists");
+    assert!(run.stderr.contains("part_001.tar.lz4"), "the error does not name part_001: {run:#?}");
+    assert!(!dest.exists(), "the refused restore created {}", dest.display());
 }
 
 // --- 6. a WAL-G backup -------------------------------------------------------------------------

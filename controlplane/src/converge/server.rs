@@ -329,6 +329,12 @@ async fn ensure_store(ctx: &Ctx, h: &Handle, store: &str) -> Result<()> {
     Ok(())
 }
 
+/// Failed attempts in a row of a restore from which a backup-fetch that exits 10 (the backup
+/// is damaged: a partition corrupt or missing) makes the server `failed`. wal-rs retries a
+/// download that breaks off itself, so a 10 is seldom cured by another try; the few allow
+/// for a backup selected as `LATEST` being replaced by a newer one meanwhile.
+pub const BACKUP_FETCH_DAMAGED_ATTEMPTS: i32 = 3;
+
 /// Runs `wal-rs --store STORE ARGS...` on the server; an exit code retrying cannot fix
 /// becomes `Fatal`.
 async fn walrs(ctx: &Ctx, h: &Handle, store: &str, args: &[&str]) -> Result<crate::sys::Output> {
@@ -362,6 +368,7 @@ fn exit_kind(command: &str, code: i32) -> ExitKind {
     match (command, code) {
         // Also "cannot connect to PostgreSQL" and "the server is in recovery".
         ("backup-push", 3) => ExitKind::Bounded(BACKUP_PUSH_CONFIG_ATTEMPTS),
+        ("backup-fetch", 10) => ExitKind::Bounded(BACKUP_FETCH_DAMAGED_ATTEMPTS),
         (_, c) if FATAL_WALRS_CODES.contains(&c) => ExitKind::Fatal,
         _ => ExitKind::Retry,
     }
@@ -378,6 +385,8 @@ mod tests {
         assert_eq!(exit_kind("backup-push", 12), ExitKind::Fatal);
         assert_eq!(exit_kind("backup-push", 7), ExitKind::Retry);
         assert_eq!(exit_kind("backup-fetch", 13), ExitKind::Retry);
+        // A damaged backup (a partition corrupt or missing) is not retried for ever.
+        assert_eq!(exit_kind("backup-fetch", 10), ExitKind::Bounded(BACKUP_FETCH_DAMAGED_ATTEMPTS));
     }
 
     #[test]
