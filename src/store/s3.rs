@@ -227,21 +227,29 @@ impl S3Store {
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         let full_prefix = self.inner.full_prefix(prefix);
-        let strip = self.inner.full_prefix("").len();
+        let root = self.inner.full_prefix("");
         let mut out = Vec::new();
-        let mut pages = self
-            .inner
-            .client
-            .list_objects_v2()
-            .bucket(&self.inner.settings.bucket)
-            .prefix(&full_prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
+        // Page by page by hand rather than with the SDK's paginator, which ends quietly when a
+        // page says "truncated" but carries no continuation token: a listing cut short reads
+        // as objects missing (WAL that wal-verify reports lost, backups retention does not
+        // see). Here that, and a token that does not move on, fail the listing.
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .inner
+                .client
+                .list_objects_v2()
+                .bucket(&self.inner.settings.bucket)
+                .prefix(&full_prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
             for obj in page.contents() {
                 let Some(k) = obj.key() else { continue };
-                let Ok(key) = ObjectKey::new(&k[strip..]) else {
+                // A key outside what was asked for (a server ignoring the prefix) is not ours.
+                let Some(Ok(key)) = k.strip_prefix(&root).filter(|_| k.starts_with(&full_prefix)).map(ObjectKey::new)
+                else {
                     continue;
                 };
                 out.push(ObjectMeta {
@@ -251,8 +259,24 @@ impl S3Store {
                     modified: obj.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
+            if page.is_truncated() != Some(true) {
+                return Ok(out);
+            }
+            match page.next_continuation_token() {
+                Some(next) if token.as_deref() != Some(next) => token = Some(next.to_string()),
+                next => {
+                    return Err(StoreError::Unavailable {
+                        op: "list",
+                        key: format!("s3://{}/{full_prefix}", self.inner.settings.bucket),
+                        detail: format!(
+                            "the store said the listing goes on after {} objects but {}: a listing cut short is refused; check the S3 endpoint",
+                            out.len(),
+                            if next.is_some() { "gave the same continuation token again" } else { "gave no continuation token" }
+                        ),
+                    })
+                }
+            }
         }
-        Ok(out)
     }
 
     /// See [`super::Store::confirm_absent`]: one listing of at most one key under `key`'s
@@ -766,6 +790,103 @@ mod tests {
             deadline: Duration::from_secs(1),
         };
         Inner { client: Client::from_conf(config.build()), settings, handle: Handle::current() }
+    }
+
+    /// An HTTP client that answers each request with the next of `pages` (200, XML) and
+    /// records the query of each request.
+    #[derive(Clone, Debug)]
+    struct CannedPages {
+        pages: Arc<std::sync::Mutex<std::collections::VecDeque<&'static str>>>,
+        queries: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl aws_smithy_runtime_api::client::http::HttpConnector for CannedPages {
+        fn call(
+            &self,
+            request: aws_sdk_s3::config::http::HttpRequest,
+        ) -> aws_smithy_runtime_api::client::http::HttpConnectorFuture {
+            self.queries.lock().unwrap().push(request.uri().split_once('?').map_or("", |(_, q)| q).to_string());
+            let body = self.pages.lock().unwrap().pop_front().expect("a page for every request");
+            let response = HttpResponse::new(200.try_into().unwrap(), SdkBody::from(body));
+            aws_smithy_runtime_api::client::http::HttpConnectorFuture::ready(Ok(response))
+        }
+    }
+
+    impl aws_smithy_runtime_api::client::http::HttpClient for CannedPages {
+        fn http_connector(
+            &self,
+            _: &aws_smithy_runtime_api::client::http::HttpConnectorSettings,
+            _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        ) -> aws_smithy_runtime_api::client::http::SharedHttpConnector {
+            aws_smithy_runtime_api::client::http::SharedHttpConnector::new(self.clone())
+        }
+    }
+
+    /// A store whose requests `pages` answers, in order. Call inside a runtime.
+    fn answered_by(pages: &[&'static str]) -> (S3Store, Arc<std::sync::Mutex<Vec<String>>>) {
+        let canned = CannedPages {
+            pages: Arc::new(std::sync::Mutex::new(pages.iter().copied().collect())),
+            queries: Default::default(),
+        };
+        let queries = canned.queries.clone();
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new("ak", "sk", None, None, "test"))
+            .http_client(canned)
+            .build();
+        let mut inner = inner();
+        inner.client = Client::from_conf(config);
+        (S3Store { inner: Arc::new(inner) }, queries)
+    }
+
+    /// One ListObjectsV2 page: `keys` under prefix `p/`, and the truncation it claims.
+    macro_rules! page {
+        ($truncated:literal, $token:literal, $($key:literal),*) => {
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>bucket</Name><Prefix>p/</Prefix>"#,
+                "<IsTruncated>", $truncated, "</IsTruncated>", $token,
+                $("<Contents><Key>p/", $key, "</Key><Size>3</Size></Contents>",)*
+                "</ListBucketResult>"
+            )
+        };
+    }
+
+    #[test]
+    fn a_listing_follows_its_continuation_tokens_and_refuses_one_cut_short() {
+        crate::test_support::block_on(async {
+            let (store, queries) = answered_by(&[
+                page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "a", "b"),
+                page!("false", "", "c"),
+            ]);
+            let keys: Vec<String> = store.list("").await.unwrap().iter().map(|o| o.key.to_string()).collect();
+            assert_eq!(keys, ["a", "b", "c"]);
+            assert!(queries.lock().unwrap()[1].contains("continuation-token=t1"), "{:?}", queries.lock().unwrap());
+
+            // Keys outside the prefix asked for (a server that ignores it) are not listed.
+            let (store, _) = answered_by(&[concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">"#,
+                "<IsTruncated>false</IsTruncated><Contents><Key>p</Key></Contents><Contents><Key>q/x</Key></Contents>",
+                "<Contents><Key>p/wal_005/y</Key></Contents><Contents><Key>p/basebackups_005/z</Key></Contents></ListBucketResult>"
+            )]);
+            let keys: Vec<String> = store.list("wal_005/").await.unwrap().iter().map(|o| o.key.to_string()).collect();
+            assert_eq!(keys, ["wal_005/y"]);
+
+            // "Truncated" with no token, or with the token just used: refused, not cut short.
+            for pages in [
+                vec![page!("true", "", "a")],
+                vec![
+                    page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "a"),
+                    page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "b"),
+                ],
+            ] {
+                let (store, _) = answered_by(&pages);
+                let err = store.list("").await.unwrap_err();
+                assert!(err.is_transient(), "{err}");
+                let text = err.to_string();
+                assert!(text.contains("s3://bucket/p/") && text.contains("cut short"), "{text}");
+            }
+        });
     }
 
     fn service_error(status: u16, code: &str) -> StoreError {
