@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::common::{gap_records, open_store};
+use super::common::{open_gaps, open_store};
 use crate::backup::catalog::{self, BackupInfo};
 use crate::config::Config;
 use crate::error::Error;
@@ -14,7 +14,7 @@ pub(super) async fn run(config: &Config, as_json: bool, detail: bool) -> Result<
     // A damaged sentinel is listed as a warning, not a failure of the whole list.
     let (backups, _, _) = catalog::list_readable(&store).await?;
     // WAL dropped by the archive queue valve: say so wherever backups are listed.
-    for name in gap_records(&store).await? {
+    for name in open_gaps(&store, config.compression).await? {
         crate::log::emit(
             crate::log::Level::Warn,
             &[
@@ -112,6 +112,8 @@ fn row(b: &BackupInfo, detail: bool) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Compression;
+    use crate::commands::common::gap_records;
     use crate::store::local::LocalStore;
     use crate::store::Store;
 
@@ -131,5 +133,50 @@ mod tests {
         // No gap ever recorded: no folder, no gaps.
         std::fs::remove_file(dir.path().join("walrs/gaps")).unwrap();
         assert!(rt.block_on(gap_records(&store)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_gap_record_of_a_segment_stored_after_all_is_not_listed() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("walrs/gaps")).unwrap();
+        std::fs::create_dir_all(dir.path().join("wal_005")).unwrap();
+        for n in ["000000010000000000000003", "000000010000000000000004"] {
+            std::fs::write(dir.path().join(format!("walrs/gaps/{n}.json")), b"{}").unwrap();
+        }
+        // Segment 3 reached the store after the valve dropped it (in another compression).
+        std::fs::write(dir.path().join("wal_005/000000010000000000000003.zst"), b"x").unwrap();
+        let store = Store::Local(LocalStore::new(dir.path().to_path_buf()));
+        let open = rt.block_on(crate::commands::common::open_gaps(&store, Compression::Lz4)).unwrap();
+        assert_eq!(open, ["000000010000000000000004"]);
+    }
+
+    /// Thousands of gap records (a long outage behind the valve) cost one listing per log of
+    /// WAL on S3, not a request per record: backup-list runs in the control plane's loop.
+    #[test]
+    fn gap_records_are_checked_from_one_listing_per_log() {
+        use crate::store::memory::MemoryStore;
+        use crate::store::{Metadata, ObjectKey, PutMode, PutOptions};
+        let put = || PutOptions { mode: PutMode::Overwrite, metadata: Metadata::new() };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let memory = MemoryStore::new();
+        let store = std::sync::Arc::new(Store::Memory(memory.clone()));
+        rt.block_on(async {
+            for seg in 0..300u32 {
+                let name = format!("0000000100000{:03X}000000{:02X}", seg / 256, seg % 256);
+                let record = ObjectKey::new(&format!("{}{name}.json", crate::layout::GAP_PREFIX)).unwrap();
+                store.put_bytes(&record, b"{}".to_vec(), put()).await.unwrap();
+                if seg % 2 == 0 {
+                    let wal = ObjectKey::new(&format!("wal_005/{name}.lz4")).unwrap();
+                    store.put_bytes(&wal, b"x".to_vec(), put()).await.unwrap();
+                }
+            }
+        });
+        let before = memory.listings();
+        let open = rt.block_on(crate::commands::common::open_gaps(&store, Compression::Lz4)).unwrap();
+        assert_eq!(open.len(), 150);
+        assert!(open.iter().all(|n| u32::from_str_radix(&n[22..], 16).unwrap() % 2 == 1), "{open:?}");
+        // The gap records, then logs 0 and 1.
+        assert_eq!(memory.listings() - before, 3);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::common::open_store;
+use super::common::{open_store, StoredWal};
 use crate::backup::manifest::{Manifest, PartitionEntry};
 use crate::backup::partition::{PartitionError, PartitionWriter};
 use crate::backup::sentinel::{format_time, BackupMetadata, Sentinel, Tablespace};
@@ -666,30 +666,16 @@ async fn first_missing(
     seg_size: u32,
     compression: Compression,
 ) -> Result<Option<SegmentId>, Error> {
-    let lists = matches!(**store, Store::S3(_) | Store::Memory(_));
+    let mut stored = StoredWal::new(store, compression);
     let mut segment = from;
     loop {
-        let listed: Option<HashSet<String>> = if lists {
-            let prefix = format!("{}/{:08X}{:08X}", layout::WAL_DIR, timeline.0, segment.log);
-            Some(store.list(&prefix).await?.into_iter().map(|m| m.key.as_str().to_string()).collect())
-        } else {
-            None
-        };
-        let log = segment.log;
-        while segment.log == log {
-            let name = WalFileName::Segment(timeline, segment);
-            let present = match &listed {
-                Some(names) => candidate_keys(&name, compression).iter().any(|k| names.contains(k.as_str())),
-                None => is_stored(store, &name, compression).await?,
-            };
-            if !present {
-                return Ok(Some(segment));
-            }
-            if segment == last {
-                return Ok(None);
-            }
-            segment = segment.next(seg_size);
+        if !stored.contains(&WalFileName::Segment(timeline, segment)).await? {
+            return Ok(Some(segment));
         }
+        if segment == last {
+            return Ok(None);
+        }
+        segment = segment.next(seg_size);
     }
 }
 
@@ -711,22 +697,13 @@ async fn gap_between(
         .filter(|n| matches!(n, WalFileName::Segment(t, s) if *t == timeline && (from..=last).contains(s)))
         .collect();
     gaps.sort_by_key(|n| n.wal_segment());
+    let mut stored = StoredWal::new(store, compression);
     for gap in gaps {
-        if !is_stored(store, &gap, compression).await? {
+        if !stored.contains(&gap).await? {
             return Ok(Some(gap));
         }
     }
     Ok(None)
-}
-
-/// The keys `name` may be stored under, in any compression.
-fn candidate_keys(name: &WalFileName, compression: Compression) -> Vec<ObjectKey> {
-    layout::wal_candidates(name, compression).into_iter().map(|(k, _)| k).collect()
-}
-
-/// Whether `name` is in the store, in any compression.
-async fn is_stored(store: &Store, name: &WalFileName, compression: Compression) -> Result<bool, Error> {
-    Ok(store.find_first(&candidate_keys(name, compression)).await?.is_some())
 }
 
 fn hostname() -> String {

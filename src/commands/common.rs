@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::store::local::LocalStore;
 use crate::store::s3::S3Store;
 use crate::store::{ObjectKey, Store, StoreError};
+use crate::wal::WalFileName;
 
 /// Metadata key holding the sha256 of an uncompressed object's bytes.
 pub(crate) const SHA256_METADATA: &str = "sha256";
@@ -114,6 +115,62 @@ pub(crate) async fn stored_sha256(
                 detail: other.to_string(),
             }),
         })
+}
+
+/// The keys WAL file `name` may be stored under, in any compression.
+fn candidate_keys(name: &WalFileName, compression: Compression) -> Vec<ObjectKey> {
+    crate::layout::wal_candidates(name, compression).into_iter().map(|(k, _)| k).collect()
+}
+
+/// Answers whether WAL files are in the store, in any compression, for many names. On S3
+/// (and in memory) from one listing per log (a name's first 16 characters: its timeline and
+/// log, 256 segments of 16 MiB), not a request per name; a local store `stat`s each name
+/// instead, since a listing there reads the whole wal_005 folder.
+pub(crate) struct StoredWal<'a> {
+    store: &'a Store,
+    compression: Compression,
+    /// The keys listed under each log prefix asked about so far.
+    listed: std::collections::HashMap<String, std::collections::HashSet<String>>,
+}
+
+impl<'a> StoredWal<'a> {
+    pub(crate) fn new(store: &'a Store, compression: Compression) -> StoredWal<'a> {
+        StoredWal { store, compression, listed: Default::default() }
+    }
+
+    /// Whether `name` is stored.
+    pub(crate) async fn contains(&mut self, name: &WalFileName) -> Result<bool, Error> {
+        let candidates = candidate_keys(name, self.compression);
+        if !matches!(self.store, Store::S3(_) | Store::Memory(_)) {
+            return Ok(self.store.find_first(&candidates).await?.is_some());
+        }
+        let text = name.to_string();
+        let prefix = format!("{}/{}", crate::layout::WAL_DIR, &text[..text.len().min(16)]);
+        if !self.listed.contains_key(&prefix) {
+            let keys = self.store.list(&prefix).await?.into_iter().map(|m| m.key.as_str().to_string()).collect();
+            self.listed.insert(prefix.clone(), keys);
+        }
+        let keys = &self.listed[&prefix];
+        Ok(candidates.iter().any(|k| keys.contains(k.as_str())))
+    }
+}
+
+/// The gap records whose WAL file is not in the store after all. The valve can drop a
+/// segment an archive daemon is uploading at that moment; once that upload completes, the
+/// record names a segment that is there, and is no gap.
+pub(crate) async fn open_gaps(store: &Store, compression: Compression) -> Result<Vec<String>, Error> {
+    let mut stored = StoredWal::new(store, compression);
+    let mut open = Vec::new();
+    for name in gap_records(store).await? {
+        let filled = match WalFileName::parse(&name) {
+            Ok(wal) => stored.contains(&wal).await?,
+            Err(_) => false,
+        };
+        if !filled {
+            open.push(name);
+        }
+    }
+    Ok(open)
 }
 
 /// The names of the WAL files with a gap record (`walrs/gaps/<name>.json`): acknowledged to

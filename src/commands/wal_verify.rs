@@ -96,7 +96,8 @@ pub(super) struct Report {
     pub missing: Vec<MissingRange>,
     /// History files the path needs that are not in the store.
     pub missing_history: Vec<String>,
-    /// Gap records (WAL acknowledged without being archived).
+    /// Gap records (WAL acknowledged without being archived) of segments not in the store
+    /// in a form wal-fetch reads.
     pub gaps: Vec<String>,
     /// Objects of segments counted as missing because they are stored only in a
     /// compression wal-rs cannot read (wal-fetch exits 10 on them).
@@ -263,7 +264,7 @@ struct Listing {
     history_files: HashSet<TimelineId>,
     /// The newest timeline of any WAL file.
     newest: Option<TimelineId>,
-    /// Gap records, by WAL file name.
+    /// Gap records, by WAL file name, of segments not in the store.
     gaps: Vec<String>,
 }
 
@@ -303,6 +304,12 @@ impl Listing {
         out.history_files.extend(inv.histories.keys().copied());
         // The same segment also stored in a form wal-fetch reads is not unreadable.
         out.unreadable.retain(|k, _| !out.present.contains(k));
+        // A gap record whose segment is in the store is no gap: the valve dropped a segment
+        // an archive daemon was uploading at that moment, and the upload completed.
+        out.gaps.retain(|g| match WalFileName::parse(g) {
+            Ok(WalFileName::Segment(t, s)) => !out.present.contains(&(t, segno(s, seg))),
+            _ => true,
+        });
         out
     }
 
@@ -645,6 +652,16 @@ mod tests {
         histories.insert(TimelineId(2), parse_history("1\t0/5000000\tpromoted\n").unwrap());
         let backups = vec![backup(1, 2, 2, "2026-11-20T00:00:00Z"), backup(2, 7, 7, "2026-11-21T00:00:00Z")];
         Inventory { objects, backups, deltas: Default::default(), histories, segment_size: Some(SEG) }
+    }
+
+    #[test]
+    fn a_gap_record_of_a_stored_segment_is_not_reported() {
+        let mut i = inv();
+        for g in [name(TimelineId(2), 8, SEG), name(TimelineId(2), 10, SEG)] {
+            i.objects.push(obj(&format!("{}{g}.json", crate::layout::GAP_PREFIX)));
+        }
+        let r = verify(&i, SEG);
+        assert_eq!(r.gaps, [name(TimelineId(2), 10, SEG)], "{r:#?}");
     }
 
     #[test]

@@ -14,12 +14,19 @@ type Objects = Arc<Mutex<BTreeMap<ObjectKey, (Vec<u8>, Metadata, SystemTime)>>>;
 #[derive(Default, Clone)]
 pub struct MemoryStore {
     objects: Objects,
+    /// Listings made, for tests of how many requests a command sends.
+    lists: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// How many listings were made.
+    pub fn listings(&self) -> usize {
+        self.lists.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store's URL.
@@ -64,6 +71,7 @@ impl MemoryStore {
     }
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let objects = self.objects.lock().unwrap();
         Ok(objects
             .iter()
