@@ -137,8 +137,18 @@ pub(super) async fn run(
     let timeline = start_file.timeline();
     let first = start_file.wal_segment().expect("the start file is a segment");
     let last = SegmentId::containing(Lsn(stop.stop_lsn.0.saturating_sub(1).max(start_lsn.0)), info.wal_segment_size);
-    wait_for_wal(&store, timeline, first, last, info.wal_segment_size, config.compression, config.backup.wal_timeout)
-        .await?;
+    // An upload the safety valve overtook may still complete within retry_deadline_secs.
+    let gap_grace = config.retry.deadline.min(config.backup.wal_timeout);
+    wait_for_wal(
+        &store,
+        timeline,
+        first,
+        last,
+        info.wal_segment_size,
+        config.compression,
+        Waits { timeout: config.backup.wal_timeout, gap_grace },
+    )
+    .await?;
     let wal_wait_ms = wal_started.elapsed().as_millis();
 
     let finished = time::OffsetDateTime::now_utc();
@@ -614,7 +624,9 @@ async fn write_small_partition(
 /// `timeout` counts time without progress: it starts again whenever a segment is found, so
 /// a long backup's many segments (checked one after another) never use it up before the
 /// last one, still being archived, gets its time. A segment that the archive's safety valve
-/// dropped (a gap record) can never arrive: that fails at once, naming it.
+/// dropped (a gap record) can never arrive: that fails, naming it, once the record has stood
+/// with the segment absent for `gap_grace`. Not at once: the valve can drop a segment an
+/// archive daemon is uploading at that moment, and that upload may still complete.
 async fn wait_for_wal(
     store: &Arc<Store>,
     timeline: TimelineId,
@@ -622,11 +634,14 @@ async fn wait_for_wal(
     last: SegmentId,
     seg_size: u32,
     compression: Compression,
-    timeout: Duration,
+    waits: Waits,
 ) -> Result<(), Error> {
+    let Waits { timeout, gap_grace } = waits;
     let mut waiting_for = first;
     let mut since = Instant::now();
     let mut delay = Duration::from_millis(100);
+    // The gap record found with its segment absent, and since when.
+    let mut gap_seen: Option<(WalFileName, Instant)> = None;
     loop {
         let Some(missing) = first_missing(store, timeline, waiting_for, last, seg_size, compression).await? else {
             return Ok(());
@@ -634,7 +649,19 @@ async fn wait_for_wal(
         if missing != waiting_for {
             (waiting_for, since, delay) = (missing, Instant::now(), Duration::from_millis(100));
         }
-        if let Some(gap) = gap_between(store, timeline, missing, last, compression).await? {
+        let gap = gap_between(store, timeline, missing, last, compression).await?;
+        let standing = match (gap, &gap_seen) {
+            (Some(gap), Some((seen, at))) if *seen == gap => (at.elapsed() >= gap_grace).then_some(gap),
+            (Some(gap), _) => {
+                gap_seen = Some((gap, Instant::now()));
+                (gap_grace.is_zero()).then_some(gap)
+            }
+            (None, _) => {
+                gap_seen = None;
+                None
+            }
+        };
+        if let Some(gap) = standing {
             return Err(Error::NotFound(format!(
                 "WAL segment {gap} of the backup was dropped unarchived by archive_queue_max_bytes (gap record {} in {}): this backup can never be restored; take a new backup once archiving keeps up",
                 layout::gap_key(&gap.to_string()),
@@ -652,6 +679,14 @@ async fn wait_for_wal(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// How long [`wait_for_wal`] waits: `timeout` without a new segment, and `gap_grace` for a
+/// gap record whose segment is absent.
+#[derive(Clone, Copy)]
+struct Waits {
+    timeout: Duration,
+    gap_grace: Duration,
 }
 
 /// The first segment from `from` to `last` that is not in the store, or `None` when all
@@ -778,8 +813,12 @@ mod tests {
         layout::wal_key(&WalFileName::Segment(TimelineId(timeline), segment), Compression::Lz4)
     }
 
+    fn waits(timeout_ms: u64, gap_grace_ms: u64) -> Waits {
+        Waits { timeout: Duration::from_millis(timeout_ms), gap_grace: Duration::from_millis(gap_grace_ms) }
+    }
+
     #[test]
-    fn a_segment_dropped_by_the_safety_valve_fails_the_wait_at_once() {
+    fn a_segment_dropped_by_the_safety_valve_fails_the_wait_once_its_record_stands() {
         crate::test_support::block_on(async {
             let store = memory_store();
             let first = SegmentId { log: 0, seg: 5 };
@@ -789,10 +828,10 @@ mod tests {
             // A gap on another timeline or outside the range is not this backup's.
             put(&store, &layout::gap_key("000000020000000000000005"), b"{}").await;
             let started = Instant::now();
-            let wait =
-                wait_for_wal(&store, TimelineId(1), first, last, 16 << 20, Compression::Lz4, Duration::from_secs(30));
+            let wait = wait_for_wal(&store, TimelineId(1), first, last, 16 << 20, Compression::Lz4, waits(30_000, 300));
             let err = wait.await.unwrap_err();
-            assert!(started.elapsed() < Duration::from_secs(5), "waited {:?}", started.elapsed());
+            let waited = started.elapsed();
+            assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5), "waited {waited:?}");
             assert!(matches!(err, Error::NotFound(_)), "{err:?}");
             let shown = err.to_string();
             assert!(shown.contains("000000010000000000000005") && shown.contains("walrs/gaps/"), "{shown}");
@@ -814,9 +853,29 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 put(&arriving, &segment_key(1, late), b"segment").await;
             });
-            let wait =
-                wait_for_wal(&store, TimelineId(1), late, stored, 16 << 20, Compression::Lz4, Duration::from_secs(30));
+            let wait = wait_for_wal(&store, TimelineId(1), late, stored, 16 << 20, Compression::Lz4, waits(30_000, 0));
             wait.await.expect("the wait ends once the late segment arrives");
+            arrival.await.unwrap();
+        });
+    }
+
+    /// The valve dropped a segment while an archive daemon was uploading it, and backup-push
+    /// looks before that upload completes: the gap record stands with the segment absent for
+    /// a moment. The backup waits for it rather than fail.
+    #[test]
+    fn a_gap_record_whose_segment_arrives_within_the_grace_is_no_gap() {
+        crate::test_support::block_on(async {
+            let store = memory_store();
+            let late = SegmentId { log: 0, seg: 5 };
+            put(&store, &layout::gap_key(&WalFileName::Segment(TimelineId(1), late).to_string()), b"{}").await;
+            let arriving = store.clone();
+            let arrival = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                put(&arriving, &segment_key(1, late), b"segment").await;
+            });
+            let wait =
+                wait_for_wal(&store, TimelineId(1), late, late, 16 << 20, Compression::Lz4, waits(30_000, 10_000));
+            wait.await.expect("the wait ends once the segment the valve overtook arrives");
             arrival.await.unwrap();
         });
     }
@@ -852,7 +911,7 @@ mod tests {
                 segments[4],
                 seg_size,
                 Compression::Zstd,
-                Duration::from_secs(1),
+                waits(1000, 1000),
             )
             .await
             .unwrap();
@@ -861,17 +920,10 @@ mod tests {
             // One that never comes fails after the timeout, named.
             let next = segments[4].next(seg_size);
             let started = Instant::now();
-            let err = wait_for_wal(
-                &store,
-                TimelineId(1),
-                segments[0],
-                next,
-                seg_size,
-                Compression::Lz4,
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap_err();
+            let err =
+                wait_for_wal(&store, TimelineId(1), segments[0], next, seg_size, Compression::Lz4, waits(1000, 1000))
+                    .await
+                    .unwrap_err();
             assert!(matches!(err, Error::Timeout(_)), "{err:?}");
             assert!(err.to_string().contains(&WalFileName::Segment(TimelineId(1), next).to_string()), "{err}");
             assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
