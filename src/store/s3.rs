@@ -232,8 +232,10 @@ impl S3Store {
         // Page by page by hand rather than with the SDK's paginator, which ends quietly when a
         // page says "truncated" but carries no continuation token: a listing cut short reads
         // as objects missing (WAL that wal-verify reports lost, backups retention does not
-        // see). Here that, and a token that does not move on, fail the listing.
+        // see). Here that, and a token given before (a listing going round in a circle),
+        // fail the listing.
         let mut token: Option<String> = None;
+        let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             let page = self
                 .inner
@@ -263,7 +265,7 @@ impl S3Store {
                 return Ok(out);
             }
             match page.next_continuation_token() {
-                Some(next) if token.as_deref() != Some(next) => token = Some(next.to_string()),
+                Some(next) if used.insert(next.to_string()) => token = Some(next.to_string()),
                 next => {
                     return Err(StoreError::Unavailable {
                         op: "list",
@@ -271,7 +273,7 @@ impl S3Store {
                         detail: format!(
                             "the store said the listing goes on after {} objects but {}: a listing cut short is refused; check the S3 endpoint",
                             out.len(),
-                            if next.is_some() { "gave the same continuation token again" } else { "gave no continuation token" }
+                            if next.is_some() { "gave a continuation token it had given before" } else { "gave no continuation token" }
                         ),
                     })
                 }
@@ -872,12 +874,18 @@ mod tests {
             let keys: Vec<String> = store.list("wal_005/").await.unwrap().iter().map(|o| o.key.to_string()).collect();
             assert_eq!(keys, ["wal_005/y"]);
 
-            // "Truncated" with no token, or with the token just used: refused, not cut short.
+            // "Truncated" with no token, or with a token given before: refused, not cut short
+            // nor followed round in a circle.
             for pages in [
                 vec![page!("true", "", "a")],
                 vec![
                     page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "a"),
                     page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "b"),
+                ],
+                vec![
+                    page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "a"),
+                    page!("true", "<NextContinuationToken>t2</NextContinuationToken>", "b"),
+                    page!("true", "<NextContinuationToken>t1</NextContinuationToken>", "c"),
                 ],
             ] {
                 let (store, _) = answered_by(&pages);
