@@ -112,8 +112,11 @@ pub async fn step(ctx: &Ctx, db: &impl GenericClient, s: &Server) -> Result<Outc
             Ok(Outcome::Done)
         }
         "destroying" => {
-            if let Some(h) = &s.handle {
-                ctx.provider.destroy(h).await?;
+            match &s.handle {
+                Some(h) => ctx.provider.destroy(h).await?,
+                // Destroyed while `provisioning`: `create` may have run without its handle
+                // being recorded, and what it made would be left behind.
+                None => ctx.provider.forget(&s.id).await?,
             }
             Ok(Outcome::to("destroyed"))
         }

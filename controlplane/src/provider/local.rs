@@ -33,6 +33,16 @@ impl Local {
     }
 }
 
+/// Removes a server's folder; one already gone is fine.
+fn remove_server_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A TCP port nobody listens on now.
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
@@ -96,13 +106,12 @@ impl Provider for Local {
 
     async fn destroy(&self, h: &Handle) -> Result<()> {
         self.stop(h, true).await?;
-        let dir = self.dir(h);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", dir.display()))
-            }
-            _ => Ok(()),
-        }
+        remove_server_dir(&self.dir(h))
+    }
+
+    async fn forget(&self, server_id: &str) -> Result<()> {
+        // `create` makes the folder and its port file only; PostgreSQL never ran there.
+        remove_server_dir(&self.root.join(server_id))
     }
 
     async fn run(&self, _h: &Handle, argv: &[String], env: &[(String, String)]) -> Result<Output> {
@@ -164,4 +173,27 @@ fn du(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server destroyed while `provisioning` has no handle; what `create` made for it (its
+    /// folder and port file) is still removed. Forgetting what was never made succeeds.
+    #[tokio::test]
+    async fn forgetting_a_server_removes_what_create_made() {
+        let data = std::env::temp_dir().join(format!("walrs-control-forget-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let local = Local::new(&data, PathBuf::from("wal-rs"));
+        let h = local.create("s1").await.unwrap();
+        let dir = data.join("servers/s1");
+        assert!(dir.join("port").exists(), "create made no port file");
+        assert_eq!(local.create("s1").await.unwrap(), h, "create again is the same server");
+        local.forget("s1").await.unwrap();
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        local.forget("s1").await.unwrap();
+        local.forget("never-created").await.unwrap();
+        std::fs::remove_dir_all(&data).unwrap();
+    }
 }

@@ -51,6 +51,10 @@ pub trait Provider: Send + Sync {
     fn is_running(&self, h: &Handle) -> impl Future<Output = Result<bool>> + Send;
     /// Stops PostgreSQL and removes the server and its data.
     fn destroy(&self, h: &Handle) -> impl Future<Output = Result<()>> + Send;
+    /// Removes whatever `create(server_id)` may have made when no handle of it was recorded:
+    /// a server destroyed while `provisioning`, whose `create` ran but whose step did not
+    /// commit. Succeeds when there is nothing.
+    fn forget(&self, server_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Runs `argv` on the server as the database's OS user. `argv[0] == "wal-rs"` runs the
     /// wal-rs installed on the server.
     fn run(&self, h: &Handle, argv: &[String], env: &[(String, String)])
