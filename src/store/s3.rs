@@ -473,13 +473,16 @@ impl Inner {
                     _ => StoreError::Other { op, key, detail },
                 }
             }
+            // Whether the attempts or the deadline ran out first is a matter of timing; either
+            // way the message names the endpoint asked.
             SdkError::TimeoutError(_) => StoreError::Unavailable {
                 op,
                 key,
                 detail: format!(
-                    "no success within {} s (retry_deadline_secs), {} attempts at most (retry_attempts): the store kept failing or did not answer",
+                    "no success within {} s (retry_deadline_secs), {} attempts at most (retry_attempts): the store{} kept failing or did not answer",
                     self.settings.deadline.as_secs(),
-                    self.settings.max_attempts
+                    self.settings.max_attempts,
+                    self.settings.endpoint.as_deref().map(|e| format!(" at {}", crate::config::redact_url(e))).unwrap_or_default()
                 ),
             },
             // Credentials are loaded before the request is sent, so a provider's failure
@@ -901,6 +904,21 @@ mod tests {
         let err = GetObjectError::generic(ErrorMetadata::builder().code(code).message("the server's words").build());
         let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
         inner().map_err_raw("get", "p/k", SdkError::service_error(err, raw))
+    }
+
+    /// However the deadline or the attempts ran out, the message names the endpoint asked,
+    /// without its user-info.
+    #[test]
+    fn a_store_that_never_succeeds_is_named_by_its_endpoint() {
+        crate::test_support::block_on(async {
+            let mut inner = inner();
+            inner.settings.endpoint = Some("http://user:secret@127.0.0.1:9".into());
+            let err: SdkError<GetObjectError, HttpResponse> = SdkError::timeout_error("attempts ran out");
+            let e = inner.map_err_raw("get", "p/k", err);
+            assert!(e.is_transient(), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("at http://<redacted>@127.0.0.1:9") && !text.contains("secret"), "{text}");
+        });
     }
 
     fn dispatch_failure(source: Box<dyn std::error::Error + Send + Sync>) -> StoreError {
