@@ -79,8 +79,14 @@ pub(super) async fn run(config: &Config, args: &FetchArgs) -> Result<FetchedBack
         None => walg_tar_sets(&store, &backup.name).await?,
     };
     match &walg_sets {
-        Some(sets) => refuse_missing_partitions(sets, &partitions, &backup.name, &store.url())?,
-        None if manifest.is_some() => refuse_unstored_partitions(&store, &backup.name, &partitions).await?,
+        Some(sets) => {
+            let missing = missing_partitions(sets, &partitions);
+            refuse_missing_partitions(&missing, WALG_FILES_METADATA, &backup.name, &store.url())?
+        }
+        None if manifest.is_some() => {
+            let missing = unstored_partitions(&store, &backup.name, &partitions).await?;
+            refuse_missing_partitions(&missing, "the backup's manifest", &backup.name, &store.url())?
+        }
         None => {}
     }
 
@@ -287,22 +293,15 @@ async fn stored_partitions(store: &Arc<Store>, name: &str) -> Result<Vec<Partiti
         .collect())
 }
 
-/// Fails when a partition a wal-rs backup's manifest lists is not in the store: the backup
-/// is damaged (exit 10, as for a WAL-G backup missing a partition), and this is known before
-/// anything is written.
-async fn refuse_unstored_partitions(store: &Arc<Store>, backup: &str, listed: &[PartitionEntry]) -> Result<(), Error> {
+/// The partitions a wal-rs backup's manifest lists (`listed`) that the store does not hold.
+async fn unstored_partitions<'a>(
+    store: &Arc<Store>,
+    backup: &str,
+    listed: &'a [PartitionEntry],
+) -> Result<Vec<&'a str>, Error> {
     let stored: std::collections::HashSet<String> =
         stored_partitions(store, backup).await?.into_iter().map(|p| p.name).collect();
-    let missing: Vec<&str> = listed.iter().map(|p| p.name.as_str()).filter(|n| !stored.contains(*n)).collect();
-    let Some(first) = missing.first() else { return Ok(()) };
-    Err(Error::Corrupt {
-        key: format!("{}/{}", store.url(), layout::partition_key(backup, first)),
-        detail: format!(
-            "the backup's manifest lists {} partition(s) the store does not hold ({}): nothing was restored; restore another backup",
-            missing.len(),
-            missing.join(", ")
-        ),
-    })
+    Ok(listed.iter().map(|p| p.name.as_str()).filter(|n| !stored.contains(*n)).collect())
 }
 
 /// WAL-G's record of what went into each partition: `TarFileSets` of `files_metadata.json`,
@@ -348,20 +347,16 @@ pub(super) fn missing_partitions<'a>(sets: &'a WalgTarSets, stored: &[PartitionE
     sets.sets.keys().map(String::as_str).filter(|listed| !is_stored(listed)).collect()
 }
 
-/// Fails when a partition WAL-G recorded is not in the store: restored without it, the
-/// cluster would lack its files and still start (its `backup_label` is elsewhere).
-fn refuse_missing_partitions(
-    sets: &WalgTarSets,
-    stored: &[PartitionEntry],
-    backup: &str,
-    store_url: &str,
-) -> Result<(), Error> {
-    let missing = missing_partitions(sets, stored);
+/// Fails when partitions the backup records (in `listed_by`: WAL-G's `files_metadata.json`
+/// or wal-rs's manifest) are `missing` from the store: the backup is damaged (exit 10), and
+/// this is known before anything is written. Restored without them, a WAL-G cluster would
+/// lack its files and still start (its `backup_label` is elsewhere).
+fn refuse_missing_partitions(missing: &[&str], listed_by: &str, backup: &str, store_url: &str) -> Result<(), Error> {
     let Some(first) = missing.first() else { return Ok(()) };
     Err(Error::Corrupt {
         key: format!("{store_url}/{}", layout::partition_key(backup, first)),
         detail: format!(
-            "{WALG_FILES_METADATA} lists {} partition(s) the store does not hold ({}): nothing was restored",
+            "{listed_by} lists {} partition(s) the store does not hold ({}): nothing was restored; restore another backup",
             missing.len(),
             missing.join(", ")
         ),

@@ -650,18 +650,10 @@ async fn wait_for_wal(
             (waiting_for, since, delay) = (missing, Instant::now(), Duration::from_millis(100));
         }
         let gap = gap_between(store, timeline, missing, last, compression).await?;
-        let standing = match (gap, &gap_seen) {
-            (Some(gap), Some((seen, at))) if *seen == gap => (at.elapsed() >= gap_grace).then_some(gap),
-            (Some(gap), _) => {
-                gap_seen = Some((gap, Instant::now()));
-                (gap_grace.is_zero()).then_some(gap)
-            }
-            (None, _) => {
-                gap_seen = None;
-                None
-            }
-        };
-        if let Some(gap) = standing {
+        if gap != gap_seen.map(|(seen, _)| seen) {
+            gap_seen = gap.map(|g| (g, Instant::now()));
+        }
+        if let Some((gap, _)) = gap_seen.filter(|(_, since)| since.elapsed() >= gap_grace) {
             return Err(Error::NotFound(format!(
                 "WAL segment {gap} of the backup was dropped unarchived by archive_queue_max_bytes (gap record {} in {}): this backup can never be restored; take a new backup once archiving keeps up",
                 layout::gap_key(&gap.to_string()),
