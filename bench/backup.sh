@@ -12,7 +12,7 @@
 #
 # Runs as root on a fresh machine (installs pgbackrest, GNU time and stunnel4 if missing);
 # every tool and PostgreSQL run as the postgres user. Builds nothing: it measures
-# target/release/wal-rs (make build first) and needs .cache/tools/bin/s3s-fs (make tools).
+# target/dist/wal-rs (make dist first) and needs .cache/tools/bin/s3s-fs (make tools).
 #
 # Environment knobs:
 #   BENCH_DIR          work directory (default /tmp/wal-rs-backup-bench); removed at the end
@@ -27,7 +27,7 @@
 #   BENCH_WAIT_QUIET   seconds each timed command may wait for the machine to go idle first
 #                      (default 10; 0: do not wait); the report says how busy it was
 #   BENCH_STRICT=1     exit 3 when a target is missed (default: report only)
-#   WALRS_BIN          wal-rs binary (default target/release/wal-rs)
+#   WALRS_BIN          wal-rs binary (default target/dist/wal-rs, the LTO build `make dist` makes)
 #   WALRS_S3S_FS       s3s-fs binary (default .cache/tools/bin/s3s-fs)
 set -euo pipefail
 bench="$(cd "$(dirname "$0")" && pwd)"
@@ -42,7 +42,7 @@ rounds="${BENCH_ROUNDS:-2}"
 big_rounds="${BENCH_BIG_ROUNDS:-1}"
 pgbr_s3="${BENCH_PGBR_S3:-1}"
 quiet="${BENCH_WAIT_QUIET:-10}"
-walrs_src="${WALRS_BIN:-$repo/target/release/wal-rs}"
+walrs_src="${WALRS_BIN:-$repo/target/dist/wal-rs}"
 s3s_fs="${WALRS_S3S_FS:-$repo/.cache/tools/bin/s3s-fs}"
 # Python from the system, not a per-user shim under /root that postgres cannot read.
 py=/usr/bin/python3
@@ -50,7 +50,7 @@ step() { printf '\n== %s\n' "$*"; }
 die() { echo "bench: $*" >&2; exit 1; }
 notes=()
 
-[ -x "$walrs_src" ] || die "no wal-rs binary at $walrs_src: run make build (or cargo build --release)"
+[ -x "$walrs_src" ] || die "no wal-rs binary at $walrs_src: run make dist (or set WALRS_BIN=target/release/wal-rs)"
 [ -x "$s3s_fs" ] || die "no s3s-fs at $s3s_fs: run make tools"
 [ -x "$py" ] || die "$py is needed to time the commands"
 if [ "$(id -u)" = 0 ]; then
@@ -117,7 +117,7 @@ cp "$walrs_src" "$root/bin/wal-rs"
 cp "$bench/backup_measure.py" "$root/bin/backup_measure.py"
 chmod 755 "$root/bin/wal-rs" "$root/bin/backup_measure.py"
 walrs="$root/bin/wal-rs"
-walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary sha256 $(sha256sum "$walrs" | cut -c1-12)"
+walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary ${walrs_src#$repo/} sha256 $(sha256sum "$walrs" | cut -c1-12)"
 echo "wal-rs: $walrs_desc"
 
 step "S3 store: s3s-fs on 127.0.0.1:$s3_port"

@@ -19,7 +19,7 @@
 #   BENCH_STRICT=1 exit 3 when a target is missed (default: report only)
 #   BENCH_WAIT_QUIET seconds to wait, before timing, for other work on this shared machine
 #                  to pause (default 90; 0: do not wait); the report says how busy it was
-#   WALRS_BIN      wal-rs binary (default target/release/wal-rs)
+#   WALRS_BIN      wal-rs binary (default target/dist/wal-rs, the LTO build `make dist` makes)
 #   WALRS_S3S_FS   s3s-fs binary (default .cache/tools/bin/s3s-fs; `make tools` builds it)
 set -euo pipefail
 bench="$(cd "$(dirname "$0")" && pwd)"
@@ -32,14 +32,14 @@ nseg="${BENCH_SEGMENTS:-32}"
 # pgbench scale: the bulk load fills the first 3-4 segments, the transactions the rest, so
 # that the median lands among the transaction segments in every run, not on the border.
 scale="${BENCH_SCALE:-4}"
-walrs_src="${WALRS_BIN:-$repo/target/release/wal-rs}"
+walrs_src="${WALRS_BIN:-$repo/target/dist/wal-rs}"
 s3s_fs="${WALRS_S3S_FS:-$repo/.cache/tools/bin/s3s-fs}"
 # Python from the system, not a per-user shim under /root that postgres cannot read.
 py=/usr/bin/python3
 step() { printf '\n== %s\n' "$*"; }
 die() { echo "bench: $*" >&2; exit 1; }
 
-[ -x "$walrs_src" ] || die "no wal-rs binary at $walrs_src: run cargo build --release (or make bench)"
+[ -x "$walrs_src" ] || die "no wal-rs binary at $walrs_src: run make dist (or set WALRS_BIN=target/release/wal-rs)"
 [ -x "$s3s_fs" ] || die "no s3s-fs at $s3s_fs: run make tools (or make bench)"
 [ -x "$py" ] || die "$py is needed to time the processes"
 if [ "$(id -u)" = 0 ]; then
@@ -89,7 +89,7 @@ chmod 755 "$root/bin/wal-rs" "$root/bin/measure.py"
 walrs="$root/bin/wal-rs"
 git_rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')"
 git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || git_rev="$git_rev+local changes"
-walrs_desc="$("$walrs" --version), git $git_rev, binary sha256 $(sha256sum "$walrs" | cut -c1-12)"
+walrs_desc="$("$walrs" --version), git $git_rev, binary ${walrs_src#$repo/} sha256 $(sha256sum "$walrs" | cut -c1-12)"
 echo "wal-rs: $walrs_desc"
 
 step "real WAL: a throwaway PostgreSQL 15 cluster, pgbench -i -s $scale, then pgbench runs"

@@ -31,8 +31,8 @@
 #   THROUGHPUT_PHASES   which of "archive recovery daemon" to run (default all three; the
 #                       daemon decision uses the recovery run's WAL); the report leaves out
 #                       what was not run
-#   WALRS_BIN, WALRS_FAULTPROXY_BIN, WALRS_S3S_FS   binaries (defaults under target/release
-#                       and .cache/tools/bin)
+#   WALRS_BIN, WALRS_FAULTPROXY_BIN, WALRS_S3S_FS   binaries (defaults target/dist/wal-rs,
+#                       target/release/walrs-faultproxy and .cache/tools/bin/s3s-fs)
 set -euo pipefail
 bench="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$bench/.." && pwd)"
@@ -49,7 +49,7 @@ quiet_wait="${THROUGHPUT_WAIT_QUIET:-30}"
 rounds="${THROUGHPUT_RESTORE_ROUNDS:-2}"
 phases=" ${THROUGHPUT_PHASES:-archive recovery daemon} "
 runs_phase() { [[ "$phases" == *" $1 "* ]]; }
-walrs_src="${WALRS_BIN:-$repo/target/release/wal-rs}"
+walrs_src="${WALRS_BIN:-$repo/target/dist/wal-rs}"
 proxy_src="${WALRS_FAULTPROXY_BIN:-$repo/target/release/walrs-faultproxy}"
 s3s_fs="${WALRS_S3S_FS:-$repo/.cache/tools/bin/s3s-fs}"
 py=/usr/bin/python3
@@ -58,7 +58,7 @@ sk=throughputsecretkey
 step() { printf '\n== %s: %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { echo "throughput: $*" >&2; exit 1; }
 
-[ -x "$walrs_src" ] || die "no wal-rs at $walrs_src: cargo build --release --workspace"
+[ -x "$walrs_src" ] || die "no wal-rs at $walrs_src: run make dist (or set WALRS_BIN=target/release/wal-rs)"
 [ -x "$proxy_src" ] || die "no walrs-faultproxy at $proxy_src: cargo build --release --workspace"
 [ -x "$s3s_fs" ] || die "no s3s-fs at $s3s_fs: make tools"
 [ -x "$py" ] || die "$py is needed"
@@ -85,7 +85,7 @@ cp "$bench/throughput_tool.py" "$root/bin/throughput_tool.py"
 chmod 755 "$root/bin/"*
 walrs="$root/bin/wal-rs"
 tool=("$py" "$root/bin/throughput_tool.py")
-walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary sha256 $(sha256sum "$walrs" | cut -c1-12)"
+walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary ${walrs_src#$repo/} sha256 $(sha256sum "$walrs" | cut -c1-12)"
 echo "wal-rs: $walrs_desc"
 
 # What this run started, stopped on exit whatever happens: by pid, data directory or the

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::layout;
 
-use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectReader, Store, StoreError};
+use crate::store::{error_chain, is_checksum_mismatch, ObjectKey, ObjectMeta, ObjectReader, Store, StoreError};
 use crate::wal::page::LONG_HEADER_SIZE;
 use crate::wal::{SegmentHeader, WalFileName};
 
@@ -112,18 +112,29 @@ async fn fetch_once(
         return Err(stopped(dest));
     }
     let candidates = layout::wal_candidates(name, preferred);
-    // The configured compression first: one request in the usual case.
+    let keys: Vec<ObjectKey> = candidates.iter().map(|(k, _)| k.clone()).collect();
+    // The configured compression first: one request in the usual case. A timeline history
+    // file, though, is mostly asked for to learn that it is not there (PostgreSQL probes the
+    // timelines after its own at the start and at the end of every recovery), so its listing
+    // and proof of absence go out with the read: one round trip instead of three.
+    let listing = matches!(name, WalFileName::History(_)).then(|| {
+        let (store, keys) = (store.clone(), keys.clone());
+        tokio::spawn(async move { look_further(&store, &keys, prove_absence).await })
+    });
     let (key, compression, mut reader) = match store.get(&candidates[0].0).await {
-        Ok(reader) => (candidates[0].0.clone(), preferred, reader),
+        Ok(reader) => {
+            // Found, as a history file being followed is: the listing is not needed.
+            if let Some(listing) = &listing {
+                listing.abort();
+            }
+            (candidates[0].0.clone(), preferred, reader)
+        }
         Err(StoreError::NotFound { .. }) => {
-            // The first key too: on S3 the listing costs the same, and a store that lists
-            // an object its read just called missing (a replica behind, a request routed
-            // wrongly) is not saying "not in the archive".
-            let keys: Vec<ObjectKey> = candidates.iter().map(|(k, _)| k.clone()).collect();
-            let Some(found) = store.find_first(&keys).await? else {
-                if prove_absence {
-                    store.confirm_absent(&candidates[0].0).await?;
-                }
+            let further = match listing {
+                Some(listing) => listing.await.expect("the listing task panicked"),
+                None => look_further(store, &keys, prove_absence).await,
+            };
+            let Some(found) = further? else {
                 return Err(Error::WalNotFound { name: name.to_string(), store: store.url() });
             };
             if found.key == candidates[0].0 {
@@ -151,6 +162,25 @@ async fn fetch_once(
     tokio::task::spawn_blocking(move || restore(reader, &key, compression, &name, &dest, &describe, prefetched))
         .await
         .expect("the restore task panicked")
+}
+
+/// Where the first key's read found nothing: the first of `keys` the store lists (the first
+/// key too: a store that lists an object its read just called missing, a replica behind or a
+/// request routed wrongly, is not saying "not in the archive"), or `None` when it lists none.
+/// With `prove_absence`, `None` also needs proof that the store holds an archive at all
+/// ([`Store::confirm_absent`]); the listing and the proof go out together, one round trip.
+async fn look_further(store: &Store, keys: &[ObjectKey], prove_absence: bool) -> Result<Option<ObjectMeta>, Error> {
+    let proof = async {
+        match prove_absence {
+            true => store.confirm_absent(&keys[0]).await,
+            false => Ok(()),
+        }
+    };
+    let (found, proof) = tokio::join!(store.find_first(keys), proof);
+    match found? {
+        Some(meta) => Ok(Some(meta)),
+        None => proof.map(|()| None).map_err(Error::from),
+    }
 }
 
 /// A store that listed an object and then answered a read of it with "no such object":
