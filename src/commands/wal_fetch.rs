@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{select, Either};
+
 use super::background::process_exists;
 use super::common::{open_store, retry_transient, SHA256_METADATA};
 use super::wal_prefetch::Prefetch;
@@ -168,19 +170,28 @@ async fn fetch_once(
 /// key too: a store that lists an object its read just called missing, a replica behind or a
 /// request routed wrongly, is not saying "not in the archive"), or `None` when it lists none.
 /// With `prove_absence`, `None` also needs proof that the store holds an archive at all
-/// ([`Store::confirm_absent`]); the listing and the proof go out together, one round trip.
+/// ([`Store::confirm_absent`]). The listing and the proof go out together, one round trip;
+/// an object found is an answer at once, without waiting for the proof.
 async fn look_further(store: &Store, keys: &[ObjectKey], prove_absence: bool) -> Result<Option<ObjectMeta>, Error> {
-    let proof = async {
-        match prove_absence {
-            true => store.confirm_absent(&keys[0]).await,
-            false => Ok(()),
-        }
-    };
-    let (found, proof) = tokio::join!(store.find_first(keys), proof);
-    match found? {
-        Some(meta) => Ok(Some(meta)),
-        None => proof.map(|()| None).map_err(Error::from),
+    let listing = std::pin::pin!(store.find_first(keys));
+    if !prove_absence {
+        return Ok(listing.await?);
     }
+    let proof = std::pin::pin!(store.confirm_absent(&keys[0]));
+    // The listing's answer comes first, and its error before the proof's, as when the two
+    // were asked one after the other.
+    let (found, proof) = match select(listing, proof).await {
+        Either::Left((found, proof)) => (found?, Either::Left(proof)),
+        Either::Right((proof, listing)) => (listing.await?, Either::Right(proof)),
+    };
+    if found.is_some() {
+        return Ok(found);
+    }
+    match proof {
+        Either::Left(pending) => pending.await?,
+        Either::Right(answered) => answered?,
+    }
+    Ok(None)
 }
 
 /// A store that listed an object and then answered a read of it with "no such object":
