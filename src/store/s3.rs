@@ -20,6 +20,7 @@ use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier, ServerSideEncryption,
@@ -237,16 +238,7 @@ impl S3Store {
         let mut token: Option<String> = None;
         let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
-            let page = self
-                .inner
-                .client
-                .list_objects_v2()
-                .bucket(&self.inner.settings.bucket)
-                .prefix(&full_prefix)
-                .set_continuation_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
+            let page = self.list_page(&full_prefix, token.clone(), None).await?;
             for obj in page.contents() {
                 let Some(k) = obj.key() else { continue };
                 // A key outside what was asked for (a server ignoring the prefix) is not ours.
@@ -281,21 +273,32 @@ impl S3Store {
         }
     }
 
+    /// One page of the listing of `full_prefix` (the prefix as S3 names it): after `token`,
+    /// and of at most `max_keys` keys.
+    async fn list_page(
+        &self,
+        full_prefix: &str,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListObjectsV2Output, StoreError> {
+        self.inner
+            .client
+            .list_objects_v2()
+            .bucket(&self.inner.settings.bucket)
+            .prefix(full_prefix)
+            .set_continuation_token(token)
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.inner.map_err_raw("list", full_prefix, e))
+    }
+
     /// See [`super::Store::confirm_absent`]: one listing of at most one key under `key`'s
     /// folder.
     pub(super) async fn confirm_absent(&self, key: &ObjectKey) -> Result<(), StoreError> {
         let folder = key.as_str().rsplit_once('/').map_or("", |(folder, _)| folder);
         let full_prefix = self.inner.full_prefix(&format!("{folder}/"));
-        let page = self
-            .inner
-            .client
-            .list_objects_v2()
-            .bucket(&self.inner.settings.bucket)
-            .prefix(&full_prefix)
-            .max_keys(1)
-            .send()
-            .await
-            .map_err(|e| self.inner.map_err_raw("list", &full_prefix, e))?;
+        let page = self.list_page(&full_prefix, None, Some(1)).await?;
         if !page.contents().is_empty() {
             return Ok(());
         }
