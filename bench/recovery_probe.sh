@@ -25,6 +25,7 @@
 #   bash bench/recovery_probe.sh [ROUNDS] [VARIANT ...]
 # VARIANT@TAG runs a wal-rs variant with the binary <work dir>/bin/wal-rs.TAG instead, for an
 # interleaved A/B of two builds (e.g. walrs-local walrs-local@new).
+# Round r runs the variants rotated by r-1 places (round 1 in the order given).
 # Defaults: 2 rounds of all six. Prints one line per restore and a summary (the best round
 # and the median of each, ratios to crash and to ln). Nothing is written to bench/results.
 set -euo pipefail
@@ -164,8 +165,14 @@ PY
 }
 
 rm -f "$out"/*.json
+# Round r starts r-1 places further along the list (a cyclic rotation), so that no variant
+# always runs first or always follows the same one.
+n=${#variants[@]}
 for r in $(seq 1 "$rounds"); do
-    for v in "${variants[@]}"; do probe "$v" "$r"; done
+    for i in $(seq 0 $((n - 1))); do
+        v="${variants[$(( (i + r - 1) % n ))]}"
+        probe "$v" "$r"
+    done
 done
 python3 - "$out" "${variants[@]}" <<'PY'
 import glob, json, os, sys

@@ -23,8 +23,12 @@
 #   THROUGHPUT_RECOVERY_SCALE     pgbench -i scale before the recovery run's transactions (150)
 #   THROUGHPUT_RECOVERY_SEGMENTS  segments the restores replay, at least (default 220)
 #   THROUGHPUT_DAEMON_REPS        repetitions of each single-push case (default 10)
-#   THROUGHPUT_RESTORE_ROUNDS     rounds of the six restores, interleaved (default 2); the
-#                       report's headline is each restore's fastest round
+#   THROUGHPUT_RESTORE_ROUNDS     rounds of the six restores, interleaved (default 6); the
+#                       report's headline is each restore's median round
+#   THROUGHPUT_RESTORE_ORDER      "balanced" (default): round k runs the six restores in row k
+#                       of a Williams square, so over 6 rounds each restore runs once in each
+#                       position and once right after each other restore; "fixed": the same
+#                       order every round (the method before stop 22)
 #   THROUGHPUT_WAIT_QUIET         before each timed phase, wait up to this many seconds for
 #                       the rest of the machine to pause (default 30; 0: do not wait)
 #   THROUGHPUT_STRICT=1 exit 3 when a target is missed (default: report only)
@@ -46,7 +50,9 @@ rec_scale="${THROUGHPUT_RECOVERY_SCALE:-150}"
 rec_segments="${THROUGHPUT_RECOVERY_SEGMENTS:-220}"
 daemon_reps="${THROUGHPUT_DAEMON_REPS:-10}"
 quiet_wait="${THROUGHPUT_WAIT_QUIET:-30}"
-rounds="${THROUGHPUT_RESTORE_ROUNDS:-2}"
+rounds="${THROUGHPUT_RESTORE_ROUNDS:-6}"
+restore_order="${THROUGHPUT_RESTORE_ORDER:-balanced}"
+case "$restore_order" in balanced|fixed) ;; *) echo "throughput: THROUGHPUT_RESTORE_ORDER must be balanced or fixed" >&2; exit 1 ;; esac
 phases=" ${THROUGHPUT_PHASES:-archive recovery daemon} "
 runs_phase() { [[ "$phases" == *" $1 "* ]]; }
 walrs_src="${WALRS_BIN:-$repo/target/dist/wal-rs}"
@@ -390,9 +396,30 @@ JSON
     rmdir "/sys/fs/cgroup/cpuacct/$cgroup_prefix-restore-$name-r$round" 2>/dev/null || true
 }
 # Rounds of the six restores, interleaved, so that a burst of other work on the shared
-# machine does not land on one tool only.
+# machine does not land on one tool only. A restore's time also depends on what ran just
+# before it (the first restore after the WAL was made ran fastest; the restore after cp,
+# which writes and deletes 4.5 GB, ran slower), so by default the order changes from round
+# to round: row k of a Williams square, in which over n rounds each of the n restores runs
+# once in each position and once right after each other restore (first-order carry-over
+# balanced). Row 0 is 0, 1, n-1, 2, n-2, ...; row k adds k to each index, modulo n.
+restore_variants=(local local-archive local-cp local-ln walrs pgbackrest)
+round_order() {
+    local k="$1" n=${#restore_variants[@]} lo=1 hi i first=(0)
+    hi=$((n - 1))
+    if [ "$restore_order" = fixed ]; then echo "${restore_variants[@]}"; return; fi
+    while [ "${#first[@]}" -lt "$n" ]; do
+        first+=("$lo"); lo=$((lo + 1))
+        [ "${#first[@]}" -lt "$n" ] || break
+        first+=("$hi"); hi=$((hi - 1))
+    done
+    for i in "${first[@]}"; do printf '%s ' "${restore_variants[$(( (i + k) % n ))]}"; done
+    echo
+}
 runs_phase recovery && for round in $(seq 1 "$rounds"); do
-    for v in local local-archive local-cp local-ln walrs pgbackrest; do restore_phase "$v" "$round"; done
+    read -r -a order_now <<<"$(round_order $((round - 1)))"
+    "$py" -c 'import json,sys; json.dump({"round": int(sys.argv[2]), "method": sys.argv[3], "order": sys.argv[4:]}, open(sys.argv[1], "w"))' \
+        "$root/results/order-r$round.json" "$round" "$restore_order" "${order_now[@]}"
+    for v in "${order_now[@]}"; do restore_phase "$v" "$round"; done
 done
 fi
 

@@ -906,6 +906,40 @@ def cmd_leftovers(walrs, config_arg):
             pass
 
 
+RESTORE_LABELS = {"local": "crash", "local-archive": "archive", "local-cp": "cp", "local-ln": "ln",
+                  "walrs": "wal-rs", "pgbackrest": "pgBackRest"}
+
+
+def order_effects(add, orders, records):
+    """The rounds in the order they ran, and how a restore's time moved with its position
+    and with the restore run just before it (each time divided by that restore's median)."""
+    if not orders:
+        return
+    times = {}
+    for r in records:
+        for no, run in zip(r.get("rounds_no", []), r.get("all_rounds", [])):
+            times[(run["name"], no)] = run["seconds"]
+    medians = {r["name"]: r.get("median_s", r["seconds"]) for r in records}
+    method = next(iter(orders.values())).get("method", "fixed")
+    add(f"Rounds in the order they ran ({method} order; s):")
+    add("")
+    by_pos, by_prev = {}, {}
+    for no in sorted(orders):
+        seq = [v for v in orders[no]["order"] if (v, no) in times]
+        add(f"- round {no}: " + ", ".join(f"{RESTORE_LABELS.get(v, v)} {times[(v, no)]}" for v in seq))
+        for i, v in enumerate(seq):
+            rel = times[(v, no)] / medians[v]
+            by_pos.setdefault(i + 1, []).append(rel)
+            by_prev.setdefault(RESTORE_LABELS.get(seq[i - 1], seq[i - 1]) if i else "nothing (first)", []).append(rel)
+    add("")
+    mean = lambda xs: sum(xs) / len(xs)
+    add("Each restore's time divided by its own median, averaged: by position in the round ("
+        + ", ".join(f"{p}: {mean(x):.3f}" for p, x in sorted(by_pos.items()))
+        + "); by the restore run just before it ("
+        + ", ".join(f"{k}: {mean(x):.3f}" for k, x in sorted(by_prev.items())) + ").")
+    add("")
+
+
 def cmd_report(res_dir, md_path, json_path):
     meta = load(os.path.join(res_dir, "meta.json"))
     R = {}
@@ -913,8 +947,8 @@ def cmd_report(res_dir, md_path, json_path):
         p = os.path.join(res_dir, k + ".json")
         if os.path.exists(p):
             R[k] = load(p)
-    # Restores run in rounds (interleaved); the headline is each variant's fastest round, the
-    # one least disturbed by other work on the shared machine; every round is listed.
+    # Restores run in rounds (interleaved). Each variant's record is its fastest round (the
+    # detail rows describe that round), with every round's time and the median beside it.
     for k in ("recover-local", "recover-local-archive", "recover-local-cp", "recover-local-ln", "recover-walrs", "recover-pgbackrest"):
         rounds = sorted((f for f in os.listdir(res_dir) if re.fullmatch(re.escape(k) + r"-r\d+\.json", f)),
                         key=lambda f: int(f.rsplit("-r", 1)[1].split(".")[0]))
@@ -922,8 +956,16 @@ def cmd_report(res_dir, md_path, json_path):
         if runs:
             best = dict(min(runs, key=lambda r: r["seconds"]))
             best["rounds_s"] = [r["seconds"] for r in runs]
+            best["rounds_no"] = [int(f.rsplit("-r", 1)[1].split(".")[0]) for f in rounds]
+            best["median_s"] = round(statistics.median(best["rounds_s"]), 2)
             best["all_rounds"] = runs
             R[k] = best
+    # The order each round ran in (bench/throughput.sh writes order-r<k>.json).
+    orders = {}
+    for f in os.listdir(res_dir):
+        m = re.fullmatch(r"order-r(\d+)\.json", f)
+        if m:
+            orders[int(m.group(1))] = load(os.path.join(res_dir, f))
     L = []
     add = L.append
     add("# Throughput at realistic S3 latency (bench/throughput.sh)")
@@ -1080,15 +1122,24 @@ def cmd_report(res_dir, md_path, json_path):
         add("| | " + " | ".join(c for c, _ in cols) + " |")
         add("|---|" + "---|" * len(cols))
         row = lambda label, f: add(f"| {label} | " + " | ".join(f(r) for _, r in cols) + " |")
-        row("**time to the end of recovery (s), best round**", lambda r: f"**{r['seconds']}**")
-        row("every round (s)", lambda r: ", ".join(str(x) for x in r.get("rounds_s", [r["seconds"]])))
-        row("ratio to crash recovery from local pg_wal", lambda r: f"{r['seconds'] / rl['seconds']:.2f}")
+        nrounds = len(rl.get("rounds_s", [1]))
+        med = lambda r: r.get("median_s", r["seconds"])
+        both = lambda a, b: f"{med(a) / med(b):.2f} / {a['seconds'] / b['seconds']:.2f}"
+        row(f"**time to the end of recovery (s), median of {nrounds} rounds**", lambda r: f"**{med(r)}**")
+        row("best round (s)", lambda r: str(r["seconds"]))
+        row("every round (s), in round order", lambda r: ", ".join(str(x) for x in r.get("rounds_s", [r["seconds"]])))
+        row("ratio to crash recovery from local pg_wal (medians / best rounds)", lambda r: both(r, rl))
         if rc:
-            row("ratio to `restore_command = cp`", lambda r: f"{r['seconds'] / rc['seconds']:.2f}")
+            row("ratio to `restore_command = cp` (medians / best rounds)", lambda r: both(r, rc))
         if rn:
-            row("ratio to `restore_command = ln`", lambda r: f"{r['seconds'] / rn['seconds']:.2f}")
+            row("ratio to `restore_command = ln` (medians / best rounds)", lambda r: both(r, rn))
         if ra:
-            row("ratio to archive recovery from local pg_wal", lambda r: f"{r['seconds'] / ra['seconds']:.2f}")
+            row("ratio to archive recovery from local pg_wal (medians / best rounds)", lambda r: both(r, ra))
+        add("")
+        add("The rows below describe each restore's best round.")
+        add("")
+        add("| | " + " | ".join(c for c, _ in cols) + " |")
+        add("|---|" + "---|" * len(cols))
         row("of which startup before recovery (data directory sync) (s)", lambda r: fmt(r.get("startup_before_recovery_s"), 2))
         row("recovery proper: 'starting backup recovery' to ready (s)", lambda r: fmt(r.get("seconds_from_recovery_start"), 2))
         row("redo elapsed / CPU of the startup process, from PostgreSQL's log (s)",
@@ -1123,25 +1174,37 @@ def cmd_report(res_dir, md_path, json_path):
             add("")
         add(f"Primary's final state (checked in each restore): `{json.dumps(prim.get('verify'), sort_keys=True)}`")
         add("")
-        ratio = rw["seconds"] / rl["seconds"]
-        targets.append(("recovery: wal-rs within 1.25x of local replay (crash recovery from pg_wal)",
-                        ratio <= 1.25, f"{ratio:.2f}x ({rw['seconds']} s vs {rl['seconds']} s)"))
+        order_effects(add, orders, [r for _, r in cols])
+        # With the order balanced over the rounds, the median is the estimate: every restore
+        # ran in each position, so no restore's figure rests on one favoured slot. With the
+        # order fixed (or fewer than 3 rounds) the target is judged on the best rounds, as
+        # before stop 22.
+        method = next(iter(orders.values()), {}).get("method", "fixed")
+        on_median = method == "balanced" and nrounds >= 3
+        basis = (f"medians of {nrounds} rounds in balanced order" if on_median
+                 else "best rounds")
+        pick = med if on_median else (lambda r: r["seconds"])
+        ratio = pick(rw) / pick(rl)
+        targets.append((f"recovery: wal-rs within 1.25x of local replay (crash recovery from pg_wal), {basis}",
+                        ratio <= 1.25, f"{ratio:.2f}x ({pick(rw)} s vs {pick(rl)} s); best rounds "
+                        f"{rw['seconds'] / rl['seconds']:.2f}x, medians {med(rw) / med(rl):.2f}x, round by round "
+                        + ", ".join(f"{w / c:.2f}x" for w, c in zip(rw.get("rounds_s", []), rl.get("rounds_s", [])))))
         if ra:
-            ratio2 = rw["seconds"] / ra["seconds"]
+            ratio2 = pick(rw) / pick(ra)
             targets.append(("recovery, same check against archive recovery from pg_wal (not the named target)",
-                            ratio2 <= 1.25, f"{ratio2:.2f}x ({rw['seconds']} s vs {ra['seconds']} s)"))
+                            ratio2 <= 1.25, f"{ratio2:.2f}x ({pick(rw)} s vs {pick(ra)} s)"))
         if rc:
-            ratio3 = rw["seconds"] / rc["seconds"]
+            ratio3 = pick(rw) / pick(rc)
             targets.append(("recovery, same check against `restore_command = cp` from a local copy (not the named "
-                            "target)", ratio3 <= 1.25, f"{ratio3:.2f}x ({rw['seconds']} s vs {rc['seconds']} s)"))
+                            "target)", ratio3 <= 1.25, f"{ratio3:.2f}x ({pick(rw)} s vs {pick(rc)} s)"))
         if rn:
-            floor = rn["seconds"] / rl["seconds"]
-            ratio4 = rw["seconds"] / rn["seconds"]
+            floor = pick(rn) / pick(rl)
+            ratio4 = pick(rw) / pick(rn)
             targets.append(("recovery, same check against `restore_command = ln`, which copies nothing (not the "
                             f"named target; ln itself takes {floor:.2f}x crash recovery)", ratio4 <= 1.25,
-                            f"{ratio4:.2f}x ({rw['seconds']} s vs {rn['seconds']} s)"))
-        targets.append(("recovery: wal-rs faster than pgBackRest", rw["seconds"] < rp["seconds"],
-                        f"{rw['seconds']} s vs {rp['seconds']} s (pgBackRest takes {rp['seconds'] / rw['seconds']:.2f}x)"))
+                            f"{ratio4:.2f}x ({pick(rw)} s vs {pick(rn)} s)"))
+        targets.append(("recovery: wal-rs faster than pgBackRest", pick(rw) < pick(rp),
+                        f"{pick(rw)} s vs {pick(rp)} s (pgBackRest takes {pick(rp) / pick(rw):.2f}x)"))
         for _, r in cols:
             targets.append((f"recovery ({r['name']}): data equals the primary's", r["verify"] == prim.get("verify"),
                             "checked" if r["verify"] == prim.get("verify") else json.dumps(r["verify"])))
