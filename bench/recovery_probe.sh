@@ -159,8 +159,11 @@ JSON
     python3 - "$out/$v-r$r.json" "$v" "$r" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+sp = r.get("startup_process") or {}
 print(f"{sys.argv[2]:<12} round {sys.argv[3]}: {r['seconds']:6.2f} s to the end of recovery (redo {r['redo_elapsed_s']} s, "
-      f"startup process CPU {r['redo_cpu_s']} s, {r['segments_restored_by_command']} files from restore_command)")
+      f"startup process CPU {r['redo_cpu_s']} s; on a CPU {sp.get('on_cpu_s')} s, waiting for one "
+      f"{sp.get('runnable_waiting_s')} s, sleeping {sp.get('sleeping_s')} s; "
+      f"{r['segments_restored_by_command']} files from restore_command)")
 PY
 }
 

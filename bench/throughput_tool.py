@@ -74,6 +74,57 @@ def process_cpu(pid):
         return None
 
 
+class StartupWatch:
+    """Where the startup process's time goes during a recovery: on a CPU, waiting for one
+    (runnable, on a run queue: other work on the cores), or neither (sleeping: waiting for
+    restore_command, for disk, for a lock), from /proc/<pid>/schedstat. Sampled from the
+    timer's poll loop; the last sample before the process exits is kept."""
+
+    def __init__(self, datadir):
+        self.pidfile = os.path.join(datadir, "postmaster.pid")
+        self.pid, self.first, self.last = None, None, None
+
+    def _find(self):
+        try:
+            with open(self.pidfile) as f:
+                postmaster = f.readline().strip()
+            with open(f"/proc/{postmaster}/task/{postmaster}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        for c in children:
+            try:
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    if f.read().startswith(b"postgres: startup"):
+                        return c
+            except OSError:
+                pass
+        return None
+
+    def sample(self):
+        if self.pid is None:
+            self.pid = self._find()
+            if self.pid is None:
+                return
+        try:
+            with open(f"/proc/{self.pid}/schedstat") as f:
+                run_ns, wait_ns, _ = (int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            return
+        now = time.time()
+        if self.first is None:
+            self.first = (now, run_ns, wait_ns)
+        self.last = (now, run_ns, wait_ns)
+
+    def result(self):
+        if not self.first or self.last is self.first:
+            return None
+        (t0, r0, w0), (t1, r1, w1) = self.first, self.last
+        elapsed, run, wait = t1 - t0, (r1 - r0) / 1e9, (w1 - w0) / 1e9
+        return {"observed_s": round(elapsed, 2), "on_cpu_s": round(run, 2), "runnable_waiting_s": round(wait, 2),
+                "sleeping_s": round(max(elapsed - run - wait, 0.0), 2)}
+
+
 class CpuWatch:
     """Machine busy share and the CPU time of named helper processes over one phase."""
 
@@ -586,6 +637,7 @@ def cmd_recover(spec, out_path):
     if in_group:
         group.leave(os.getpid())
     deadline = t0 + spec.get("deadline", 900)
+    startup = StartupWatch(spec["datadir"])
     pos = 0
     ready_line = None
     buf = ""
@@ -614,6 +666,7 @@ def cmd_recover(spec, out_path):
                   and "not yet accepting" not in line) or re.search(r"startup process .* (terminated|exited)", line):
                 raise SystemExit(f"recovery failed: {line}")
         if ready_line is None:
+            startup.sample()
             if time.time() > deadline:
                 raise SystemExit(f"recovery did not end within {spec.get('deadline', 900)} s; see {logfile}")
             time.sleep(0.02)
@@ -650,6 +703,7 @@ def cmd_recover(spec, out_path):
         "new_timeline": bool(re.search(r"selected new timeline ID", text)),
         "verify": {k: psql(spec, q) for k, q in spec.get("verify", {}).items()},
         "cpu": cpu_res,
+        "startup_process": startup.result(),
     }
     if spec.get("walrs_log"):
         result["walrs_fetch"] = walrs_fetch_calls(spec["walrs_log"])
@@ -1144,6 +1198,10 @@ def cmd_report(res_dir, md_path, json_path):
         row("recovery proper: 'starting backup recovery' to ready (s)", lambda r: fmt(r.get("seconds_from_recovery_start"), 2))
         row("redo elapsed / CPU of the startup process, from PostgreSQL's log (s)",
             lambda r: f"{r['redo_elapsed_s']} / {r['redo_cpu_s']}")
+        row("startup process: on a CPU / runnable, waiting for a CPU / sleeping (s, /proc schedstat)",
+            lambda r: "-" if not r.get("startup_process") else
+            f"{r['startup_process']['on_cpu_s']} / {r['startup_process']['runnable_waiting_s']} / "
+            f"{r['startup_process']['sleeping_s']}")
         row("CPU of the restored cluster and all it started: restore commands, background fetchers (s)",
             lambda r: fmt(r["cpu"].get("cluster_tree_cpu_s"), 1))
         row("replay rate, whole restore (MiB/s of WAL)", lambda r: f"{nseg * 16 / r['seconds']:.0f}")
