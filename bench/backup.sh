@@ -117,7 +117,7 @@ cp "$walrs_src" "$root/bin/wal-rs"
 cp "$bench/backup_measure.py" "$root/bin/backup_measure.py"
 chmod 755 "$root/bin/wal-rs" "$root/bin/backup_measure.py"
 walrs="$root/bin/wal-rs"
-walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary ${walrs_src#$repo/} sha256 $(sha256sum "$walrs" | cut -c1-12)"
+walrs_desc="$(walrs_describe "$walrs" "$walrs_src" "$repo")"
 echo "wal-rs: $walrs_desc"
 
 step "S3 store: s3s-fs on 127.0.0.1:$s3_port"

@@ -91,7 +91,7 @@ cp "$bench/throughput_tool.py" "$root/bin/throughput_tool.py"
 chmod 755 "$root/bin/"*
 walrs="$root/bin/wal-rs"
 tool=("$py" "$root/bin/throughput_tool.py")
-walrs_desc="$("$walrs" --version), git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local changes'), binary ${walrs_src#$repo/} sha256 $(sha256sum "$walrs" | cut -c1-12)"
+walrs_desc="$(walrs_describe "$walrs" "$walrs_src" "$repo")"
 echo "wal-rs: $walrs_desc"
 
 # What this run started, stopped on exit whatever happens: by pid, data directory or the

@@ -80,8 +80,8 @@ class StartupWatch:
     restore_command, for disk, for a lock), from /proc/<pid>/schedstat. Sampled from the
     timer's poll loop; the last sample before the process exits is kept."""
 
-    def __init__(self, datadir):
-        self.pidfile = os.path.join(datadir, "postmaster.pid")
+    def __init__(self, pidfile):
+        self.pidfile = pidfile
         self.pid, self.first, self.last = None, None, None
 
     def _find(self):
@@ -637,7 +637,7 @@ def cmd_recover(spec, out_path):
     if in_group:
         group.leave(os.getpid())
     deadline = t0 + spec.get("deadline", 900)
-    startup = StartupWatch(spec["datadir"])
+    startup = StartupWatch(pidfile)
     pos = 0
     ready_line = None
     buf = ""
@@ -964,6 +964,11 @@ RESTORE_LABELS = {"local": "crash", "local-archive": "archive", "local-cp": "cp"
                   "walrs": "wal-rs", "pgbackrest": "pgBackRest"}
 
 
+def order_method(orders):
+    """How the rounds were ordered ("balanced" or "fixed"); "fixed" for runs that did not say."""
+    return next(iter(orders.values()), {}).get("method", "fixed")
+
+
 def order_effects(add, orders, records):
     """The rounds in the order they ran, and how a restore's time moved with its position
     and with the restore run just before it (each time divided by that restore's median)."""
@@ -974,8 +979,7 @@ def order_effects(add, orders, records):
         for no, run in zip(r.get("rounds_no", []), r.get("all_rounds", [])):
             times[(run["name"], no)] = run["seconds"]
     medians = {r["name"]: r.get("median_s", r["seconds"]) for r in records}
-    method = next(iter(orders.values())).get("method", "fixed")
-    add(f"Rounds in the order they ran ({method} order; s):")
+    add(f"Rounds in the order they ran ({order_method(orders)} order; s):")
     add("")
     by_pos, by_prev = {}, {}
     for no in sorted(orders):
@@ -1004,13 +1008,13 @@ def cmd_report(res_dir, md_path, json_path):
     # Restores run in rounds (interleaved). Each variant's record is its fastest round (the
     # detail rows describe that round), with every round's time and the median beside it.
     for k in ("recover-local", "recover-local-archive", "recover-local-cp", "recover-local-ln", "recover-walrs", "recover-pgbackrest"):
-        rounds = sorted((f for f in os.listdir(res_dir) if re.fullmatch(re.escape(k) + r"-r\d+\.json", f)),
-                        key=lambda f: int(f.rsplit("-r", 1)[1].split(".")[0]))
-        runs = [load(os.path.join(res_dir, f)) for f in rounds]
+        rounds = sorted((int(m.group(1)), f) for f in os.listdir(res_dir)
+                        if (m := re.fullmatch(re.escape(k) + r"-r(\d+)\.json", f)))
+        runs = [load(os.path.join(res_dir, f)) for _, f in rounds]
         if runs:
             best = dict(min(runs, key=lambda r: r["seconds"]))
             best["rounds_s"] = [r["seconds"] for r in runs]
-            best["rounds_no"] = [int(f.rsplit("-r", 1)[1].split(".")[0]) for f in rounds]
+            best["rounds_no"] = [no for no, _ in rounds]
             best["median_s"] = round(statistics.median(best["rounds_s"]), 2)
             best["all_rounds"] = runs
             R[k] = best
@@ -1173,8 +1177,11 @@ def cmd_report(res_dir, md_path, json_path):
                if rn else "")
             + "; wal-rs and pgBackRest through the proxy.")
         add("")
-        add("| | " + " | ".join(c for c, _ in cols) + " |")
-        add("|---|" + "---|" * len(cols))
+        def header():
+            add("| | " + " | ".join(c for c, _ in cols) + " |")
+            add("|---|" + "---|" * len(cols))
+
+        header()
         row = lambda label, f: add(f"| {label} | " + " | ".join(f(r) for _, r in cols) + " |")
         nrounds = len(rl.get("rounds_s", [1]))
         med = lambda r: r.get("median_s", r["seconds"])
@@ -1192,8 +1199,7 @@ def cmd_report(res_dir, md_path, json_path):
         add("")
         add("The rows below describe each restore's best round.")
         add("")
-        add("| | " + " | ".join(c for c, _ in cols) + " |")
-        add("|---|" + "---|" * len(cols))
+        header()
         row("of which startup before recovery (data directory sync) (s)", lambda r: fmt(r.get("startup_before_recovery_s"), 2))
         row("recovery proper: 'starting backup recovery' to ready (s)", lambda r: fmt(r.get("seconds_from_recovery_start"), 2))
         row("redo elapsed / CPU of the startup process, from PostgreSQL's log (s)",
@@ -1237,8 +1243,7 @@ def cmd_report(res_dir, md_path, json_path):
         # ran in each position, so no restore's figure rests on one favoured slot. With the
         # order fixed (or fewer than 3 rounds) the target is judged on the best rounds, as
         # before stop 22.
-        method = next(iter(orders.values()), {}).get("method", "fixed")
-        on_median = method == "balanced" and nrounds >= 3
+        on_median = order_method(orders) == "balanced" and nrounds >= 3
         basis = (f"medians of {nrounds} rounds in balanced order" if on_median
                  else "best rounds")
         pick = med if on_median else (lambda r: r["seconds"])

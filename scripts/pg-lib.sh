@@ -42,3 +42,13 @@ wait_for() {
 psql_at() {
     as_pg psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"
 }
+
+# walrs_describe BIN SOURCE REPO: one line naming the wal-rs a benchmark measures: its
+# version, the repository's commit (with "+local changes" when src/ or Cargo files differ
+# from it), the binary's path in the repository and the first 12 hex digits of its sha256.
+walrs_describe() {
+    local bin="$1" src="$2" repo="$3" rev
+    rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || rev="$rev+local changes"
+    echo "$("$bin" --version), git $rev, binary ${src#"$repo"/} sha256 $(sha256sum "$bin" | cut -c1-12)"
+}
